@@ -1,0 +1,346 @@
+"""The plan: the manifest every part of Conveyor shares (docs/plan.md is the spec).
+
+A plan is a directory holding ``plan.json`` and one ``.onnx`` file per stage. The
+converter writes it (``Plan.save``), workers, the controller and the client read it
+(``Plan.load``). Its ``hash`` covers the JSON (less the hash itself) and the bytes of
+every stage file, so two workers agree on a plan exactly when their hashes match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from conveyor.errors import PlanError
+
+PLAN_FORMAT = "conveyor.plan/1"
+PLAN_FILE = "plan.json"
+#: ``StageInput.source`` of a tensor that is a graph input of the whole model.
+MODEL_INPUT = "@input"
+#: Name of the symbolic batch dimension in every shape.
+BATCH = "batch"
+
+Dim = int | str
+PartitionKind = Literal["random", "hash", "range"]
+SplitKind = Literal["layer", "function", "none"]
+ALLOWED_DTYPES = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64"}
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor: numpy dtype name and shape (str entries are symbolic, ``batch`` first)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def sample_bytes(self) -> int:
+        """Bytes of one sample (the batch dimension dropped); symbolic dims count as 1."""
+        import numpy as np
+
+        n = 1
+        for d in self.shape[1:]:
+            n *= d if isinstance(d, int) else 1
+        return n * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class StageInput:
+    tensor: TensorSpec
+    #: Name of the stage producing it, or ``MODEL_INPUT`` for a graph input of the model.
+    source: str
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    tensor: TensorSpec
+    #: Stages that read this tensor (fan-out when several).
+    consumers: tuple[str, ...] = ()
+    #: True when this tensor is an output of the whole model (sent to the caller).
+    model_output: bool = False
+
+
+@dataclass(frozen=True)
+class StageCost:
+    nodes: int = 0
+    #: Estimated floating-point operations for one sample.
+    flops: float = 0.0
+    #: Bytes of the initializers (weights) the stage holds.
+    param_bytes: int = 0
+    #: Bytes per sample the stage receives across its input cut.
+    in_bytes_per_sample: int = 0
+    #: The cost the splitter balanced (compute plus transfer, arbitrary but consistent units).
+    cost: float = 0.0
+    #: This stage's share of the total cost, 0..1.
+    share: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    file: str
+    inputs: tuple[StageInput, ...]
+    outputs: tuple[StageOutput, ...]
+    cost: StageCost = field(default_factory=StageCost)
+    #: The function key a function split grouped this stage by (None for a layer split).
+    group: str | None = None
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """Stages this one reads from, in input order, without repeats (no MODEL_INPUT)."""
+        seen: dict[str, None] = {}
+        for i in self.inputs:
+            if i.source != MODEL_INPUT:
+                seen.setdefault(i.source, None)
+        return tuple(seen)
+
+    @property
+    def is_join(self) -> bool:
+        """True when inputs come from more than one place (a fan-in needing a join)."""
+        return len({i.source for i in self.inputs}) > 1
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """How requests are spread over the shards (stage-0 queues) of the input exchange."""
+
+    kind: PartitionKind = "random"
+    shards: int = 1
+    #: range: what is compared with the boundaries: ``"key"`` (the request's numeric key) or
+    #: ``"dim:TENSOR:AXIS"`` (a tensor's dimension, e.g. sequence length).
+    range_on: str = "key"
+    #: range: ascending upper bounds, one per shard but the last (shard i takes values
+    #: ``boundaries[i-1] <= v < boundaries[i]``).
+    boundaries: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    workers: int = 1
+    prefetch: int = 32
+    max_batch: int = 16
+    max_delay_ms: float = 2.0
+    #: Bounds the hybrid policy keeps dynamic prefetch changes within.
+    prefetch_min: int = 1
+    prefetch_max: int = 64
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    default: StageSchedule = field(default_factory=StageSchedule)
+    stages: Mapping[str, StageSchedule] = field(default_factory=dict)
+    #: hybrid: at most this many flexible workers moved between stages at once.
+    max_moves: int = 1
+
+    def for_stage(self, name: str) -> StageSchedule:
+        return self.stages.get(name, self.default)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    by: SplitKind = "none"
+    k: int = 1
+    #: slowest stage cost over the ideal (total / k); 1.0 is perfect balance.
+    balance: float = 1.0
+    cost_model: Literal["flops", "profile"] = "flops"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    stages: tuple[StageSpec, ...]
+    split: SplitInfo = field(default_factory=SplitInfo)
+    partitioning: Partitioning = field(default_factory=Partitioning)
+    scheduling: Scheduling = field(default_factory=Scheduling)
+    hash: str = ""
+    #: Where the plan was loaded from or saved to; not part of the JSON.
+    directory: Path | None = field(default=None, compare=False)
+
+    # -- access ---------------------------------------------------------------------------
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise PlanError(f"plan {self.name!r} has no stage {name!r}; it has {self.stage_names}")
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage_path(self, name: str) -> Path:
+        if self.directory is None:
+            raise PlanError(f"plan {self.name!r} has no directory; load or save it first")
+        return self.directory / self.stage(name).file
+
+    @property
+    def entry_stages(self) -> tuple[StageSpec, ...]:
+        """Stages that read a model input (the ones requests are published to)."""
+        return tuple(s for s in self.stages if any(i.source == MODEL_INPUT for i in s.inputs))
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash[:16]
+
+    def with_settings(
+        self,
+        *,
+        partitioning: Partitioning | None = None,
+        scheduling: Scheduling | None = None,
+    ) -> Plan:
+        """A copy with other settings (rehash with ``save``)."""
+        return replace(
+            self,
+            partitioning=partitioning or self.partitioning,
+            scheduling=scheduling or self.scheduling,
+        )
+
+    # -- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("directory")
+        d["scheduling"]["stages"] = dict(self.scheduling.stages)
+        return {"format": PLAN_FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], directory: Path | None = None) -> Plan:
+        try:
+            if d.get("format") != PLAN_FORMAT:
+                raise PlanError(f"unknown plan format {d.get('format')!r}; expected {PLAN_FORMAT}")
+            sched = d.get("scheduling", {})
+            return cls(
+                name=str(d["name"]),
+                opset=int(d["opset"]),
+                inputs=tuple(_tensor(t) for t in d["inputs"]),
+                outputs=tuple(_tensor(t) for t in d["outputs"]),
+                stages=tuple(_stage(s) for s in d["stages"]),
+                split=SplitInfo(**d.get("split", {})),
+                partitioning=_partitioning(d.get("partitioning", {})),
+                scheduling=Scheduling(
+                    default=StageSchedule(**sched.get("default", {})),
+                    stages={k: StageSchedule(**v) for k, v in sched.get("stages", {}).items()},
+                    max_moves=int(sched.get("max_moves", 1)),
+                ),
+                hash=str(d.get("hash", "")),
+                directory=directory,
+            )
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"invalid plan.json: {type(exc).__name__}: {exc}") from exc
+
+    # -- files ----------------------------------------------------------------------------
+    def compute_hash(self, directory: Path) -> str:
+        body = self.to_dict()
+        body.pop("hash", None)
+        h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+        for s in self.stages:
+            path = directory / s.file
+            try:
+                with path.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            except OSError as exc:
+                raise PlanError(f"stage {s.name!r}: cannot read {path}: {exc}") from exc
+        return h.hexdigest()
+
+    def save(self, directory: str | os.PathLike[str]) -> Plan:
+        """Write ``plan.json`` into ``directory`` (stage files must be there already)."""
+        path = Path(directory)
+        plan = replace(self, hash=self.compute_hash(path), directory=path)
+        tmp = path / (PLAN_FILE + ".tmp")
+        tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        tmp.replace(path / PLAN_FILE)
+        return plan
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, verify: bool = True) -> Plan:
+        path = Path(directory)
+        manifest = path / PLAN_FILE
+        try:
+            d = json.loads(manifest.read_text())
+        except FileNotFoundError as exc:
+            raise PlanError(f"{path} is not a plan directory: no {PLAN_FILE}") from exc
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"cannot read {manifest}: {exc}") from exc
+        plan = cls.from_dict(d, directory=path)
+        plan.validate()
+        if verify:
+            actual = plan.compute_hash(path)
+            if actual != plan.hash:
+                raise PlanError(
+                    f"plan {path} is corrupt: hash in plan.json is {plan.hash[:16]}, "
+                    f"files hash to {actual[:16]}"
+                )
+        return plan
+
+    def validate(self) -> None:
+        """Check the DAG: unique names, known sources and consumers, allowed dtypes."""
+        names = self.stage_names
+        if not names:
+            raise PlanError(f"plan {self.name!r} has no stages")
+        if len(set(names)) != len(names):
+            raise PlanError(f"plan {self.name!r} has duplicate stage names: {names}")
+        known = set(names)
+        for s in self.stages:
+            for i in s.inputs:
+                if i.source != MODEL_INPUT and i.source not in known:
+                    raise PlanError(f"stage {s.name!r} reads from unknown stage {i.source!r}")
+            for o in s.outputs:
+                for c in o.consumers:
+                    if c not in known:
+                        raise PlanError(f"stage {s.name!r} feeds unknown stage {c!r}")
+            for t in _tensors_of(s):
+                if t.dtype not in ALLOWED_DTYPES:
+                    raise PlanError(f"stage {s.name!r}: tensor {t.name!r} has dtype {t.dtype!r}")
+        p = self.partitioning
+        if p.shards < 1:
+            raise PlanError(f"partitioning needs at least one shard, got {p.shards}")
+        if p.kind == "range" and len(p.boundaries) != p.shards - 1:
+            raise PlanError(
+                f"range partitioning over {p.shards} shards needs {p.shards - 1} boundaries, "
+                f"got {len(p.boundaries)}"
+            )
+
+
+def _tensors_of(s: StageSpec) -> Iterable[TensorSpec]:
+    yield from (i.tensor for i in s.inputs)
+    yield from (o.tensor for o in s.outputs)
+
+
+def _tensor(d: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(d["shape"]))
+
+
+def _stage(d: Mapping[str, Any]) -> StageSpec:
+    return StageSpec(
+        name=str(d["name"]),
+        file=str(d["file"]),
+        inputs=tuple(StageInput(_tensor(i["tensor"]), str(i["source"])) for i in d["inputs"]),
+        outputs=tuple(
+            StageOutput(_tensor(o["tensor"]), tuple(o.get("consumers", ())),
+                        bool(o.get("model_output", False)))
+            for o in d["outputs"]
+        ),
+        cost=StageCost(**d.get("cost", {})),
+        group=d.get("group"),
+    )
+
+
+def _partitioning(d: Mapping[str, Any]) -> Partitioning:
+    return Partitioning(
+        kind=d.get("kind", "random"),
+        shards=int(d.get("shards", 1)),
+        range_on=str(d.get("range_on", "key")),
+        boundaries=tuple(float(b) for b in d.get("boundaries", ())),
+    )

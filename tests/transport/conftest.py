@@ -1,0 +1,72 @@
+"""One conformance suite, two brokers: every test here runs on brokerless and RabbitMQ.
+
+A test gets ``broker``: ``await broker.connect()`` opens a new connection (a Transport)
+to the same broker, and ``broker.name(suffix)`` makes exchange/queue names unique to the
+test so RabbitMQ runs never see each other's leftovers. Everything declared through
+``broker.name`` is deleted when the test ends.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from conveyor.transport import Transport
+
+
+class BrokerHandle:
+    def __init__(self, kind: str, url: str | None) -> None:
+        self.kind = kind
+        self.url = url
+        self.prefix = f"t.{uuid.uuid4().hex[:10]}"
+        self._names: list[str] = []
+        self._transports: list[Transport] = []
+        self._broker: object | None = None
+
+    def name(self, suffix: str) -> str:
+        full = f"{self.prefix}.{suffix}"
+        self._names.append(full)
+        return full
+
+    async def connect(self) -> Transport:
+        if self.kind == "brokerless":
+            from brokerless import Broker
+
+            if self._broker is None:
+                self._broker = Broker()
+            assert isinstance(self._broker, Broker)
+            transport: Transport = self._broker.connect()
+        else:
+            from workers.amqp import AmqpTransport
+
+            assert self.url is not None
+            transport = await AmqpTransport.connect(self.url)
+        self._transports.append(transport)
+        return transport
+
+    async def cleanup(self) -> None:
+        if self.kind == "rabbitmq" and self._names:
+            admin = await self.connect()
+            for n in self._names:
+                for delete in (admin.delete_queue, admin.delete_exchange):
+                    try:
+                        await delete(n)
+                    except Exception:  # noqa: S110 - best-effort cleanup of test leftovers
+                        pass
+        for t in self._transports:
+            try:
+                await t.close(grace=0.5)
+            except Exception:  # noqa: S110 - a test may already have closed it
+                pass
+
+
+@pytest.fixture(params=["brokerless", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerHandle]:
+    url = request.getfixturevalue("rabbitmq_url") if request.param == "rabbitmq" else None
+    handle = BrokerHandle(request.param, url)
+    try:
+        yield handle
+    finally:
+        await handle.cleanup()
