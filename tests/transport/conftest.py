@@ -8,6 +8,7 @@ test so RabbitMQ runs never see each other's leftovers. Everything declared thro
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -51,15 +52,12 @@ class BrokerHandle:
             admin = await self.connect()
             for n in self._names:
                 for delete in (admin.delete_queue, admin.delete_exchange):
-                    try:
+                    # best effort: a test may have deleted it already
+                    with contextlib.suppress(Exception):
                         await delete(n)
-                    except Exception:  # noqa: S110 - best-effort cleanup of test leftovers
-                        pass
         for t in self._transports:
-            try:
+            with contextlib.suppress(Exception):
                 await t.close(grace=0.5)
-            except Exception:  # noqa: S110 - a test may already have closed it
-                pass
 
 
 @pytest.fixture(params=["brokerless", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
