@@ -1,0 +1,314 @@
+"""Request metadata <-> AMQP properties and headers (docs/wire.md, "Envelope").
+
+The body of a request is a tensor message (``conveyor.wire``). Everything a broker or a
+worker needs before it decodes the body travels beside it, so that any AMQP client in any
+language can publish a request:
+
+=====================  ==========================  ==========================================
+``RequestMeta`` field  AMQP                         value
+=====================  ==========================  ==========================================
+``request_id``         ``message_id``               str, 1..255 UTF-8 bytes (also the reply's
+                       (and ``correlation_id``)     ``correlation_id``)
+``reply_to``           ``reply_to``                 queue name; replies go to exchange ``""``
+``deadline``           ``x-conveyor-deadline``      unix time in seconds (float)
+``plan_hash``          ``x-conveyor-plan``          ``Plan.hash``: lowercase hex, 1..64 chars
+``attempt``            ``x-conveyor-attempt``       int >= 1 (always sent)
+``trace_id``           ``x-conveyor-trace``         str, 1..255 UTF-8 bytes
+``key``                ``x-conveyor-key``           partition key, str, 0..255 UTF-8 bytes
+=====================  ==========================  ==========================================
+
+Replies carry ``x-conveyor-status`` (``"ok"`` or ``"error"``); an error reply also carries
+``x-conveyor-error`` (the ``ConveyorError.code``) and a msgpack body
+``{"code", "message", "stage"}``. ``read_reply`` turns it back into the typed error.
+
+Header values are validated on the way in: a malformed one raises ``CodecError`` naming
+the header. Numbers may also arrive as decimal strings and strings as UTF-8 bytes, since
+AMQP clients differ in how they type table values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from conveyor.errors import CodecError, ConveyorError, InferenceError, error_from_code
+from conveyor.transport import HeaderValue, Message
+from conveyor.wire import DEFAULT_LIMITS, Decoded, Limits, decode
+
+HEADER_DEADLINE = "x-conveyor-deadline"
+HEADER_PLAN = "x-conveyor-plan"
+HEADER_ATTEMPT = "x-conveyor-attempt"
+HEADER_TRACE = "x-conveyor-trace"
+HEADER_KEY = "x-conveyor-key"
+HEADER_STATUS = "x-conveyor-status"
+HEADER_ERROR = "x-conveyor-error"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+CONTENT_TYPE = "application/msgpack"
+
+#: AMQP short strings (message_id, reply_to, routing keys) hold at most 255 bytes.
+MAX_SHORT_STR = 255
+#: Attempts beyond this are certainly a malformed header, not a retry count.
+MAX_ATTEMPT = 1_000_000
+#: An error reply body larger than this is refused before it is unpacked.
+MAX_ERROR_BODY = 64 * 1024
+
+_PLAN_HASH = re.compile(r"[0-9a-f]{1,64}")
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    """What a worker needs to know about a request besides its tensors."""
+
+    request_id: str
+    reply_to: str | None = None
+    deadline: float | None = None
+    plan_hash: str | None = None
+    attempt: int = 1
+    trace_id: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_short_str("request_id", self.request_id, allow_empty=False)
+        if self.reply_to is not None:
+            _check_short_str("reply_to", self.reply_to, allow_empty=False)
+        if self.deadline is not None:
+            object.__setattr__(self, "deadline", _number("deadline", self.deadline))
+        if self.plan_hash is not None:
+            _check_plan_hash("plan_hash", self.plan_hash)
+        _attempt("attempt", self.attempt)
+        if self.trace_id is not None:
+            _check_short_str("trace_id", self.trace_id, allow_empty=False)
+        if self.key is not None:
+            _check_short_str("key", self.key, allow_empty=True)
+
+    def headers(self) -> dict[str, HeaderValue]:
+        """The ``x-conveyor-*`` headers of this request (unset fields are left out)."""
+        h: dict[str, HeaderValue] = {HEADER_ATTEMPT: self.attempt}
+        if self.deadline is not None:
+            h[HEADER_DEADLINE] = self.deadline
+        if self.plan_hash is not None:
+            h[HEADER_PLAN] = self.plan_hash
+        if self.trace_id is not None:
+            h[HEADER_TRACE] = self.trace_id
+        if self.key is not None:
+            h[HEADER_KEY] = self.key
+        return h
+
+    def to_message(self, body: bytes) -> Message:
+        return Message(
+            body=body,
+            headers=self.headers(),
+            content_type=CONTENT_TYPE,
+            message_id=self.request_id,
+            correlation_id=self.request_id,
+            reply_to=self.reply_to,
+        )
+
+    @classmethod
+    def from_message(cls, message: Message) -> RequestMeta:
+        """Read a request's metadata; ``CodecError`` naming the first malformed header."""
+        raw_id = message.message_id if message.message_id is not None else message.correlation_id
+        if raw_id is None:
+            raise CodecError("request has neither message_id nor correlation_id (the request id)")
+        h = message.headers
+        deadline = _header(h, HEADER_DEADLINE)
+        plan = _header(h, HEADER_PLAN)
+        attempt = _header(h, HEADER_ATTEMPT)
+        trace = _header(h, HEADER_TRACE)
+        key = _header(h, HEADER_KEY)
+        return cls(
+            request_id=_short_str("message_id", raw_id, allow_empty=False),
+            reply_to=(
+                None
+                if message.reply_to is None
+                else _short_str("reply_to", message.reply_to, allow_empty=False)
+            ),
+            deadline=None if deadline is None else _number(HEADER_DEADLINE, deadline),
+            plan_hash=None if plan is None else _plan_hash(HEADER_PLAN, plan),
+            attempt=1 if attempt is None else _attempt(HEADER_ATTEMPT, attempt),
+            trace_id=None if trace is None else _short_str(HEADER_TRACE, trace, allow_empty=False),
+            key=None if key is None else _short_str(HEADER_KEY, key, allow_empty=True),
+        )
+
+    def expired(self, now: float | None = None) -> bool:
+        """True when the deadline has passed (never for a request without one)."""
+        if self.deadline is None:
+            return False
+        return (time.time() if now is None else now) >= self.deadline
+
+
+def reply_ok(meta: RequestMeta, body: bytes) -> Message:
+    """The reply carrying a stage's output tensors (``body`` from ``wire.encode``)."""
+    return Message(
+        body=body,
+        headers=_reply_headers(meta, STATUS_OK),
+        content_type=CONTENT_TYPE,
+        correlation_id=meta.request_id,
+    )
+
+
+def reply_error(meta: RequestMeta, error: ConveyorError) -> Message:
+    """The reply telling the caller why its request failed; ``read_reply`` re-raises it."""
+    stage = getattr(error, "stage", None)
+    body: dict[str, str | None] = {
+        "code": error.code,
+        "message": str(error),
+        "stage": stage if isinstance(stage, str) else None,
+    }
+    headers = _reply_headers(meta, STATUS_ERROR)
+    headers[HEADER_ERROR] = error.code
+    return Message(
+        body=msgpack.packb(body),
+        headers=headers,
+        content_type=CONTENT_TYPE,
+        correlation_id=meta.request_id,
+    )
+
+
+def read_reply(message: Message, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Decode an ok reply; raise the typed error an error reply carries.
+
+    Raises ``CodecError`` for a reply that is neither a valid ok reply nor an error reply.
+    """
+    status = _header(message.headers, HEADER_STATUS)
+    status_str = None if status is None else _short_str(HEADER_STATUS, status, allow_empty=True)
+    if status_str == STATUS_OK:
+        return decode(message.body, limits)
+    if status_str == STATUS_ERROR:
+        raise _error_of(message)
+    raise CodecError(
+        f"reply header {HEADER_STATUS} is {status!r}; expected {STATUS_OK!r} or {STATUS_ERROR!r}"
+    )
+
+
+# -- error replies ---------------------------------------------------------------------------
+
+
+def _error_of(message: Message) -> ConveyorError:
+    header_code = _header(message.headers, HEADER_ERROR)
+    fields = _error_body(message.body)
+    code = fields.get("code")
+    if not isinstance(code, str):
+        if header_code is None:
+            raise CodecError(
+                f"error reply has no error code (neither body 'code' nor header {HEADER_ERROR})"
+            )
+        code = _short_str(HEADER_ERROR, header_code, allow_empty=False)
+    text = fields.get("message")
+    error = error_from_code(code, text if isinstance(text, str) else f"remote error {code!r}")
+    stage = fields.get("stage")
+    if isinstance(error, InferenceError) and isinstance(stage, str):
+        error.stage = stage
+    return error
+
+
+def _error_body(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_ERROR_BODY:
+        raise CodecError(f"error reply body is {len(body)} bytes; the limit is {MAX_ERROR_BODY}")
+    try:
+        fields = msgpack.unpackb(
+            body,
+            strict_map_key=True,
+            max_str_len=MAX_ERROR_BODY,
+            max_bin_len=MAX_ERROR_BODY,
+            max_array_len=1024,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as exc:
+        raise CodecError(f"error reply body is not valid msgpack: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise CodecError(f"error reply body is a {type(fields).__name__}; expected a map")
+    return fields
+
+
+def _reply_headers(meta: RequestMeta, status: str) -> dict[str, HeaderValue]:
+    headers: dict[str, HeaderValue] = {HEADER_STATUS: status}
+    if meta.trace_id is not None:
+        headers[HEADER_TRACE] = meta.trace_id
+    return headers
+
+
+# -- header values ---------------------------------------------------------------------------
+
+
+def _header(headers: Mapping[str, HeaderValue], name: str) -> object:
+    try:
+        return headers.get(name)
+    except (AttributeError, TypeError) as exc:
+        raise CodecError(f"message headers are a {type(headers).__name__}, not a table") from exc
+
+
+def _short_str(name: str, value: object, *, allow_empty: bool) -> str:
+    if isinstance(value, bytes | bytearray):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"{name} is not valid UTF-8: {exc}") from exc
+    if not isinstance(value, str):
+        raise CodecError(f"{name} must be a string, got {type(value).__name__} {value!r:.80}")
+    _check_short_str(name, value, allow_empty=allow_empty)
+    return value
+
+
+def _check_short_str(name: str, value: object, *, allow_empty: bool) -> None:
+    if not isinstance(value, str):
+        raise CodecError(f"{name} must be a string, got {type(value).__name__} {value!r:.80}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise CodecError(f"{name} is not encodable as UTF-8: {exc}") from exc
+    if size > MAX_SHORT_STR:
+        raise CodecError(f"{name} is {size} bytes long; at most {MAX_SHORT_STR} are allowed")
+    if size == 0 and not allow_empty:
+        raise CodecError(f"{name} must not be empty")
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bytes | bytearray | str):
+        text = _short_str(name, value, allow_empty=False)
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise CodecError(f"{name} must be a number, got {text!r:.80}") from exc
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CodecError(f"{name} must be a number, got {type(value).__name__} {value!r:.80}")
+    try:
+        number = float(value)
+    except OverflowError as exc:
+        raise CodecError(f"{name} is out of range: {value!r:.80}") from exc
+    if not math.isfinite(number):
+        raise CodecError(f"{name} must be finite, got {number!r}")
+    return number
+
+
+def _attempt(name: str, value: object) -> int:
+    if isinstance(value, bytes | bytearray | str):
+        text = _short_str(name, value, allow_empty=False)
+        if not text.isascii() or not text.isdigit():
+            raise CodecError(f"{name} must be a positive integer, got {text!r:.80}")
+        value = int(text) if len(text) <= 12 else MAX_ATTEMPT + 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CodecError(f"{name} must be an integer, got {type(value).__name__} {value!r:.80}")
+    if not 1 <= value <= MAX_ATTEMPT:
+        raise CodecError(f"{name} must be between 1 and {MAX_ATTEMPT}, got {value}")
+    return value
+
+
+def _plan_hash(name: str, value: object) -> str:
+    text = _short_str(name, value, allow_empty=False)
+    _check_plan_hash(name, text)
+    return text
+
+
+def _check_plan_hash(name: str, value: object) -> None:
+    if not isinstance(value, str) or _PLAN_HASH.fullmatch(value) is None:
+        raise CodecError(f"{name} must be 1 to 64 lowercase hex digits, got {value!r:.80}")

@@ -1,0 +1,433 @@
+"""The tensor wire codec: named numpy tensors plus small metadata <-> one msgpack body.
+
+docs/wire.md is the spec. In short, a body is the msgpack array ``[header, bin_0, ...]``:
+
+* ``header`` is the map ``{"v": 1, "meta": {...}, "tensors": [{"name", "dtype", "shape"}]}``
+  (dtype: a numpy name from ``conveyor.plan.ALLOWED_DTYPES``; shape: a list of ints);
+* ``bin_i`` is tensor ``i``'s raw C-order little-endian bytes as a msgpack ``bin``.
+
+Any msgpack library reads and writes it. Ours:
+
+* ``encode`` copies each tensor's bytes once: it writes the msgpack framing itself and
+  joins it with the arrays' buffers (big-endian or non-contiguous inputs are converted
+  first, which costs one more copy of that tensor);
+* ``decode`` validates the whole layout (sizes, dtypes, shapes, names, limits) before it
+  allocates anything, then returns read-only ``np.frombuffer`` views into the body: no
+  tensor byte is copied. A view keeps the body alive; copy it (``arr.copy()``) to keep a
+  tensor without keeping the whole body, or to write to it.
+
+Every problem with a body raises ``CodecError`` naming what is wrong; no other exception
+leaves ``decode``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import msgpack
+import numpy as np
+
+from conveyor.errors import CodecError, ConfigError
+from conveyor.plan import ALLOWED_DTYPES, TensorSpec
+
+MetaValue: TypeAlias = (
+    bool | int | float | str | bytes | list["MetaValue"] | dict[str, "MetaValue"] | None
+)
+
+#: The ``"v"`` of the header this module writes and reads.
+WIRE_VERSION = 1
+
+_HEADER_KEYS = frozenset({"v", "meta", "tensors"})
+_TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
+#: The wire dtype of each allowed name: explicitly little-endian.
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES
+}
+#: The header is read from a prefix this long first; a longer header gets a second try.
+_FIRST_READ = 64 * 1024
+_BIN32_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a decoder enforces (and an encoder respects) before allocating anything."""
+
+    max_message_bytes: int = 512 * 2**20
+    max_tensors: int = 256
+    max_dims: int = 16
+    max_name_bytes: int = 256
+    max_meta_bytes: int = 1 * 2**20
+
+    def __post_init__(self) -> None:
+        for field_name in (
+            "max_message_bytes", "max_tensors", "max_dims", "max_name_bytes", "max_meta_bytes"
+        ):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Limits.{field_name} must be a positive int, got {value!r}")
+
+    @property
+    def max_header_bytes(self) -> int:
+        """The most bytes a header within these limits can take (meta + tensor entries)."""
+        per_tensor = self.max_name_bytes + 9 * self.max_dims + 64
+        return self.max_meta_bytes + self.max_tensors * per_tensor + 64
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Decoded:
+    #: Read-only zero-copy views into the body, in message order.
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, MetaValue]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one tensor lies in a body, validated, before any view is made."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    count: int
+    offset: int
+
+
+# -- encode ----------------------------------------------------------------------------------
+
+
+def encode(
+    tensors: Mapping[str, np.ndarray],
+    meta: Mapping[str, MetaValue] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Build a body holding ``tensors`` (in mapping order) and ``meta``.
+
+    Raises ``CodecError`` for a dtype outside the allow-list, a name or meta that is not
+    a string-keyed msgpack value, or a message beyond ``limits``.
+    """
+    if len(tensors) > limits.max_tensors:
+        raise CodecError(f"{len(tensors)} tensors; the limit is {limits.max_tensors}")
+    arrays: list[np.ndarray] = []
+    entries: list[dict[str, Any]] = []
+    for name, value in tensors.items():
+        _check_name(name, limits, where="encode")
+        array = _wire_array(name, value, limits)
+        arrays.append(array)
+        entries.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
+    meta_dict: dict[str, Any] = {} if meta is None else dict(meta)
+    _check_meta(meta_dict)
+    meta_bytes = _pack(meta_dict, "meta")
+    if len(meta_bytes) > limits.max_meta_bytes:
+        raise CodecError(f"meta packs to {len(meta_bytes)} bytes; the limit is "
+                         f"{limits.max_meta_bytes}")
+    # {"v": 1, "meta": ..., "tensors": [...]} written key by key so meta is packed once.
+    header = b"\x83\xa1v\x01\xa4meta" + meta_bytes + b"\xa7tensors" + _pack(entries, "header")
+    parts: list[bytes | memoryview] = [_array_header(len(arrays) + 1), header]
+    for name, array in zip(tensors, arrays, strict=True):
+        if array.nbytes > _BIN32_MAX:
+            raise CodecError(f"tensor {name!r} is {array.nbytes} bytes; a msgpack bin holds "
+                             f"at most {_BIN32_MAX}")
+        parts.append(_bin_header(array.nbytes))
+        parts.append(memoryview(array))
+    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    if total > limits.max_message_bytes:
+        raise CodecError(f"message would be {total} bytes; the limit is "
+                         f"{limits.max_message_bytes}")
+    # The one copy of each tensor's bytes: join reads every array's buffer directly.
+    return b"".join(parts)
+
+
+def _wire_array(name: str, value: object, limits: Limits) -> np.ndarray:
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray):
+        raise CodecError(f"tensor {name!r} is a {type(value).__name__}, not a numpy array")
+    if value.dtype.name not in ALLOWED_DTYPES:
+        raise CodecError(f"tensor {name!r} has dtype {value.dtype!s}; allowed: "
+                         f"{', '.join(sorted(ALLOWED_DTYPES))}")
+    if value.ndim > limits.max_dims:
+        raise CodecError(f"tensor {name!r} has {value.ndim} dimensions; the limit is "
+                         f"{limits.max_dims}")
+    order = value.dtype.byteorder
+    if order == ">" or (order == "=" and sys.byteorder == "big"):
+        return value.astype(value.dtype.newbyteorder("<"), order="C")
+    if not value.flags.c_contiguous:
+        return np.ascontiguousarray(value)
+    return value
+
+
+def _pack(value: object, what: str) -> bytes:
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"{what} cannot be packed as msgpack: {exc}") from exc
+    return packed
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 2**16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 2**8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 2**16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+# -- decode ----------------------------------------------------------------------------------
+
+
+def decode(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Validate ``body`` and return read-only zero-copy views of its tensors.
+
+    Raises ``CodecError`` naming what is wrong, and nothing else.
+    """
+    try:
+        return _decode(body, limits)
+    except CodecError:
+        raise
+    except (
+        msgpack.UnpackException,
+        ValueError,
+        TypeError,
+        OverflowError,
+        KeyError,
+        IndexError,
+        BufferError,
+        MemoryError,
+        RecursionError,
+    ) as exc:
+        # msgpack's own errors and anything a malformed body provokes below: translated here.
+        raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
+    view = _byte_view(body)
+    size = view.nbytes
+    if size > limits.max_message_bytes:
+        raise CodecError(f"message is {size} bytes; the limit is {limits.max_message_bytes}")
+    count, pos = _read_len(view, 0, _ARRAY_HEADS, "the message (a msgpack array)")
+    if count < 1:
+        raise CodecError("message is an empty array; expected [header, tensor bytes...]")
+    if count - 1 > limits.max_tensors:
+        raise CodecError(f"message declares {count - 1} tensors; the limit is "
+                         f"{limits.max_tensors}")
+    start = pos
+    header, pos = _unpack_header(view, pos, limits)
+    meta, entries = _parse_header(header, count - 1, pos - start, limits)
+    layouts: list[_Layout] = []
+    for index, (name, dtype, shape) in enumerate(entries):
+        length, pos = _read_len(view, pos, _BIN_HEADS, f"tensor {index} ({name!r}), a bin,")
+        expected = math.prod(shape) * dtype.itemsize
+        if length != expected:
+            raise CodecError(
+                f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
+                f"its bin holds {length}"
+            )
+        if pos + length > size:
+            raise CodecError(f"tensor {name!r}: message truncated: its {length} bytes start at "
+                             f"offset {pos} but the message ends at {size}")
+        layouts.append(_Layout(name, dtype, shape, math.prod(shape), pos))
+        pos += length
+    if pos != size:
+        raise CodecError(f"{size - pos} bytes of trailing garbage after the last tensor "
+                         f"(offset {pos})")
+    source = body if isinstance(body, bytes | bytearray) else view
+    tensors: dict[str, np.ndarray] = {}
+    for t in layouts:
+        array = np.frombuffer(source, dtype=t.dtype, count=t.count, offset=t.offset)
+        array = array.reshape(t.shape)
+        array.flags.writeable = False
+        tensors[t.name] = array
+    return Decoded(tensors=tensors, meta=meta)
+
+
+def _byte_view(body: object) -> memoryview:
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise CodecError(f"message body must be bytes, bytearray or memoryview, "
+                         f"got {type(body).__name__}")
+    view = memoryview(body)
+    if not view.c_contiguous:
+        raise CodecError("message body is a non-contiguous memoryview")
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+# first byte -> width of the big-endian length after it (-1: length in the low 4 bits)
+_ARRAY_HEADS: dict[int, int] = {0xDC: 2, 0xDD: 4, **{b: -1 for b in range(0x90, 0xA0)}}
+_BIN_HEADS: dict[int, int] = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _read_len(view: memoryview, pos: int, heads: dict[int, int], what: str) -> tuple[int, int]:
+    """Read a msgpack array or bin header at ``pos``: (declared length, position after)."""
+    if pos >= view.nbytes:
+        raise CodecError(f"message truncated: expected {what} at offset {pos}, "
+                         f"the message ends there")
+    first = view[pos]
+    width = heads.get(first)
+    if width is None:
+        raise CodecError(f"expected {what} at offset {pos}, found msgpack byte 0x{first:02x}")
+    if width < 0:
+        return first & 0x0F, pos + 1
+    end = pos + 1 + width
+    if end > view.nbytes:
+        raise CodecError(f"message truncated inside the header of {what} at offset {pos}")
+    return int.from_bytes(view[pos + 1 : end], "big"), end
+
+
+def _unpack_header(view: memoryview, pos: int, limits: Limits) -> tuple[object, int]:
+    """Unpack the header map with a fresh, bounded unpacker per try; (header, next pos)."""
+    cap = limits.max_header_bytes
+    end = min(view.nbytes, pos + cap)
+    stops = (pos + _FIRST_READ, end) if pos + _FIRST_READ < end else (end,)
+    for stop in stops:
+        unpacker = msgpack.Unpacker(
+            None,
+            max_buffer_size=max(cap, 1),
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=limits.max_meta_bytes,
+            max_bin_len=limits.max_meta_bytes,
+            max_array_len=cap,
+            max_map_len=cap,
+            max_ext_len=0,
+        )
+        unpacker.feed(view[pos:stop])
+        try:
+            header = unpacker.unpack()
+        except msgpack.OutOfData:
+            continue
+        return header, pos + unpacker.tell()
+    if end == view.nbytes:
+        raise CodecError(f"message truncated inside its header (offset {pos} onwards)")
+    raise CodecError(f"message header is longer than the {cap} bytes the limits allow")
+
+
+def _parse_header(
+    header: object, n_bins: int, header_bytes: int, limits: Limits
+) -> tuple[dict[str, MetaValue], list[tuple[str, np.dtype[Any], tuple[int, ...]]]]:
+    if not isinstance(header, dict):
+        raise CodecError(f"message header is a {type(header).__name__}; expected a map")
+    unknown = set(header) - _HEADER_KEYS
+    if unknown:
+        raise CodecError(f"message header has unknown keys {sorted(map(str, unknown))}; "
+                         f"allowed: {sorted(_HEADER_KEYS)}")
+    version = header.get("v")
+    if isinstance(version, bool) or version != WIRE_VERSION:
+        raise CodecError(f"wire format version {version!r}; this decoder reads {WIRE_VERSION}")
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CodecError(f"header 'meta' is a {type(meta).__name__}; expected a map")
+    if header_bytes > limits.max_meta_bytes:
+        # Only a header this large can hold too much meta; measure it exactly.
+        meta_size = len(_pack(meta, "meta"))
+        if meta_size > limits.max_meta_bytes:
+            raise CodecError(f"meta is {meta_size} bytes; the limit is {limits.max_meta_bytes}")
+    _check_meta(meta)
+    listed = header.get("tensors", [])
+    if not isinstance(listed, list):
+        raise CodecError(f"header 'tensors' is a {type(listed).__name__}; expected an array")
+    if len(listed) != n_bins:
+        raise CodecError(f"header lists {len(listed)} tensors but the message carries "
+                         f"{n_bins} tensor bins")
+    entries = []
+    seen: set[str] = set()
+    for index, entry in enumerate(listed):
+        name, dtype, shape = _parse_entry(index, entry, limits)
+        if name in seen:
+            raise CodecError(f"tensor name {name!r} appears more than once")
+        seen.add(name)
+        entries.append((name, dtype, shape))
+    return meta, entries
+
+
+def _parse_entry(
+    index: int, entry: object, limits: Limits
+) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
+    if not isinstance(entry, dict):
+        raise CodecError(f"tensor entry {index} is a {type(entry).__name__}; expected a map")
+    if set(entry) != _TENSOR_KEYS:
+        raise CodecError(f"tensor entry {index} has keys {sorted(map(str, entry))}; "
+                         f"expected {sorted(_TENSOR_KEYS)}")
+    name = entry["name"]
+    _check_name(name, limits, where=f"tensor entry {index}")
+    dtype_name = entry["dtype"]
+    if not isinstance(dtype_name, str) or dtype_name not in _WIRE_DTYPES:
+        raise CodecError(f"tensor {name!r}: dtype {dtype_name!r} is not allowed; allowed: "
+                         f"{', '.join(sorted(ALLOWED_DTYPES))}")
+    shape = entry["shape"]
+    if not isinstance(shape, list):
+        raise CodecError(f"tensor {name!r}: shape is a {type(shape).__name__}; "
+                         f"expected an array of ints")
+    if len(shape) > limits.max_dims:
+        raise CodecError(f"tensor {name!r}: {len(shape)} dimensions; the limit is "
+                         f"{limits.max_dims}")
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise CodecError(f"tensor {name!r}: dimension {axis} is {dim!r}; expected an int "
+                             f">= 0")
+    return name, _WIRE_DTYPES[dtype_name], tuple(shape)
+
+
+def _check_name(name: object, limits: Limits, *, where: str) -> None:
+    if not isinstance(name, str):
+        raise CodecError(f"{where}: tensor name {name!r:.80} is a {type(name).__name__}, "
+                         f"not a str")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= limits.max_name_bytes:
+        raise CodecError(f"{where}: tensor name {name!r:.80} is {size} bytes; names take 1 to "
+                         f"{limits.max_name_bytes}")
+
+
+def _check_meta(meta: Mapping[str, object]) -> None:
+    """Check ``meta`` is a MetaValue tree with str keys (iteratively: depth is unbounded)."""
+    stack: list[tuple[object, str]] = [(meta, "meta")]
+    while stack:
+        value, path = stack.pop()
+        if value is None or isinstance(value, bool | int | float | str | bytes):
+            continue
+        if isinstance(value, list | tuple):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise CodecError(f"{path} has a {type(key).__name__} key {key!r:.40}; "
+                                     f"meta keys are str")
+                stack.append((item, f"{path}[{key!r:.40}]"))
+        else:
+            raise CodecError(f"{path} is a {type(value).__name__}; meta values are None, "
+                             f"bool, int, float, str, bytes, lists and str-keyed maps")
+
+
+# -- plan checks -----------------------------------------------------------------------------
+
+
+def check_tensor(name: str, array: np.ndarray, spec: TensorSpec) -> None:
+    """Check ``array`` against the plan's ``spec``: same dtype, rank and fixed dimensions.
+
+    Symbolic dimensions (str, e.g. the batch dimension) and negative ones match any size.
+    """
+    if array.dtype.name != spec.dtype:
+        raise CodecError(f"tensor {name!r}: dtype {array.dtype.name}, the plan expects "
+                         f"{spec.dtype}")
+    if array.ndim != len(spec.shape):
+        raise CodecError(f"tensor {name!r}: shape {list(array.shape)} has {array.ndim} "
+                         f"dimensions, the plan expects {len(spec.shape)} ({list(spec.shape)})")
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if isinstance(want, int) and want >= 0 and got != want:
+            raise CodecError(f"tensor {name!r}: dimension {axis} is {got}, the plan expects "
+                             f"{want} (plan shape {list(spec.shape)}, got {list(array.shape)})")
