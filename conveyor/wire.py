@@ -134,7 +134,7 @@ def encode(
             raise CodecError(f"tensor {name!r} is {array.nbytes} bytes; a msgpack bin holds "
                              f"at most {_BIN32_MAX}")
         parts.append(_bin_header(array.nbytes))
-        parts.append(memoryview(array))
+        parts.append(array.data)
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     if total > limits.max_message_bytes:
         raise CodecError(f"message would be {total} bytes; the limit is "
