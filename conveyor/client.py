@@ -1,0 +1,452 @@
+"""The async client SDK: send requests to a served plan and await the answers.
+
+    async with conveyor.connect("amqp://...", plan="plans/mlp") as client:
+        outputs = await client.infer({"x": x}, timeout=5.0)
+        async for outputs in client.infer_many(batches, concurrency=16):
+            ...
+
+With ``url=None`` the client starts an embedded ``brokerless`` broker and runs the plan's
+workers in the same process (``local_workers``), so the same code serves a model with no
+RabbitMQ at all.
+
+How a request travels (docs/wire.md): one message to the plan's input exchange, body =
+``wire.encode(inputs)``, properties from ``envelope.RequestMeta`` (request id, reply queue,
+absolute deadline, plan hash, partition key). Every client owns one exclusive auto-delete
+reply queue and one consumer on it that hands each reply to the future waiting for its
+request id. A reply whose request is no longer awaited (answered already, timed out or
+cancelled) is acknowledged and dropped: that is how duplicates on the wire are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
+
+import numpy as np
+
+from conveyor.errors import CodecError, ConfigError, ConveyorError, DeadlineExceeded
+from conveyor.plan import Plan
+from conveyor.topology import Topology, partition_routing_key
+
+if TYPE_CHECKING:
+    from brokerless import Broker
+    from conveyor.transport import Consumer, Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+Inputs = Mapping[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+#: Seconds a request may take when neither ``infer`` nor ``connect`` says otherwise.
+DEFAULT_TIMEOUT = 30.0
+
+
+class ClientState(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """Counters of one client (a snapshot)."""
+
+    sent: int
+    answered: int
+    failed: int
+    in_flight: int
+    #: Replies that arrived for no awaited request: duplicates, late or abandoned ones.
+    dropped_replies: int
+
+
+class _LocalWorkers(Protocol):
+    """What the in-process pipeline gives back: something to stop."""
+
+    async def stop(self) -> None: ...
+
+
+class Client:
+    """A connection to a served plan. Create it with ``conveyor.connect``."""
+
+    def __init__(
+        self,
+        url: str | None,
+        plan: Plan,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        local_workers: bool | None = None,
+        reply_prefetch: int = 1024,
+        worker_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not plan.hash:
+            raise ConfigError(f"plan {plan.name!r} has no hash; load it with Plan.load")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        self.url = url
+        self.plan = plan
+        self.topology = Topology.of(plan)
+        self.default_timeout = timeout
+        self.local_workers = url is None if local_workers is None else local_workers
+        self.reply_queue = f"{self.topology.base}.reply.{uuid.uuid4().hex}"
+        self._reply_prefetch = reply_prefetch
+        self._worker_options = dict(worker_options or {})
+        self._state = ClientState.NEW
+        self._pending: dict[str, asyncio.Future[Outputs]] = {}
+        self._transport: Transport | None = None
+        self._broker: Broker | None = None
+        self._consumer: Consumer | None = None
+        self._workers: _LocalWorkers | None = None
+        self._closers: list[Transport] = []
+        self._sent = self._answered = self._failed = self._dropped = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    async def open(self) -> Client:
+        if self._state is not ClientState.NEW:
+            raise ConfigError(f"client is {self._state.value}; open it once")
+        try:
+            await self._open()
+        except BaseException:
+            await self._teardown()
+            self._state = ClientState.CLOSED
+            raise
+        self._state = ClientState.OPEN
+        return self
+
+    async def _open(self) -> None:
+        # Lazy imports: conveyor never imports the transports or workers at module level.
+        from conveyor.transport import QueueSpec
+        from workers.topology_setup import declare_plan_topology
+
+        if self.url is None:
+            from brokerless import Broker
+
+            broker = self._broker = Broker()
+            transport: Transport = broker.connect()
+            self._closers.append(transport)
+            if self.local_workers:
+                worker_transport = broker.connect()
+                self._closers.append(worker_transport)
+                self._workers = await _start_local_workers(
+                    self.plan, worker_transport, self._worker_options
+                )
+        else:
+            from workers.amqp import AmqpTransport
+
+            transport = await AmqpTransport.connect(self.url)
+            self._closers.append(transport)
+            if self.local_workers:
+                self._workers = await _start_local_workers(
+                    self.plan, transport, self._worker_options
+                )
+        self._transport = transport
+        await declare_plan_topology(transport, self.plan)
+        await transport.declare_queue(
+            QueueSpec(self.reply_queue, durable=False, auto_delete=True, exclusive=True)
+        )
+        self._consumer = await transport.consume(
+            self.reply_queue, self._on_reply, prefetch=self._reply_prefetch
+        )
+
+    async def close(self) -> None:
+        """Stop listening, fail what is still awaited, stop local workers, disconnect."""
+        if self._state is ClientState.CLOSED:
+            return
+        self._state = ClientState.CLOSED
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConfigError("client closed before the reply arrived"))
+                # Nobody may be awaiting it any more; do not log "never retrieved".
+                fut.exception()
+        self._pending.clear()
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await _quietly(consumer.cancel(), "cancelling the reply consumer")
+        if self._workers is not None:
+            workers, self._workers = self._workers, None
+            await workers.stop()
+        while self._closers:
+            await _quietly(self._closers.pop().close(grace=1.0), "closing a transport")
+        self._transport = None
+
+    async def __aenter__(self) -> Client:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- requests -----------------------------------------------------------------------
+    def validate(self, inputs: Inputs) -> dict[str, np.ndarray]:
+        """Check ``inputs`` against ``plan.inputs`` (names, dtype, shape); CodecError if not."""
+        from conveyor.wire import check_tensor
+
+        expected = {t.name: t for t in self.plan.inputs}
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise CodecError(
+                f"unknown input tensor(s) {unknown}; plan {self.plan.name!r} takes "
+                f"{sorted(expected)}"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for name, spec in expected.items():
+            if name not in inputs:
+                raise CodecError(f"input tensor {name!r} is missing")
+            array = inputs[name]
+            if not isinstance(array, np.ndarray):
+                raise CodecError(
+                    f"input tensor {name!r} must be a numpy array, got {type(array).__name__}"
+                )
+            check_tensor(name, array, spec)
+            arrays[name] = array
+        return arrays
+
+    async def infer(
+        self,
+        inputs: Inputs,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (becomes the request's deadline)
+        key: str | None = None,
+        trace_id: str | None = None,
+    ) -> Outputs:
+        """Send one request and return the model's outputs by name.
+
+        ``timeout`` (seconds, default the client's) becomes the request's absolute
+        deadline, carried in the message so workers drop it unrun once it has passed.
+        ``key`` is the partition key (hash or range partitioning). Raises
+        ``DeadlineExceeded``, ``BackpressureError`` (the input queue is full),
+        ``InferenceError`` (the worker's message), ``CodecError``, ``TransportError``.
+        Cancelling the call abandons the request: a late reply is dropped.
+        """
+        from conveyor.envelope import RequestMeta
+        from conveyor.wire import encode
+
+        transport = self._require_open()
+        wait = self.default_timeout if timeout is None else timeout
+        if wait <= 0:
+            raise ConfigError(f"timeout must be positive, got {wait}")
+        arrays = self.validate(inputs)
+        routing_key = partition_routing_key(self.plan.partitioning, key)
+        request_id = uuid.uuid4().hex
+        meta = RequestMeta(
+            request_id=request_id,
+            reply_to=self.reply_queue,
+            deadline=time.time() + wait,
+            plan_hash=self.plan.hash,
+            trace_id=trace_id,
+            key=key,
+        )
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await transport.publish(
+                self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
+            )
+            self._sent += 1
+            try:
+                return await asyncio.wait_for(future, wait)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"request {request_id} got no reply within {wait:g} s"
+                ) from None
+        except ConveyorError:
+            self._failed += 1
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    @overload
+    def infer_many(
+        self,
+        inputs: Iterable[Inputs] | AsyncIterable[Inputs],
+        *,
+        concurrency: int = ...,
+        timeout: float | None = ...,
+        keys: Iterable[str | None] | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> AsyncGenerator[Outputs, None]: ...
+
+    @overload
+    def infer_many(
+        self,
+        inputs: Iterable[Inputs] | AsyncIterable[Inputs],
+        *,
+        concurrency: int = ...,
+        timeout: float | None = ...,
+        keys: Iterable[str | None] | None = ...,
+        return_exceptions: Literal[True],
+    ) -> AsyncGenerator[Outputs | ConveyorError, None]: ...
+
+    def infer_many(
+        self,
+        inputs: Iterable[Inputs] | AsyncIterable[Inputs],
+        *,
+        concurrency: int = 16,
+        timeout: float | None = None,
+        keys: Iterable[str | None] | None = None,
+        return_exceptions: bool = False,
+    ) -> AsyncGenerator[Any, None]:
+        """Send many requests, at most ``concurrency`` in flight; yield outputs IN INPUT ORDER.
+
+        ``keys`` gives each request's partition key (zipped with ``inputs``). The first
+        failed request raises (the others in flight are cancelled) unless
+        ``return_exceptions`` is true, in which case its error is yielded in its place.
+        Leaving the loop early cancels the requests still in flight.
+        """
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        return self._stream(inputs, concurrency, timeout, keys, return_exceptions)
+
+    async def _stream(
+        self,
+        inputs: Iterable[Inputs] | AsyncIterable[Inputs],
+        concurrency: int,
+        timeout: float | None,  # noqa: ASYNC109
+        keys: Iterable[str | None] | None,
+        return_exceptions: bool,
+    ) -> AsyncGenerator[Any, None]:
+        key_iter = iter(keys) if keys is not None else None
+        window: deque[asyncio.Task[Outputs]] = deque()
+        try:
+            async for item in _aiter(inputs):
+                key = next(key_iter, None) if key_iter is not None else None
+                window.append(asyncio.create_task(self.infer(item, timeout=timeout, key=key)))
+                if len(window) >= concurrency:
+                    yield await _settle(window.popleft(), return_exceptions)
+            while window:
+                yield await _settle(window.popleft(), return_exceptions)
+        finally:
+            for task in window:
+                task.cancel()
+            if window:
+                await asyncio.gather(*window, return_exceptions=True)
+
+    # -- replies ------------------------------------------------------------------------
+    async def _on_reply(self, delivery: Delivery) -> None:
+        from conveyor.envelope import read_reply
+
+        message = delivery.message
+        request_id = message.correlation_id or message.message_id
+        future = self._pending.pop(request_id, None) if request_id else None
+        try:
+            if future is None or future.done():
+                self._dropped += 1
+                log.debug("dropping a reply for request %s: not awaited", request_id)
+                return
+            try:
+                decoded = read_reply(message)
+            except ConveyorError as exc:
+                future.set_exception(exc)
+                return
+            # The decoded tensors are read-only views into the message body; hand the
+            # caller arrays it owns.
+            future.set_result({name: np.array(t) for name, t in decoded.tensors.items()})
+            self._answered += 1
+        finally:
+            await delivery.ack()
+
+    # -- introspection ------------------------------------------------------------------
+    def stats(self) -> ClientStats:
+        return ClientStats(
+            sent=self._sent,
+            answered=self._answered,
+            failed=self._failed,
+            in_flight=len(self._pending),
+            dropped_replies=self._dropped,
+        )
+
+    @property
+    def workers(self) -> object | None:
+        """The in-process pipeline when ``local_workers`` is on (workers.serve's handle)."""
+        return self._workers
+
+    @property
+    def broker(self) -> Broker | None:
+        """The embedded broker when ``url`` is None (connect more transports to it)."""
+        return self._broker
+
+    def _require_open(self) -> Transport:
+        if self._state is not ClientState.OPEN or self._transport is None:
+            raise ConfigError(f"client is {self._state.value}; use it inside 'async with'")
+        return self._transport
+
+
+def connect(
+    url: str | None = None,
+    *,
+    plan: Plan | str | os.PathLike[str],
+    timeout: float = DEFAULT_TIMEOUT,
+    local_workers: bool | None = None,
+    reply_prefetch: int = 1024,
+    worker_options: Mapping[str, Any] | None = None,
+) -> Client:
+    """A client for ``plan`` on the broker at ``url`` (``None``: embedded brokerless).
+
+    Use it as ``async with connect(...) as client``. ``local_workers`` (default: true
+    exactly when ``url`` is None) runs the plan's workers in this process;
+    ``worker_options`` are passed to them (``workers.serve``).
+    """
+    loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
+    return Client(
+        url,
+        loaded,
+        timeout=timeout,
+        local_workers=local_workers,
+        reply_prefetch=reply_prefetch,
+        worker_options=worker_options,
+    )
+
+
+async def _start_local_workers(
+    plan: Plan, transport: Transport, options: Mapping[str, Any]
+) -> _LocalWorkers:
+    import workers
+
+    handle: _LocalWorkers = await workers.serve(plan, transport, **options)
+    return handle
+
+
+async def _settle(task: asyncio.Task[Outputs], return_exceptions: bool) -> Any:
+    if not return_exceptions:
+        return await task
+    try:
+        return await task
+    except ConveyorError as exc:
+        return exc
+
+
+async def _aiter(items: Iterable[Inputs] | AsyncIterable[Inputs]) -> AsyncIterator[Inputs]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+async def _quietly(step: Any, what: str) -> None:
+    """Run one shutdown step; a failing step is logged and the rest still run."""
+    try:
+        await step
+    except ConveyorError as exc:
+        log.warning("%s failed: %s", what, exc)

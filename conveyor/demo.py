@@ -1,0 +1,298 @@
+"""``conveyor demo``: build a small Keras MLP, split it in 3, serve it and check every answer.
+
+The whole job runs in one process on the embedded broker: Keras builds the MLP
+784-64-64-10 (seeded random weights), the converter writes the whole model and a 3-stage
+layer split, the client sends ``requests`` batch-1 requests with ``concurrency`` in flight
+to the in-process workers, and every answer is compared with onnxruntime running the
+unsplit model. Heavy libraries (TensorFlow, onnxruntime) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
+
+from conveyor.errors import ConfigError
+from conveyor.plan import Plan
+
+if TYPE_CHECKING:
+    from conveyor.client import Client
+
+#: Relative error allowed between a served answer and the whole model's output.
+TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    requests: int
+    seconds: float
+    latencies_s: tuple[float, ...]
+    max_rel_err: float
+    mismatches: int
+    providers: tuple[str, ...]
+    build_s: float
+    convert_s: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def latency_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1e3) if self.latencies_s else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want| (0 when both are all zeros)."""
+    got64 = np.asarray(got, dtype=np.float64)
+    want64 = np.asarray(want, dtype=np.float64)
+    if got64.shape != want64.shape:
+        return float("inf")
+    scale = float(np.max(np.abs(want64))) if want64.size else 0.0
+    diff = float(np.max(np.abs(got64 - want64))) if want64.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def build_mlp(seed: int = 0) -> Any:
+    """The Keras MLP 784-64-64-10 (Dense/ReLU/softmax), seeded random weights."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input(shape=(784,), name="pixels"),
+            keras.layers.Dense(64, activation="relu", name="hidden1"),
+            keras.layers.Dense(64, activation="relu", name="hidden2"),
+            keras.layers.Dense(10, activation="softmax", name="probs"),
+        ],
+        name="mlp",
+    )
+
+
+def convert_model(model: Any, workdir: Path, *, by: str, stages: int) -> Plan:
+    """Convert ``model`` into a plan directory under ``workdir`` (named after the split)."""
+    from converter import convert
+
+    out = workdir / f"{by}-{stages}"
+    plan: Plan = convert(model, out, by=by, stages=stages)
+    return plan
+
+
+def whole_model_path(model: Any, workdir: Path) -> Path:
+    """The unsplit ONNX model (a one-stage plan's only stage file)."""
+    plan = convert_model(model, workdir, by="layer", stages=1)
+    return plan.stage_path(plan.stages[0].name)
+
+
+class Reference:
+    """onnxruntime on the unsplit model: the answers the pipeline must reproduce."""
+
+    def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(onnx_path), opts, providers=["CPUExecutionProvider"]
+        )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, outs, strict=True))
+
+
+class ProgressBar:
+    """A plain ``[#####.....] 420/1000`` bar on a terminal stream; silent when not a TTY."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 40) -> None:
+        self.total = max(total, 1)
+        self.stream = stream
+        self.width = width
+        self.done = 0
+        self._shown = -1
+        self.enabled = stream.isatty()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        filled = self.width * self.done // self.total
+        if self.enabled and (filled != self._shown or self.done == self.total):
+            self._shown = filled
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r  [{bar}] {self.done}/{self.total}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def send_all(
+    client: Client,
+    requests: list[dict[str, np.ndarray]],
+    *,
+    concurrency: int,
+    timeout: float = 30.0,  # noqa: ASYNC109 (per request, passed to infer)
+    on_done: Callable[[], None] | None = None,
+) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """Send every request with ``concurrency`` in flight; outputs and latencies, in order."""
+    results: list[dict[str, np.ndarray]] = [{} for _ in requests]
+    latencies = [0.0] * len(requests)
+    next_index = 0
+
+    async def lane() -> None:
+        nonlocal next_index
+        while next_index < len(requests):
+            i = next_index
+            next_index += 1
+            start = time.perf_counter()
+            results[i] = await client.infer(requests[i], timeout=timeout)
+            latencies[i] = time.perf_counter() - start
+            if on_done is not None:
+                on_done()
+
+    async with asyncio.TaskGroup() as group:
+        lanes = [group.create_task(lane()) for _ in range(min(concurrency, len(requests)))]
+    del lanes
+    return results, latencies
+
+
+def served_providers(client: Client) -> tuple[str, ...]:
+    """Execution providers the in-process workers' sessions use (as they report them)."""
+    workers = client.workers
+    providers = getattr(workers, "providers", None)
+    if callable(providers):
+        providers = providers()
+    if isinstance(providers, dict):
+        flat: list[str] = []
+        for value in providers.values():
+            flat.extend([value] if isinstance(value, str) else list(value))
+        providers = flat
+    if isinstance(providers, list | tuple):
+        return tuple(dict.fromkeys(str(p) for p in providers))
+    return ()
+
+
+async def serve_and_check(
+    plan: Plan,
+    reference: Reference,
+    x: np.ndarray,
+    *,
+    concurrency: int,
+    progress: bool,
+) -> tuple[int, float, list[float], float, tuple[str, ...]]:
+    """Serve ``x`` row by row; (mismatches, seconds, latencies, max rel err, providers)."""
+    from conveyor.client import connect
+
+    input_name = plan.inputs[0].name
+    requests = [{input_name: x[i : i + 1]} for i in range(len(x))]
+    want = reference.run({input_name: x})
+    bar = ProgressBar(len(requests)) if progress else None
+    async with connect(None, plan=plan) as client:
+        # One request first, so that session warm-up does not count as latency.
+        await client.infer(requests[0])
+        start = time.perf_counter()
+        try:
+            got, latencies = await send_all(
+                client,
+                requests,
+                concurrency=concurrency,
+                on_done=bar.advance if bar is not None else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - start
+        providers = served_providers(client)
+    worst = 0.0
+    mismatches = 0
+    for i, outputs in enumerate(got):
+        errs = [
+            relative_error(outputs.get(name, np.empty(0)), value[i : i + 1])
+            for name, value in want.items()
+        ]
+        err = max(errs) if errs else float("inf")
+        worst = max(worst, err)
+        mismatches += err > TOLERANCE
+    return mismatches, seconds, latencies, worst, providers
+
+
+def run_demo(
+    *,
+    requests: int = 1000,
+    concurrency: int = 32,
+    seed: int = 0,
+    workdir: Path | None = None,
+    progress: bool = True,
+    out: TextIO = sys.stdout,
+) -> DemoResult:
+    if requests < 1:
+        raise ConfigError(f"requests must be at least 1, got {requests}")
+    with tempfile.TemporaryDirectory(prefix="conveyor-demo-") as tmp:
+        root = workdir or Path(tmp)
+        t0 = time.perf_counter()
+        print("building the Keras MLP 784-64-64-10 ...", file=out, flush=True)
+        model = build_mlp(seed)
+        t1 = time.perf_counter()
+        print("converting to ONNX and splitting into 3 stages by layer ...", file=out, flush=True)
+        whole = whole_model_path(model, root)
+        plan = convert_model(model, root, by="layer", stages=3)
+        t2 = time.perf_counter()
+        print(
+            f"plan {plan.name!r} ({plan.short_hash}): stages "
+            + " -> ".join(s.name for s in plan.stages),
+            file=out,
+            flush=True,
+        )
+        rng = np.random.default_rng(seed)
+        spec = plan.inputs[0]
+        x = rng.random((requests, *[int(d) for d in spec.shape[1:]]), dtype=np.float32)
+        reference = Reference(whole)
+        print(
+            f"serving {requests} requests on the embedded broker ({concurrency} in flight) ...",
+            file=out,
+            flush=True,
+        )
+        mismatches, seconds, latencies, worst, providers = asyncio.run(
+            serve_and_check(plan, reference, x, concurrency=concurrency, progress=progress)
+        )
+    result = DemoResult(
+        requests=requests,
+        seconds=seconds,
+        latencies_s=tuple(latencies),
+        max_rel_err=worst,
+        mismatches=mismatches,
+        providers=providers,
+        build_s=t1 - t0,
+        convert_s=t2 - t1,
+    )
+    print_result(result, out)
+    return result
+
+
+def print_result(r: DemoResult, out: TextIO) -> None:
+    status = "all match" if r.ok else f"{r.mismatches} MISMATCH(ES)"
+    print(
+        f"answers:    {r.requests - r.mismatches}/{r.requests} match the whole model "
+        f"(max rel err {r.max_rel_err:.2e}, tolerance {TOLERANCE:.0e}): {status}",
+        file=out,
+    )
+    print(f"throughput: {r.throughput:,.0f} requests/s ({r.seconds:.2f} s)", file=out)
+    print(f"latency:    p50 {r.latency_ms(50):.2f} ms, p99 {r.latency_ms(99):.2f} ms", file=out)
+    print(f"provider:   {', '.join(r.providers) or 'unknown'}", file=out)
+    print(f"setup:      build {r.build_s:.1f} s, convert {r.convert_s:.1f} s", file=out)

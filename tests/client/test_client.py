@@ -1,0 +1,282 @@
+"""The client SDK against the real embedded broker, with a hand-written responder.
+
+The responder plays the worker's part of docs/wire.md (consume the input shard, answer
+with ``envelope.reply_ok`` / ``reply_error``) so these tests pin the client's own
+behaviour: routing by request id, de-duplication, deadlines, cancellation, typed errors,
+validation and ordering, independently of the real workers (tests/e2e covers those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conveyor.client import Client, connect
+from conveyor.envelope import RequestMeta, reply_error, reply_ok
+from conveyor.errors import CodecError, ConfigError, DeadlineExceeded, InferenceError
+from conveyor.plan import MODEL_INPUT, Plan, StageInput, StageOutput, StageSpec, TensorSpec
+from conveyor.transport import Delivery, Message, Transport
+from conveyor.wire import decode, encode
+
+X = TensorSpec("x", "float32", ("batch", 4))
+Y = TensorSpec("y", "float32", ("batch", 4))
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Plan:
+    directory: Path = tmp_path_factory.mktemp("plan")
+    (directory / "s0.onnx").write_bytes(b"the client never reads stage files")
+    stage = StageSpec(
+        name="s0",
+        file="s0.onnx",
+        inputs=(StageInput(X, MODEL_INPUT),),
+        outputs=(StageOutput(Y, (), model_output=True),),
+    )
+    return Plan(name="double", opset=17, inputs=(X,), outputs=(Y,), stages=(stage,)).save(
+        directory
+    )
+
+
+Reply = Callable[[RequestMeta, dict[str, np.ndarray]], list[Message]]
+
+
+def doubled(meta: RequestMeta, inputs: dict[str, np.ndarray]) -> list[Message]:
+    return [reply_ok(meta, encode({"y": inputs["x"] * 2}))]
+
+
+class Responder:
+    """Consumes the plan's input shard and answers each request with ``reply``."""
+
+    def __init__(self, transport: Transport, reply: Reply) -> None:
+        self.transport = transport
+        self.reply = reply
+        self.seen: list[RequestMeta] = []
+        self.held: list[tuple[RequestMeta, dict[str, np.ndarray]]] = []
+        self.arrived = asyncio.Condition()
+        self.max_outstanding = 0
+        self.client: Client | None = None
+
+    async def handle(self, delivery: Delivery) -> None:
+        meta = RequestMeta.from_message(delivery.message)
+        inputs = {k: np.array(v) for k, v in decode(delivery.message.body).tensors.items()}
+        if self.client is not None:
+            self.max_outstanding = max(self.max_outstanding, self.client.stats().in_flight)
+        for message in self.reply(meta, inputs):
+            await self.transport.publish("", message, meta.reply_to or "")
+        await delivery.ack()
+        async with self.arrived:
+            self.seen.append(meta)
+            self.held.append((meta, inputs))
+            self.arrived.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with self.arrived:
+            await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.seen) >= count), 10)
+
+
+@pytest.fixture
+async def client(plan: Plan) -> AsyncIterator[Client]:
+    async with connect(None, plan=plan, local_workers=False, timeout=5.0) as c:
+        yield c
+
+
+async def attach(client: Client, reply: Reply) -> Responder:
+    assert client.broker is not None
+    transport = client.broker.connect()
+    responder = Responder(transport, reply)
+    responder.client = client
+    await transport.consume(client.topology.input_queue(0), responder.handle, prefetch=64)
+    return responder
+
+
+def row(i: float) -> dict[str, np.ndarray]:
+    return {"x": np.full((1, 4), i, dtype=np.float32)}
+
+
+async def test_infer_returns_outputs_by_name(client: Client) -> None:
+    await attach(client, doubled)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    out = await client.infer({"x": x})
+    assert list(out) == ["y"]
+    np.testing.assert_array_equal(out["y"], x * 2)
+    out["y"][0, 0] = -1  # the caller owns its arrays
+    assert client.stats().in_flight == 0
+
+
+async def test_request_carries_the_envelope(client: Client, plan: Plan) -> None:
+    responder = await attach(client, doubled)
+    before = time.time()
+    await client.infer(row(1), timeout=7.0, trace_id="trace-1")
+    meta = responder.seen[0]
+    assert meta.reply_to == client.reply_queue
+    assert meta.plan_hash == plan.hash
+    assert meta.trace_id == "trace-1"
+    assert meta.deadline is not None and before + 7.0 <= meta.deadline <= time.time() + 7.0
+
+
+async def test_duplicate_replies_are_dropped(client: Client) -> None:
+    def twice(meta: RequestMeta, inputs: dict[str, np.ndarray]) -> list[Message]:
+        return doubled(meta, inputs) * 2
+
+    await attach(client, twice)
+    first = await client.infer(row(1))
+    # Replies arrive in order on the one reply queue: once the second request is
+    # answered, the first one's duplicate has been handled.
+    second = await client.infer(row(2))
+    assert first["y"][0, 0] == 2 and second["y"][0, 0] == 4
+    assert client.stats().answered == 2
+    assert client.stats().dropped_replies >= 1
+
+
+async def test_timeout_raises_deadline_exceeded_and_late_reply_is_dropped(
+    client: Client,
+) -> None:
+    responder = await attach(client, lambda meta, inputs: [])
+    with pytest.raises(DeadlineExceeded, match=r"no reply within 0\.2 s"):
+        await client.infer(row(1), timeout=0.2)
+    assert client.stats().in_flight == 0
+    meta, inputs = responder.held[0]
+    assert meta.expired()
+    # The late answer reaches the reply queue and is dropped, not delivered anywhere.
+    await responder.transport.publish("", doubled(meta, inputs)[0], client.reply_queue)
+    responder.reply = doubled
+    await client.infer(row(2))
+    assert client.stats().dropped_replies == 1
+
+
+async def test_cancelling_abandons_the_request(client: Client) -> None:
+    responder = await attach(client, lambda meta, inputs: [])
+    task = asyncio.create_task(client.infer(row(1)))
+    await responder.wait_for(1)
+    assert client.stats().in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert client.stats().in_flight == 0
+    meta, inputs = responder.held[0]
+    await responder.transport.publish("", doubled(meta, inputs)[0], client.reply_queue)
+    responder.reply = doubled
+    out = await client.infer(row(3))
+    assert out["y"][0, 0] == 6
+    assert client.stats().dropped_replies == 1
+
+
+async def test_error_reply_raises_the_typed_error(client: Client) -> None:
+    def fail(meta: RequestMeta, inputs: dict[str, np.ndarray]) -> list[Message]:
+        return [reply_error(meta, InferenceError("Gemm: shapes do not match", stage="s0"))]
+
+    await attach(client, fail)
+    with pytest.raises(InferenceError, match="Gemm: shapes do not match") as info:
+        await client.infer(row(1))
+    assert info.value.stage == "s0"
+    assert client.stats().failed == 1
+
+
+async def test_deadline_error_reply_raises_deadline_exceeded(client: Client) -> None:
+    def late(meta: RequestMeta, inputs: dict[str, np.ndarray]) -> list[Message]:
+        return [reply_error(meta, DeadlineExceeded("request expired before stage s0"))]
+
+    await attach(client, late)
+    with pytest.raises(DeadlineExceeded, match="expired before stage s0"):
+        await client.infer(row(1))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"x": np.zeros((1, 4), np.float64)}, "'x': dtype float64"),
+        ({"x": np.zeros((1, 5), np.float32)}, "'x': dimension 1 is 5"),
+        ({"x": np.zeros(4, np.float32)}, "'x'.*dimensions"),
+        ({}, "'x' is missing"),
+        ({"x": np.zeros((1, 4), np.float32), "z": np.zeros(1)}, r"unknown input.*'z'"),
+        ({"x": [[0.0] * 4]}, "'x' must be a numpy array"),
+    ],
+)
+async def test_invalid_inputs_raise_codec_error_before_publishing(
+    client: Client, inputs: dict[str, np.ndarray], message: str
+) -> None:
+    with pytest.raises(CodecError, match=message):
+        await client.infer(inputs)
+    assert client.broker is not None
+    stats = await client.broker.connect().queue_stats(client.topology.input_queue(0))
+    assert stats.depth == 0
+    assert client.stats().sent == 0
+
+
+async def test_infer_many_yields_in_input_order_with_bounded_concurrency(
+    client: Client,
+) -> None:
+    # Answer in reverse order of arrival, four at a time, so order must be restored.
+    def reverse_fours(meta: RequestMeta, inputs: dict[str, np.ndarray]) -> list[Message]:
+        return []
+
+    responder = await attach(client, reverse_fours)
+
+    async def answer_in_fours() -> None:
+        answered = 0
+        while answered < 20:
+            await responder.wait_for(answered + 4)
+            group = responder.held[answered : answered + 4]
+            for meta, inputs in reversed(group):
+                await responder.transport.publish("", doubled(meta, inputs)[0], client.reply_queue)
+            answered += 4
+
+    answering = asyncio.create_task(answer_in_fours())
+    results = [out["y"][0, 0] async for out in client.infer_many(
+        (row(i) for i in range(20)), concurrency=8
+    )]
+    await answering
+    assert results == [2.0 * i for i in range(20)]
+    assert responder.max_outstanding <= 8
+
+
+async def test_infer_many_return_exceptions(client: Client) -> None:
+    def odd_fails(meta: RequestMeta, inputs: dict[str, np.ndarray]) -> list[Message]:
+        if int(inputs["x"][0, 0]) % 2:
+            return [reply_error(meta, InferenceError("odd input"))]
+        return doubled(meta, inputs)
+
+    await attach(client, odd_fails)
+    got = [r async for r in client.infer_many(
+        [row(i) for i in range(6)], concurrency=3, return_exceptions=True
+    )]
+    assert [isinstance(r, InferenceError) for r in got] == [i % 2 == 1 for i in range(6)]
+    with pytest.raises(InferenceError, match="odd input"):
+        async for _ in client.infer_many([row(i) for i in range(6)], concurrency=3):
+            pass
+    assert client.stats().in_flight == 0
+
+
+async def test_leaving_infer_many_early_cancels_the_rest(client: Client) -> None:
+    await attach(client, doubled)
+    stream = client.infer_many((row(i) for i in range(100)), concurrency=4)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert client.stats().in_flight == 0
+
+
+async def test_client_used_outside_its_context_raises(plan: Plan) -> None:
+    c = connect(None, plan=plan, local_workers=False)
+    with pytest.raises(ConfigError, match="inside 'async with'"):
+        await c.infer(row(1))
+    async with c:
+        pass
+    with pytest.raises(ConfigError, match="closed"):
+        await c.infer(row(1))
+
+
+async def test_hash_partitioning_needs_a_key(tmp_path: Path, plan: Plan) -> None:
+    from conveyor.plan import Partitioning
+
+    hashed = plan.with_settings(partitioning=Partitioning(kind="hash", shards=2))
+    (tmp_path / "s0.onnx").write_bytes(b"the client never reads stage files")
+    hashed = hashed.save(tmp_path)
+    async with connect(None, plan=hashed, local_workers=False) as c:
+        with pytest.raises(ConfigError, match="needs a request key"):
+            await c.infer(row(1))
