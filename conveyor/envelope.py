@@ -200,7 +200,12 @@ def read_reply(message: Message, limits: Limits = DEFAULT_LIMITS) -> Decoded:
 
 def _error_of(message: Message) -> ConveyorError:
     header_code = _header(message.headers, HEADER_ERROR)
-    fields = _error_body(message.body)
+    try:
+        fields = _error_body(message.body)
+    except CodecError:
+        if header_code is None:
+            raise
+        fields = {}  # the header still says which error it was
     code = fields.get("code")
     if not isinstance(code, str):
         if header_code is None:
@@ -254,7 +259,9 @@ def _error_body(body: bytes) -> dict[str, Any]:
             max_ext_len=0,
         )
     except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as exc:
-        raise CodecError(f"error reply body is not valid msgpack: {exc}") from exc
+        raise CodecError(
+            f"error reply body is not valid msgpack: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(fields, dict):
         raise CodecError(f"error reply body is a {type(fields).__name__}; expected a map")
     return fields

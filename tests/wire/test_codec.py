@@ -158,8 +158,10 @@ def test_encode_refuses_non_arrays() -> None:
 @pytest.mark.parametrize(
     ("tensors", "limits", "match"),
     [
-        ({"a": np.zeros((1,) * 5)}, Limits(max_dims=4), "tensor 'a' has 5 dimensions; the limit is 4"),
-        ({str(i): np.zeros(1) for i in range(3)}, Limits(max_tensors=2), "3 tensors; the limit is 2"),
+        ({"a": np.zeros((1,) * 5)}, Limits(max_dims=4),
+         "tensor 'a' has 5 dimensions; the limit is 4"),
+        ({str(i): np.zeros(1) for i in range(3)}, Limits(max_tensors=2),
+         "3 tensors; the limit is 2"),
         ({"": np.zeros(1)}, Limits(), "tensor name '' is 0 bytes"),
         ({"abcd": np.zeros(1)}, Limits(max_name_bytes=3), "tensor name 'abcd' is 4 bytes"),
         ({3: np.zeros(1)}, Limits(), "tensor name 3 is a int, not a str"),
@@ -188,7 +190,7 @@ def test_encode_refuses_bad_meta(meta: dict[str, object], match: str) -> None:
 
 
 def test_encode_refuses_meta_over_its_limit() -> None:
-    with pytest.raises(CodecError, match="meta packs to 10\\d bytes; the limit is 100"):
+    with pytest.raises(CodecError, match=r"meta packs to 10\d bytes; the limit is 100"):
         encode({}, {"s": "x" * 100}, limits=Limits(max_meta_bytes=100))
 
 

@@ -12,7 +12,9 @@ from conveyor.errors import CodecError
 from conveyor.wire import Limits, decode, encode
 
 
-def entry(name: str = "x", dtype: str = "float32", shape: list[Any] | None = None) -> dict[str, Any]:
+def entry(
+    name: str = "x", dtype: str = "float32", shape: list[Any] | None = None
+) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": [2, 3] if shape is None else shape}
 
 
@@ -74,7 +76,8 @@ def test_a_well_formed_plain_body_decodes() -> None:
         (body(good_header(entry(shape=[2, -3])), RAW), "dimension 1 is -3; expected an int >= 0"),
         (body(good_header(entry(shape=[2.0, 3])), RAW), "dimension 0 is 2.0"),
         (body(good_header(entry(shape=[True, 3])), RAW), "dimension 0 is True"),
-        (body(good_header(entry(shape=[1] * 17)), RAW), "tensor 'x': 17 dimensions; the limit is 16"),
+        (body(good_header(entry(shape=[1] * 17)), RAW),
+         "tensor 'x': 17 dimensions; the limit is 16"),
         (body(good_header(), bytes(20)), "tensor 'x': float32\\[2, 3\\] needs 24 bytes, its bin "
                                          "holds 20"),
         (body(good_header(entry(shape=[2**40, 2**40])), RAW),
@@ -138,13 +141,13 @@ def test_name_and_dims_limits_are_the_decoders() -> None:
 
 def test_meta_over_its_limit() -> None:
     data = encode({}, {"items": list(range(200))})
-    with pytest.raises(CodecError, match="meta is \\d+ bytes; the limit is 150"):
+    with pytest.raises(CodecError, match=r"meta is \d+ bytes; the limit is 150"):
         decode(data, Limits(max_meta_bytes=150))
 
 
 def test_meta_string_over_the_meta_limit() -> None:
     data = encode({}, {"s": "x" * 200})
-    with pytest.raises(CodecError, match="malformed message: ValueError: .*max_str_len"):
+    with pytest.raises(CodecError, match=r"malformed message: ValueError: .*max_str_len"):
         decode(data, Limits(max_meta_bytes=150))
 
 
