@@ -190,15 +190,24 @@ class BrokerQueue:
     def returned(self, envelopes: Iterable[Envelope]) -> None:
         """Back to the head in original order (requeue, cancelled consumer, closed connection)."""
         limit = self.spec.delivery_limit
-        back = sorted(envelopes, key=lambda e: e.seq, reverse=True)
-        for envelope in back:
+        for envelope in sorted(envelopes, key=lambda e: e.seq, reverse=True):
             self._unacked -= 1
             if limit is not None and envelope.deliveries > limit:
                 self._dead_letter(self, envelope, DeathReason.DELIVERY_LIMIT)
             else:
-                self._ready.appendleft(envelope)
-                self._ready_bytes += envelope.size
+                self._insert_in_order(envelope)
         self.dispatch()
+
+    def _insert_in_order(self, envelope: Envelope) -> None:
+        # ready messages stay sorted by seq; returned ones are old, so the scan is short
+        index = 0
+        for index, queued in enumerate(self._ready):  # noqa: B007
+            if queued.seq > envelope.seq:
+                break
+        else:
+            index = len(self._ready)
+        self._ready.insert(index, envelope)
+        self._ready_bytes += envelope.size
 
     # -- consumers -------------------------------------------------------------------
 

@@ -1,0 +1,61 @@
+"""Helpers for the conformance suite: collect deliveries and wait on conditions, not sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from conveyor.transport import Delivery, Handler, Message, Transport
+
+TIMEOUT = 10.0
+
+
+class Collector:
+    """Records deliveries (with the queue they came from) and lets a test wait for them."""
+
+    def __init__(self, *, ack: bool = True) -> None:
+        self.ack = ack
+        self.received: list[tuple[str, Delivery]] = []
+        self._changed = asyncio.Condition()
+
+    def handler(self, queue: str) -> Handler:
+        async def handle(delivery: Delivery) -> None:
+            self.received.append((queue, delivery))
+            if self.ack:
+                await delivery.ack()
+            await self.notify()
+
+        return handle
+
+    async def notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool], within: float = TIMEOUT) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), within)
+
+    async def wait_for(self, count: int, within: float = TIMEOUT) -> None:
+        await self.wait_until(lambda: len(self.received) >= count, within)
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        return [d for _, d in self.received]
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [d.message.body for _, d in self.received]
+
+    def queues_of(self, body: bytes) -> set[str]:
+        return {q for q, d in self.received if d.message.body == body}
+
+
+async def publish_bodies(
+    transport: Transport, exchange: str, routing_key: str, bodies: list[bytes]
+) -> None:
+    for body in bodies:
+        await transport.publish(exchange, Message(body=body), routing_key)
+
+
+async def depths(transport: Transport, queues: list[str]) -> dict[str, int]:
+    return {q: (await transport.queue_stats(q)).depth for q in queues}
