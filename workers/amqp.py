@@ -1,0 +1,366 @@
+"""The RabbitMQ transport: ``conveyor.transport.Transport`` over aio-pika.
+
+    transport = await AmqpTransport.connect("amqp://user:pass@host:5672/")   # or AmqpSettings
+    await transport.declare_queue(QueueSpec("stage-0", max_length=1000))
+    await transport.publish("", Message(body), routing_key="stage-0")        # confirmed
+    consumer = await transport.consume("stage-0", handler, prefetch=8)
+    await consumer.set_prefetch(2)
+    await transport.close(grace=5.0)
+
+How it maps onto RabbitMQ:
+
+* **Connections.** Two ``aio_pika.connect_robust`` connections, ``<name>-pub`` for
+  publishing and ``<name>-con`` for consuming and declarations (so exclusive queues
+  live on the connection that consumes them, and publisher flow control never stalls
+  deliveries). The first connect fails fast: ``BrokerUnreachable`` naming host:port and
+  the cause. Later losses are repaired by aio-pika (``reconnect_interval_s``), which
+  reopens consumer channels and re-consumes; publishes and declarations made while the
+  connection is down wait up to ``operation_timeout_s`` and then raise ``ChannelBroken``.
+* **Publishing.** One channel in confirm mode; ``publish`` returns after the broker's
+  ack. ``mandatory=True`` (the default) turns a ``basic.return`` into
+  ``UnroutableError``; a ``basic.nack`` (a full ``reject-publish`` queue) into
+  ``BackpressureError``; no confirm within ``confirm_timeout_s`` into
+  ``TransportError``. Concurrent publishes share the channel and their confirms are
+  kept in flight together. Returns are matched to publishes by ``message_id`` (aiormq
+  fills in a random one when a message has none), so concurrent publishes should not
+  reuse one ``message_id``.
+* **Declarations** go to a plain channel of the consumer connection. aio-pika does not
+  re-declare them after a reconnect: topology belongs to whoever declares it (durable
+  entities survive a broker restart; a controller's binding changes are not undone by a
+  worker's reconnect). Broker refusals (``PRECONDITION_FAILED`` on an inequivalent
+  redeclare, ``NOT_FOUND``) become ``TransportError`` with the broker's reason.
+* **Consumers.** One robust channel per consumer, so ``basic.qos(global=False)`` on it is
+  that consumer's prefetch. RabbitMQ applies a new ``basic.qos`` only to consumers
+  started after it, so ``Consumer.set_prefetch`` issues qos, consumes again on the same
+  channel and cancels the old tag. Deliveries already made under the old limit stay on
+  the channel and settle normally, so for a moment up to old + new deliveries may be
+  unsettled. ``Consumer.cancel`` cancels the consumer, cancels its running handlers
+  (not the caller's own) and closes the channel: RabbitMQ returns every unsettled
+  delivery to the queue with ``redelivered=True``.
+* **Stale deliveries.** A delivery tag is only valid on the channel it came on. When that
+  channel dies (connection loss, a channel error, ``cancel``), the broker requeues the
+  message and aio-pika opens a new channel; the old tag must never be sent on it. Each
+  delivery remembers its channel: ``ack`` / ``reject`` / ``requeue`` of a delivery whose
+  channel has closed is a **no-op logged at debug level** (``delivery.stale`` is True and
+  ``delivery.settlement`` becomes ``STALE``), not an error: the message will be redelivered,
+  which at-least-once delivery already expects, and a worker should not fail a request
+  whose output was already published.
+* **delivery_count** is ``x-delivery-count`` + 1 on quorum queues, otherwise 1, or 2 when
+  the broker says ``redelivered``.
+* **Handler errors.** A handler that raises without settling gets its delivery rejected
+  (dead-lettered when the queue has a DLX) and the exception logged.
+* **close(grace)** cancels every consumer, waits up to ``grace`` for running handlers
+  (which may still publish), cancels the rest, closes the consumer channels (unsettled
+  messages are requeued), then the publish and admin channels, then both connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+
+import aio_pika
+import aiormq.exceptions as amqp_exc
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import AbstractChannel
+
+from conveyor.errors import BrokerUnreachable, ChannelBroken, TransportClosed, TransportError
+from conveyor.transport import (
+    ExchangeSpec,
+    Handler,
+    Message,
+    QueueSpec,
+    QueueStats,
+)
+from workers.amqp_consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
+from workers.amqp_convert import exchange_arguments, queue_arguments, to_properties
+from workers.amqp_errors import translated
+from workers.amqp_settings import AmqpSettings
+
+__all__ = ["AmqpConsumer", "AmqpDelivery", "AmqpSettings", "AmqpTransport", "Settlement"]
+
+log = logging.getLogger(__name__)
+
+
+class TransportState(enum.Enum):
+    OPEN = "open"
+    #: Consumers stopped; running handlers may still publish.
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustConnection:
+    try:
+        return await aio_pika.connect_robust(
+            settings.aio_pika_url(),
+            timeout=settings.connect_timeout_s,
+            reconnect_interval=settings.reconnect_interval_s,
+            fail_fast=True,
+            client_properties={"connection_name": f"{settings.connection_name}-{role}"},
+        )
+    except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
+        cause = str(exc) or type(exc).__name__
+        raise BrokerUnreachable(
+            f"cannot connect to RabbitMQ at {settings.address} ({type(exc).__name__}: {cause})"
+        ) from exc
+
+
+class _LazyChannel:
+    """A plain aiormq channel on a robust connection, reopened when found closed."""
+
+    def __init__(
+        self, connection: AbstractRobustConnection, *, confirms: bool, timeout: float
+    ) -> None:
+        self._connection = connection
+        self._confirms = confirms
+        self._timeout = timeout
+        self._channel: AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    def current(self) -> AbstractChannel | None:
+        channel = self._channel
+        return channel if channel is not None and not channel.is_closed else None
+
+    async def get(self, purpose: str) -> AbstractChannel:
+        channel = self.current()
+        if channel is not None:
+            return channel
+        async with self._lock:
+            channel = self.current()
+            if channel is None:
+                channel = await self._open(purpose)
+                self._channel = channel
+            return channel
+
+    async def _open(self, purpose: str) -> AbstractChannel:
+        try:
+            await asyncio.wait_for(self._connection.ready(), self._timeout)
+        except TimeoutError as exc:
+            raise ChannelBroken(
+                f"{purpose}: the connection to RabbitMQ is down and did not come back "
+                f"within {self._timeout:g} s"
+            ) from exc
+        transport = self._connection.transport
+        if transport is None:
+            raise ChannelBroken(f"{purpose}: the connection to RabbitMQ is reconnecting")
+        with translated(f"{purpose}: open channel", timeout=self._timeout):
+            channel: AbstractChannel = await transport.connection.channel(
+                publisher_confirms=self._confirms,
+                on_return_raises=True,
+                timeout=self._timeout,
+            )
+        return channel
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is None or channel.is_closed:
+            return
+        try:
+            with translated("close channel"):
+                await channel.close()
+        except TransportError as exc:
+            log.debug("closing a channel: %s", exc)
+
+
+class AmqpTransport:
+    """``conveyor.transport.Transport`` on RabbitMQ. Create with ``await connect(...)``."""
+
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        publish_connection: AbstractRobustConnection,
+        consume_connection: AbstractRobustConnection,
+    ) -> None:
+        self._settings = settings
+        self._pub_connection = publish_connection
+        self._con_connection = consume_connection
+        timeout = settings.operation_timeout_s
+        self._pub = _LazyChannel(publish_connection, confirms=True, timeout=timeout)
+        self._admin = _LazyChannel(consume_connection, confirms=False, timeout=timeout)
+        self._consumers: list[AmqpConsumer] = []
+        self._state = TransportState.OPEN
+        self._closed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, target: str | AmqpSettings | None = None) -> AmqpTransport:
+        """Connect to RabbitMQ (``target`` = URL, settings, or None for the environment)."""
+        if target is None:
+            settings = AmqpSettings.from_env()
+        elif isinstance(target, str):
+            settings = AmqpSettings.from_url(target)
+        else:
+            settings = target
+        publish = await _open_connection(settings, "pub")
+        try:
+            consume = await _open_connection(settings, "con")
+        except BaseException:
+            await publish.close()
+            raise
+        transport = cls(settings, publish, consume)
+        # Open the publishing channel now: the first publish should not pay for it.
+        await transport._pub.get("publish")
+        return transport
+
+    @property
+    def settings(self) -> AmqpSettings:
+        return self._settings
+
+    @property
+    def state(self) -> TransportState:
+        return self._state
+
+    def __repr__(self) -> str:
+        return f"<AmqpTransport {self._settings.safe_url} {self._state.value}>"
+
+    async def __aenter__(self) -> AmqpTransport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- topology ---------------------------------------------------------------------
+
+    def _require(self, *allowed: TransportState) -> None:
+        if self._state not in allowed:
+            raise TransportClosed(f"RabbitMQ transport to {self._settings.address} is closed")
+
+    async def _admin_channel(self, purpose: str) -> AbstractChannel:
+        self._require(TransportState.OPEN, TransportState.CLOSING)
+        return await self._admin.get(purpose)
+
+    async def declare_exchange(self, spec: ExchangeSpec) -> None:
+        timeout = self._settings.operation_timeout_s
+        arguments = exchange_arguments(spec)
+        channel = await self._admin_channel("declare exchange")
+        with translated("declare", exchange=spec.name, timeout=timeout):
+            await channel.exchange_declare(
+                spec.name,
+                exchange_type=spec.type.value,
+                durable=spec.durable,
+                arguments=arguments or None,
+                timeout=timeout,
+            )
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        timeout = self._settings.operation_timeout_s
+        arguments = queue_arguments(spec)
+        channel = await self._admin_channel("declare queue")
+        with translated("declare", queue=spec.name, timeout=timeout):
+            await channel.queue_declare(
+                spec.name,
+                durable=spec.durable or spec.quorum,
+                exclusive=spec.exclusive,
+                auto_delete=spec.auto_delete,
+                arguments=arguments or None,
+                timeout=timeout,
+            )
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        timeout = self._settings.operation_timeout_s
+        channel = await self._admin_channel("bind queue")
+        with translated("bind", queue=queue, exchange=exchange, timeout=timeout):
+            await channel.queue_bind(queue, exchange, routing_key=routing_key, timeout=timeout)
+
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        timeout = self._settings.operation_timeout_s
+        channel = await self._admin_channel("unbind queue")
+        with translated("unbind", queue=queue, exchange=exchange, timeout=timeout):
+            await channel.queue_unbind(queue, exchange, routing_key=routing_key, timeout=timeout)
+
+    async def delete_queue(self, name: str) -> None:
+        timeout = self._settings.operation_timeout_s
+        channel = await self._admin_channel("delete queue")
+        with translated("delete", queue=name, timeout=timeout):
+            await channel.queue_delete(name, if_unused=False, if_empty=False, timeout=timeout)
+
+    async def delete_exchange(self, name: str) -> None:
+        timeout = self._settings.operation_timeout_s
+        channel = await self._admin_channel("delete exchange")
+        with translated("delete", exchange=name, timeout=timeout):
+            await channel.exchange_delete(name, if_unused=False, timeout=timeout)
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        timeout = self._settings.operation_timeout_s
+        channel = await self._admin_channel("queue stats")
+        with translated("read stats of", queue=queue, timeout=timeout):
+            ok = await channel.queue_declare(queue, passive=True, timeout=timeout)
+        return QueueStats(
+            name=queue, depth=int(ok.message_count or 0), consumers=int(ok.consumer_count or 0)
+        )
+
+    # -- messages ---------------------------------------------------------------------
+
+    async def publish(
+        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+    ) -> None:
+        # Handlers still running during close(grace) may publish their results.
+        self._require(TransportState.OPEN, TransportState.CLOSING)
+        channel = self._pub.current() or await self._pub.get("publish")
+        timeout = self._settings.confirm_timeout_s
+        properties = to_properties(message, persistent=self._settings.persistent)
+        with translated("publish to", exchange=exchange, routing_key=routing_key, timeout=timeout):
+            await channel.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                timeout=timeout,
+            )
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> AmqpConsumer:
+        self._require(TransportState.OPEN)
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        timeout = self._settings.operation_timeout_s
+        channel = self._con_connection.channel(publisher_confirms=False)
+        with translated("open consumer channel for", queue=queue, timeout=timeout):
+            await channel.initialize(timeout=timeout)
+        try:
+            with translated("consume", queue=queue, timeout=timeout):
+                # passive: the queue must exist; aio-pika re-checks it and re-consumes
+                # on this channel after a reconnect.
+                robust_queue = await channel.declare_queue(queue, passive=True, timeout=timeout)
+            consumer = AmqpConsumer(channel, robust_queue, handler, prefetch, timeout)
+            await consumer.start()
+        except BaseException:
+            if not channel.is_closed:
+                await channel.close()
+            raise
+        self._consumers = [c for c in self._consumers if c.state is not ConsumerState.CLOSED]
+        self._consumers.append(consumer)
+        return consumer
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop consumers, let handlers finish for up to ``grace`` s, then close all."""
+        if self._state is not TransportState.OPEN:
+            await self._closed.wait()
+            return
+        self._state = TransportState.CLOSING
+        try:
+            consumers = list(self._consumers)
+            await asyncio.gather(*(c.stop() for c in consumers))
+            finished = await asyncio.gather(*(c.wait_idle(grace) for c in consumers))
+            if not all(finished):
+                log.warning("handlers still running after %.1f s; cancelling them", grace)
+            await asyncio.gather(*(c.cancel_handlers() for c in consumers))
+            await asyncio.gather(*(c.close_channel() for c in consumers))
+            await self._pub.close()
+            await self._admin.close()
+            for connection in (self._pub_connection, self._con_connection):
+                await self._close_connection(connection)
+        finally:
+            self._consumers.clear()
+            self._state = TransportState.CLOSED
+            self._closed.set()
+
+    @staticmethod
+    async def _close_connection(connection: AbstractRobustConnection) -> None:
+        try:
+            with translated("close connection"):
+                await connection.close()
+        except TransportError as exc:
+            log.debug("closing a connection: %s", exc)

@@ -1,0 +1,278 @@
+"""Consumers and deliveries of the RabbitMQ transport (see ``workers.amqp`` for the rules).
+
+Each ``AmqpConsumer`` owns one aio-pika robust channel, so ``basic.qos`` on it is that
+consumer's prefetch. Every ``AmqpDelivery`` remembers the aiormq channel it came on; once
+that channel is closed its delivery tag is dead, and settling it is a logged no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import TYPE_CHECKING
+
+import aiormq.exceptions as amqp_exc
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+
+from conveyor.errors import TransportError
+from conveyor.transport import Handler, Message
+from workers.amqp_convert import delivery_count, from_incoming
+from workers.amqp_errors import translated
+
+if TYPE_CHECKING:
+    from aiormq.abc import AbstractChannel
+
+log = logging.getLogger(__name__)
+
+
+class Settlement(enum.Enum):
+    PENDING = "pending"
+    ACKED = "acked"
+    REJECTED = "rejected"
+    REQUEUED = "requeued"
+    #: The channel died first: the broker redelivers it, nothing was sent.
+    STALE = "stale"
+
+
+_VERB = {Settlement.ACKED: "ack", Settlement.REJECTED: "reject", Settlement.REQUEUED: "requeue"}
+
+
+class AmqpDelivery:
+    """One message from RabbitMQ; settle it once with ``ack``, ``reject`` or ``requeue``."""
+
+    __slots__ = ("_channel", "_incoming", "_message", "_queue", "settlement")
+
+    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+        self._incoming = incoming
+        self._channel: AbstractChannel = incoming.channel
+        self._message: Message | None = None
+        self._queue = queue
+        self.settlement = Settlement.PENDING
+
+    @property
+    def message(self) -> Message:
+        if self._message is None:
+            self._message = from_incoming(self._incoming)
+        return self._message
+
+    @property
+    def exchange(self) -> str:
+        return self._incoming.exchange or ""
+
+    @property
+    def routing_key(self) -> str:
+        return self._incoming.routing_key or ""
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._incoming.redelivered)
+
+    @property
+    def delivery_count(self) -> int:
+        return delivery_count(self._incoming)
+
+    @property
+    def stale(self) -> bool:
+        """True once the channel this came on is closed (its tag can no longer be settled)."""
+        return self._channel.is_closed
+
+    async def ack(self) -> None:
+        await self._settle(Settlement.ACKED)
+
+    async def reject(self) -> None:
+        await self._settle(Settlement.REJECTED)
+
+    async def requeue(self) -> None:
+        await self._settle(Settlement.REQUEUED)
+
+    async def _settle(self, outcome: Settlement) -> None:
+        if self.settlement is not Settlement.PENDING:
+            raise TransportError(
+                f"delivery {self._incoming.delivery_tag} from queue {self._queue!r} "
+                f"is already settled ({self.settlement.value})"
+            )
+        tag = self._incoming.delivery_tag
+        if tag is None or self.stale:
+            self._mark_stale(outcome)
+            return
+        try:
+            with translated(f"{_VERB[outcome]} delivery", queue=self._queue):
+                if outcome is Settlement.ACKED:
+                    await self._channel.basic_ack(tag)
+                else:
+                    await self._channel.basic_reject(tag, requeue=outcome is Settlement.REQUEUED)
+        except TransportError:
+            # The frame may never have left; if the channel is gone the broker will
+            # redeliver, which is the documented outcome of a stale delivery.
+            if not self._channel.is_closed:
+                raise
+            self._mark_stale(outcome)
+            return
+        self.settlement = outcome
+
+    def _mark_stale(self, wanted: Settlement) -> None:
+        self.settlement = Settlement.STALE
+        log.debug(
+            "%s of delivery %s from queue %r skipped: its channel closed, the broker redelivers it",
+            wanted.value,
+            self._incoming.delivery_tag,
+            self._queue,
+        )
+
+
+class ConsumerState(enum.Enum):
+    ACTIVE = "active"
+    STOPPED = "stopped"  # no new deliveries; handlers may still run
+    CLOSED = "closed"  # channel closed; unsettled deliveries went back to the queue
+
+
+class AmqpConsumer:
+    """A consumer on its own channel. ``set_prefetch`` re-consumes (see ``workers.amqp``)."""
+
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        queue: AbstractRobustQueue,
+        handler: Handler,
+        prefetch: int,
+        timeout: float,
+    ) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._prefetch = prefetch
+        self._timeout = timeout
+        self._tag: str | None = None
+        self._state = ConsumerState.ACTIVE
+        self._lock = asyncio.Lock()
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def queue(self) -> str:
+        return self._queue.name
+
+    @property
+    def prefetch(self) -> int:
+        return self._prefetch
+
+    @property
+    def state(self) -> ConsumerState:
+        return self._state
+
+    @property
+    def in_flight(self) -> int:
+        """Handlers running now."""
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        with translated("consume", queue=self.queue, timeout=self._timeout):
+            await self._channel.set_qos(prefetch_count=self._prefetch, timeout=self._timeout)
+            self._tag = await self._queue.consume(self._on_message, timeout=self._timeout)
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Apply a new limit to this running consumer.
+
+        RabbitMQ applies ``basic.qos(global=False)`` to consumers started after it only,
+        so: qos, consume again on the same channel, then cancel the old consumer tag
+        (in that order, so an auto-delete queue never sees zero consumers). Deliveries
+        of the old tag stay on this channel and settle normally.
+        """
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        async with self._lock:
+            if self._state is not ConsumerState.ACTIVE:
+                raise TransportError(f"consumer of queue {self.queue!r} is {self._state.value}")
+            if prefetch == self._prefetch:
+                return
+            with translated("set prefetch", queue=self.queue, timeout=self._timeout):
+                await self._channel.set_qos(prefetch_count=prefetch, timeout=self._timeout)
+                new_tag = await self._queue.consume(self._on_message, timeout=self._timeout)
+                old_tag, self._tag = self._tag, new_tag
+                self._prefetch = prefetch
+                if old_tag is not None:
+                    await self._queue.cancel(old_tag, timeout=self._timeout)
+
+    async def stop(self) -> None:
+        """Stop new deliveries (``basic.cancel``); running handlers go on."""
+        async with self._lock:
+            if self._state is not ConsumerState.ACTIVE:
+                return
+            self._state = ConsumerState.STOPPED
+            tag, self._tag = self._tag, None
+            if tag is None or self._channel.is_closed:
+                return
+            try:
+                with translated("cancel consumer", queue=self.queue, timeout=self._timeout):
+                    await self._queue.cancel(tag, timeout=self._timeout)
+            except TransportError as exc:
+                # Closing the channel next ends the consumer anyway.
+                log.debug("basic.cancel on queue %r failed: %s", self.queue, exc)
+
+    async def wait_idle(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for running handlers; True when none is left."""
+        if not self._in_flight:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel_handlers(self) -> None:
+        """Cancel handlers still running (not the caller's own) and wait for them."""
+        tasks = [t for t in self._in_flight if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close_channel(self) -> None:
+        """Close the channel: the broker requeues every unsettled delivery."""
+        self._state = ConsumerState.CLOSED
+        if self._channel.is_closed:
+            return
+        try:
+            with translated("close consumer channel", queue=self.queue):
+                await self._channel.close()
+        except TransportError as exc:
+            log.debug("closing the channel of queue %r: %s", self.queue, exc)
+
+    async def cancel(self) -> None:
+        """Stop receiving, cancel running handlers, close the channel: every unsettled
+        delivery goes back to the queue (``redelivered=True``).
+
+        A handler that calls ``cancel`` itself is not cancelled; its own delivery is
+        stale afterwards, so settling it is a no-op (the broker redelivers it).
+        """
+        await self.stop()
+        await self.cancel_handlers()
+        await self.close_channel()
+
+    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+            self._idle.clear()
+        delivery = AmqpDelivery(incoming, self.queue)
+        try:
+            await self._handler(delivery)
+        except Exception:
+            log.exception("handler for queue %r failed", self.queue)
+            if delivery.settlement is Settlement.PENDING:
+                await self._reject_after_failure(delivery)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+                if not self._in_flight:
+                    self._idle.set()
+
+    async def _reject_after_failure(self, delivery: AmqpDelivery) -> None:
+        # A handler that raised leaves the message to the dead-letter path (poison
+        # messages must not loop); the error was logged above.
+        try:
+            await delivery.reject()
+        except (TransportError, amqp_exc.AMQPError) as exc:
+            log.warning("could not reject a failed delivery on %r: %s", self.queue, exc)

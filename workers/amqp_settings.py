@@ -1,0 +1,167 @@
+"""Connection settings for the RabbitMQ transport, as one frozen record.
+
+``AmqpSettings.from_url("amqp://user:pass@host:5672/vhost")`` or
+``AmqpSettings.from_env()`` (reads ``CONVEYOR_AMQP_URL`` and the optional
+``CONVEYOR_AMQP_*`` variables below). The URL carries the credentials; the record's
+``repr`` and every error message use ``safe_url``, which hides the password.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from conveyor.errors import ConfigError
+
+ENV_URL = "CONVEYOR_AMQP_URL"
+
+#: Optional environment variables read by ``from_env``, mapped to field names.
+ENV_FIELDS: dict[str, str] = {
+    "CONVEYOR_AMQP_HEARTBEAT": "heartbeat_s",
+    "CONVEYOR_AMQP_CONNECT_TIMEOUT": "connect_timeout_s",
+    "CONVEYOR_AMQP_CONFIRM_TIMEOUT": "confirm_timeout_s",
+    "CONVEYOR_AMQP_OPERATION_TIMEOUT": "operation_timeout_s",
+    "CONVEYOR_AMQP_RECONNECT_INTERVAL": "reconnect_interval_s",
+    "CONVEYOR_AMQP_CONNECTION_NAME": "connection_name",
+}
+
+#: URL query parameters ``from_url`` accepts, mapped to field names.
+QUERY_FIELDS: dict[str, str] = {
+    "heartbeat": "heartbeat_s",
+    "connect_timeout": "connect_timeout_s",
+    "confirm_timeout": "confirm_timeout_s",
+    "operation_timeout": "operation_timeout_s",
+    "reconnect_interval": "reconnect_interval_s",
+    "name": "connection_name",
+}
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    """Where RabbitMQ is and how patient to be with it."""
+
+    #: ``amqp://`` or ``amqps://`` URL with credentials and vhost, without query.
+    url: str = field(repr=False)
+    #: AMQP heartbeat negotiated with the broker (seconds; 0 disables).
+    heartbeat_s: int = 30
+    #: Limit for the first connect; a broker that does not answer in time is unreachable.
+    connect_timeout_s: float = 10.0
+    #: How long ``publish`` waits for the broker's confirm (ack, nack or return).
+    confirm_timeout_s: float = 30.0
+    #: Limit for declarations, bindings, deletes, stats, qos and consumer changes.
+    operation_timeout_s: float = 10.0
+    #: Pause between reconnect attempts after a lost connection (aio-pika robust).
+    reconnect_interval_s: float = 2.0
+    #: Shown in the management UI; the two connections get ``-pub`` and ``-con``.
+    connection_name: str = "conveyor"
+    #: AMQP delivery mode 2 (written to disk on durable queues) for every publish.
+    persistent: bool = False
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ConfigError(
+                f"AMQP URL must start with amqp:// or amqps://, got scheme {parts.scheme!r}"
+            )
+        if not parts.hostname:
+            raise ConfigError(f"AMQP URL {self.safe_url!r} names no host")
+        for name in ("connect_timeout_s", "confirm_timeout_s", "operation_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.heartbeat_s < 0 or self.reconnect_interval_s <= 0:
+            raise ConfigError("heartbeat_s must be >= 0 and reconnect_interval_s > 0")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"AMQP URL {self.safe_url!r} has a bad port") from exc
+        return port or (5671 if parts.scheme == "amqps" else 5672)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, for error messages."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with the password replaced by ``***``."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "url"
+        )
+        return f"AmqpSettings(url={self.safe_url!r}, {shown})"
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> AmqpSettings:
+        """Settings from a URL; query parameters (``?heartbeat=10&name=w1``) set fields."""
+        parts = urlsplit(url)
+        values: dict[str, Any] = {}
+        for key, raw in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in QUERY_FIELDS:
+                raise ConfigError(
+                    f"unknown AMQP URL parameter {key!r}; known: {', '.join(QUERY_FIELDS)}"
+                )
+            values[QUERY_FIELDS[key]] = raw
+        base = cls(url=urlunsplit(parts._replace(query="", fragment="")))
+        return base.with_values({**values, **overrides})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AmqpSettings:
+        """Settings from ``CONVEYOR_AMQP_URL`` and the optional ``CONVEYOR_AMQP_*``."""
+        env = os.environ if env is None else env
+        url = env.get(ENV_URL)
+        if not url:
+            raise ConfigError(f"{ENV_URL} is not set; it should name the RabbitMQ URL")
+        values = {name: env[var] for var, name in ENV_FIELDS.items() if env.get(var)}
+        return cls.from_url(url).with_values(values)
+
+    def with_values(self, values: Mapping[str, Any]) -> AmqpSettings:
+        """A copy with fields set from strings or typed values, each checked."""
+        types = {f.name: f.type for f in fields(self)}
+        converted: dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in types or name == "url":
+                raise ConfigError(f"unknown AMQP setting {name!r}")
+            converted[name] = _convert(name, str(types[name]), value)
+        return replace(self, **converted)
+
+    def aio_pika_url(self) -> str:
+        """The URL with the query aio-pika reads (heartbeat, connection name)."""
+        parts = urlsplit(self.url)
+        query = urlencode({"heartbeat": str(self.heartbeat_s)})
+        return urlunsplit(parts._replace(query=query))
+
+
+def _convert(name: str, type_name: str, value: Any) -> Any:
+    try:
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text in ("1", "true", "yes")
+    except ValueError as exc:
+        raise ConfigError(f"AMQP setting {name} expects {type_name}, got {value!r}") from exc
+    return str(value)
