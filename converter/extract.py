@@ -1,0 +1,154 @@
+"""Wire stage drafts into a DAG and build each stage's ModelProto.
+
+``wire_chain`` / ``wire_dag`` decide what every stage reads (and from where) and what it
+sends (and to whom). ``StageExtractor.extract`` is the pure proto step, in the manner of
+``onnx.utils.Extractor``: the stage's nodes, a copy of every initializer they read
+(shared ones duplicated), the value_info of its inner tensors, the opset imports and
+local functions of the model. ``save_stage`` writes one, with external data when asked
+or when the proto would pass protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from converter.graph import Analysis, TensorInfo
+from converter.split_function import StageDraft
+from conveyor.errors import SplitError
+from conveyor.plan import BATCH, MODEL_INPUT
+
+#: Protobuf cannot serialise a message of 2 GiB or more.
+PROTO_LIMIT = 2**31 - 2**24
+
+
+@dataclass(frozen=True)
+class WiredStage:
+    name: str
+    nodes: tuple[int, ...]
+    group: str | None
+    #: (tensor, source stage or MODEL_INPUT)
+    inputs: tuple[tuple[str, str], ...]
+    #: (tensor, consumer stages, is a model output)
+    outputs: tuple[tuple[str, tuple[str, ...], bool], ...]
+
+
+def wire_chain(analysis: Analysis, ranges: Sequence[tuple[int, int]]) -> list[WiredStage]:
+    """Stages of a layer split: each reads what is live at its start from the previous one."""
+    k = len(ranges)
+    names = [f"stage{i}" for i in range(k)]
+    out: list[WiredStage] = []
+    for i, (a, b) in enumerate(ranges):
+        source = MODEL_INPUT if i == 0 else names[i - 1]
+        inputs = tuple((t, source) for t in analysis.live_at(a))
+        outputs: tuple[tuple[str, tuple[str, ...], bool], ...]
+        if i == k - 1:
+            outputs = tuple((t, (), True) for t in analysis.outputs)
+        else:
+            outputs = tuple((t, (names[i + 1],), False) for t in analysis.live_at(b))
+        out.append(WiredStage(names[i], tuple(range(a, b)), None, inputs, outputs))
+    return out
+
+
+def wire_dag(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[WiredStage]:
+    """Stages of a function split: each reads every outside tensor from its producer."""
+    stage_of = {v: d.name for d in drafts for v in d.nodes}
+    readers: dict[str, dict[str, None]] = {}
+    reads_per_stage: list[dict[str, None]] = []
+    for d in drafts:
+        made = {o for v in d.nodes for o in analysis.nodes[v].output if o}
+        reads: dict[str, None] = {}
+        for v in d.nodes:
+            for x in analysis.node_inputs[v]:
+                if x not in made and x not in analysis.initializers:
+                    reads.setdefault(x, None)
+        reads_per_stage.append(reads)
+        for x in reads:
+            readers.setdefault(x, {})[d.name] = None
+    model_outputs = set(analysis.outputs)
+    out: list[WiredStage] = []
+    for d, reads in zip(drafts, reads_per_stage, strict=True):
+        inputs = tuple(
+            (x, stage_of[analysis.producer[x]] if x in analysis.producer else MODEL_INPUT)
+            for x in reads
+        )
+        outputs = []
+        for v in d.nodes:
+            for o in analysis.nodes[v].output:
+                if o and (o in readers or o in model_outputs):
+                    outputs.append((o, tuple(readers.get(o, {})), o in model_outputs))
+        out.append(WiredStage(d.name, d.nodes, d.group, inputs, tuple(outputs)))
+    for x in model_outputs - set(analysis.producer):
+        raise SplitError(f"model output {x!r} is not computed by any node")
+    return out
+
+
+def value_info(name: str, info: TensorInfo) -> onnx.ValueInfoProto:
+    if not info.elem_type:
+        raise SplitError(f"cannot tell the element type of tensor {name!r} at a stage boundary")
+    if info.shape is None:
+        return helper.make_tensor_value_info(name, info.elem_type, None)
+    dims: list[int | str | None] = list(info.shape)
+    if info.batched and dims:
+        dims[0] = BATCH
+    return helper.make_tensor_value_info(name, info.elem_type, dims)
+
+
+class StageExtractor:
+    """Builds stage models from one analysed model (indexes its initializers once)."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        g = analysis.model.graph
+        self._inits = {t.name: t for t in g.initializer}
+        self._sparse = {s.values.name: s for s in g.sparse_initializer}
+        self._vinfo = {vi.name: vi for vi in g.value_info}
+
+    def extract(self, stage: WiredStage) -> onnx.ModelProto:
+        a = self.analysis
+        nodes = [a.nodes[v] for v in sorted(stage.nodes)]
+        reads = {x for v in stage.nodes for x in a.node_inputs[v]}
+        made = {o for n in nodes for o in n.output if o}
+        out_names = {t for t, _, _ in stage.outputs}
+        graph = helper.make_graph(
+            nodes,
+            stage.name,
+            [value_info(t, a.info(t)) for t, _ in stage.inputs],
+            [value_info(t, a.info(t)) for t, _, _ in stage.outputs],
+            initializer=[self._inits[x] for x in sorted(reads) if x in self._inits],
+            value_info=[self._vinfo[x] for x in sorted(made - out_names) if x in self._vinfo],
+        )
+        graph.sparse_initializer.extend(self._sparse[x] for x in sorted(reads)
+                                        if x in self._sparse)
+        src = a.model
+        model = helper.make_model(graph, opset_imports=list(src.opset_import),
+                                  functions=list(src.functions))
+        model.ir_version = src.ir_version
+        model.producer_name = "conveyor"
+        model.producer_version = src.producer_version
+        model.metadata_props.extend(src.metadata_props)
+        return model
+
+
+def save_stage(model: onnx.ModelProto, path: Path, *, external_threshold: int | None) -> None:
+    """Write a stage; weights go to ``<file>.data`` when forced or when the proto is too big.
+
+    ``external_threshold``: bytes from which an initializer is stored externally; None
+    means only when the whole model would pass the protobuf limit (then 1 KiB).
+    """
+    too_big = model.ByteSize() >= PROTO_LIMIT
+    if external_threshold is None and not too_big:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=external_threshold if external_threshold is not None else 1024,
+    )
