@@ -1,0 +1,296 @@
+"""One hosted stage (or the ingress): batch what arrives, run the session, hand outputs on.
+
+Work reaches a runner two ways:
+
+* from the broker (``submit`` / ``submit_part``): one request at a time, already decoded
+  and validated; it waits in the micro-batcher, which releases batches of compatible shape;
+* from a stage hosted in the same process (``accept_local``): a whole batch, possibly on
+  the device, that runs as it is (no re-batching, no host copy).
+
+A join runner first gathers a request's parts from all its sources (by request id for
+broker parts, by batch id for local ones). Batches wait in a one-slot queue for the
+session, so while the session is busy the batcher keeps filling the next batch. The
+session runs in a thread of its own; its outputs go to ``Router.route``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from conveyor.envelope import RequestMeta
+from conveyor.errors import ConveyorError, DeadlineExceeded, InferenceError
+from conveyor.plan import StageSpec
+from workers.batching import MicroBatcher, concat, shape_key
+from workers.session import StageSession, Tensor
+from workers.settlement import Obligation, Outcome
+from workers.stats import StageCounters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    meta: RequestMeta
+    rows: int
+    token: Obligation
+
+
+@dataclass
+class Batch:
+    requests: list[Request]
+    tensors: dict[str, Tensor]
+    batch_id: int
+
+
+@dataclass
+class Item:
+    """One request waiting to be batched (host arrays)."""
+
+    request: Request
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass
+class _PartialJoin:
+    started: float
+    parts: dict[str, Item] = field(default_factory=dict)
+
+
+class Router(Protocol):
+    def next_batch_id(self) -> int: ...
+    async def route(self, source: str, batch: Batch, outputs: Mapping[str, Tensor]) -> None: ...
+    async def fail(
+        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+    ) -> None: ...
+
+
+def deadline_error(meta: RequestMeta, where: str) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"request {meta.request_id!r} passed its deadline before {where} ran it; not run"
+    )
+
+
+class StageRunner:
+    """Batches and runs one stage; ``session=None`` is the ingress (outputs = inputs)."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: StageSpec | None,
+        session: StageSession | None,
+        router: Router,
+        *,
+        max_batch: int,
+        max_delay_ms: float,
+        sources: tuple[str, ...],
+        join_timeout: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.session = session
+        self.router = router
+        self.sources = sources
+        self.join_timeout = join_timeout
+        self.counters = StageCounters(
+            name, session.provider if session else "", max_batch, max_delay_ms
+        )
+        self.batcher: MicroBatcher[Item] = MicroBatcher(max_batch, max_delay_ms)
+        self._ready: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
+        self._broker_joins: dict[str, _PartialJoin] = {}
+        self._local_joins: dict[int, dict[str, Batch]] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = 0
+
+    @property
+    def is_join(self) -> bool:
+        return len(self.sources) > 1
+
+    @property
+    def busy(self) -> bool:
+        """True while any request is waiting or running here."""
+        return self.counters.in_flight > 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for coro in (self._feed(), self._execute()):
+            task = asyncio.create_task(coro, name=f"conveyor-{self.name}")
+            self._tasks.add(task)
+        if self.is_join:
+            task = asyncio.create_task(self._sweep_joins(), name=f"conveyor-{self.name}-joins")
+            self._tasks.add(task)
+
+    async def cancel(self) -> None:
+        """Stop at once; what is not handed on yet is redelivered (its lot never settles)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.batcher.take_all()
+        self._broker_joins.clear()
+        self._local_joins.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- intake ---------------------------------------------------------------------------
+    def submit(self, item: Item) -> None:
+        """A request from the broker, validated, for a non-join stage or the ingress."""
+        self.counters.in_flight += 1
+        self.batcher.put(item, shape_key(item.tensors), item.request.rows)
+
+    async def submit_part(self, source: str, item: Item) -> None:
+        """A broker part of a request: batch it once every source has delivered its part."""
+        if not self.is_join:
+            self.submit(item)
+            return
+        rid = item.request.meta.request_id
+        partial = self._broker_joins.setdefault(rid, _PartialJoin(time.monotonic()))
+        if source in partial.parts:
+            # A redelivered duplicate of a part we hold: its own token is done as is.
+            await item.request.token.done(Outcome.OK)
+            return
+        partial.parts[source] = item
+        if len(partial.parts) < len(self.sources):
+            return
+        del self._broker_joins[rid]
+        parts = list(partial.parts.values())
+        token = Obligation([p.request.token for p in parts])
+        tensors: dict[str, np.ndarray] = {}
+        for p in parts:
+            tensors.update(p.tensors)
+        merged = Request(parts[0].request.meta, parts[0].request.rows, token)
+        self.submit(Item(merged, tensors))
+
+    async def accept_local(self, source: str, batch: Batch) -> None:
+        """A batch from a stage in this process (or the ingress)."""
+        self.counters.in_flight += len(batch.requests)
+        if not self.is_join:
+            await self._ready.put(batch)
+            return
+        parts = self._local_joins.setdefault(batch.batch_id, {})
+        parts[source] = batch
+        if len(parts) < len(self.sources):
+            return
+        del self._local_joins[batch.batch_id]
+        tensors: dict[str, Tensor] = {}
+        for part in parts.values():
+            tensors.update(part.tensors)
+        # The request tokens forked once per source; the join turns them back into one.
+        for request in batch.requests:
+            for _ in range(len(parts) - 1):
+                await request.token.done(Outcome.OK)
+        self.counters.in_flight -= len(batch.requests) * (len(parts) - 1)
+        await self._ready.put(Batch(batch.requests, tensors, batch.batch_id))
+
+    # -- the loops ------------------------------------------------------------------------
+    async def _feed(self) -> None:
+        while True:
+            items = await self.batcher.next_batch()
+            live: list[Item] = []
+            for item in items:
+                if item.request.meta.expired():
+                    self.counters.expired += 1
+                    self.counters.in_flight -= 1
+                    error = deadline_error(item.request.meta, f"stage {self.name!r}")
+                    await self.router.fail(item.request, error, Outcome.OK)
+                else:
+                    live.append(item)
+            if not live:
+                continue
+            batch = Batch(
+                [i.request for i in live],
+                concat([i.tensors for i in live]),
+                self.router.next_batch_id(),
+            )
+            await self._ready.put(batch)
+
+    async def _execute(self) -> None:
+        while True:
+            batch = await self._ready.get()
+            try:
+                await self._run_batch(batch)
+            finally:
+                self.counters.in_flight -= len(batch.requests)
+
+    async def _run_batch(self, batch: Batch) -> None:
+        rows = sum(r.rows for r in batch.requests)
+        if self.session is None:
+            self.counters.record_batch(len(batch.requests), rows, 0.0)
+            await self.router.route(self.name, batch, batch.tensors)
+            return
+        started = time.perf_counter()
+        try:
+            outputs = await self._infer(batch.tensors)
+        except InferenceError as exc:
+            self.counters.errors += 1
+            await self._isolate_failure(batch, exc)
+            return
+        self.counters.record_batch(len(batch.requests), rows, time.perf_counter() - started)
+        await self.router.route(self.name, batch, outputs)
+
+    async def _infer(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        assert self.session is not None
+        feeds = {name: tensors[name] for name in self.session.input_names}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.session.run_bound, feeds)
+
+    async def _isolate_failure(self, batch: Batch, error: InferenceError) -> None:
+        """A batch failed: run its requests one by one so only the bad ones fail."""
+        host = all(isinstance(t, np.ndarray) for t in batch.tensors.values())
+        if len(batch.requests) == 1 or not host:
+            for request in batch.requests:
+                await self.router.fail(request, error, Outcome.FAILED)
+            return
+        offset = 0
+        for request in batch.requests:
+            piece = {k: v[offset : offset + request.rows] for k, v in batch.tensors.items()}
+            offset += request.rows
+            single = Batch([request], piece, self.router.next_batch_id())
+            try:
+                outputs = await self._infer(piece)
+            except InferenceError as exc:
+                await self.router.fail(request, exc, Outcome.FAILED)
+                continue
+            await self.router.route(self.name, single, outputs)
+
+    async def _sweep_joins(self) -> None:
+        """Give up on partial joins past their deadline or ``join_timeout``."""
+        while True:
+            await asyncio.sleep(min(1.0, self.join_timeout / 4))
+            now = time.monotonic()
+            for rid, partial in list(self._broker_joins.items()):
+                meta = next(iter(partial.parts.values())).request.meta
+                expired = meta.expired()
+                if not expired and now - partial.started < self.join_timeout:
+                    continue
+                del self._broker_joins[rid]
+                missing = sorted(set(self.sources) - set(partial.parts))
+                error: ConveyorError
+                if expired:
+                    error, outcome = deadline_error(meta, f"join {self.name!r}"), Outcome.OK
+                    self.counters.expired += 1
+                else:
+                    error = InferenceError(
+                        f"join {self.name!r} waited {self.join_timeout:.0f} s for parts from "
+                        f"{missing} of request {rid!r}; gave up",
+                        stage=self.name,
+                    )
+                    outcome = Outcome.FAILED
+                    self.counters.errors += 1
+                for n, item in enumerate(partial.parts.values()):
+                    await self.router.fail(item.request, error, outcome, reply=n == 0)
+
+
+def stage_sources(spec: StageSpec) -> tuple[str, ...]:
+    """Where a stage's inputs come from: upstream stage names and/or ``MODEL_INPUT``."""
+    seen: dict[str, None] = {}
+    for i in spec.inputs:
+        seen.setdefault(i.source, None)
+    return tuple(seen)

@@ -1,0 +1,99 @@
+"""Who acks what, and when: a delivery is settled once every request it carried is done.
+
+A ``Lot`` wraps one delivery holding ``n`` requests. Each request travels through the
+process with an ``Obligation`` (its token); the token forks when the request's outputs go
+to several places (fan-out, reply) and merges when a join gathers parts from several
+tokens. When a token's last branch is done, it reports to its parents; when a lot's last
+request is done, the delivery is settled once: requeued if any branch must be retried
+(an output publish failed), rejected to the dead-letter exchange if any failed, else
+acked. Settling is shielded from cancellation: the output it guards is already out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from enum import IntEnum
+
+from conveyor.errors import TransportError
+from conveyor.transport import Delivery
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(IntEnum):
+    """How a branch ended; a lot takes the worst of its branches."""
+
+    OK = 0
+    #: Failed for good (bad input, inference error): reject to the dead-letter exchange.
+    FAILED = 1
+    #: Not done (output publish failed, shutdown): requeue so that it runs again.
+    RETRY = 2
+
+
+class Obligation:
+    """A countdown of open branches; reports the worst outcome to its parents at zero."""
+
+    def __init__(self, parents: list[Obligation], branches: int = 1) -> None:
+        self._parents = parents
+        self._open = branches
+        self._worst = Outcome.OK
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    def fork(self, branches: int) -> None:
+        """This branch becomes ``branches`` branches (0: it ends now; call ``done``)."""
+        if self._open <= 0:
+            raise RuntimeError("fork of a finished obligation")
+        self._open += branches - 1
+
+    async def done(self, outcome: Outcome = Outcome.OK) -> None:
+        if self._open <= 0:
+            raise RuntimeError("done called more often than there are branches")
+        self._worst = max(self._worst, outcome)
+        self._open -= 1
+        if self._open == 0:
+            await self._finished(self._worst)
+
+    async def _finished(self, outcome: Outcome) -> None:
+        for parent in self._parents:
+            await parent.done(outcome)
+
+
+class Lot(Obligation):
+    """The obligation of one delivery: settles it when all its requests are done."""
+
+    def __init__(
+        self, delivery: Delivery, requests: int, on_settled: Callable[[Lot], None] | None = None
+    ) -> None:
+        super().__init__([], max(1, requests))
+        self.delivery = delivery
+        self._on_settled = on_settled
+        self.outcome: Outcome | None = None
+
+    def request(self) -> Obligation:
+        """A token for one of the lot's requests."""
+        return Obligation([self])
+
+    async def _finished(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        # Shielded: the outputs this settles are published; a cancel must not lose the ack.
+        await asyncio.shield(self._settle(outcome))
+
+    async def _settle(self, outcome: Outcome) -> None:
+        try:
+            if outcome is Outcome.OK:
+                await self.delivery.ack()
+            elif outcome is Outcome.FAILED:
+                await self.delivery.reject()
+            else:
+                await self.delivery.requeue()
+        except TransportError as exc:
+            # The channel died: the broker redelivers the message; duplicates are fine.
+            log.warning("could not settle a delivery (%s): it will be redelivered", exc)
+        finally:
+            if self._on_settled is not None:
+                self._on_settled(self)

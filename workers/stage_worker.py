@@ -1,0 +1,657 @@
+"""The stage worker: hosts stages of a plan on a transport and keeps the delivery promises.
+
+``StageWorker(plan, transport, stages, settings)`` (or ``workers.serve``) hosts the named
+stages (all by default) in this process. ``await worker.start()`` declares the plan's
+topology, loads one onnxruntime session per stage and starts consuming:
+
+* the input shard queues when it hosts ``plan.stages[0]`` (all shards, or ``settings.shard``):
+  the *ingress* decodes each request, checks it against the plan (plan hash, deadline,
+  tensors) and micro-batches it;
+* the stage queue(s) of every other hosted stage (a join stage: its shard queues).
+
+A batch flows through the stages hosted here in memory (``StageRunner.accept_local``);
+it goes through the broker only to a stage hosted elsewhere, or one whose inputs are not
+all produced here. Model outputs go back to each request's ``reply_to``.
+
+Delivery: a delivery is acked only once the outputs of all its requests are published
+and confirmed (``workers.settlement``); a request that fails decoding, validation or
+inference is rejected to the dead-letter exchange and answered with an error reply; an
+expired one is answered with ``DeadlineExceeded`` and acked, not run.
+
+Control (for the controller): ``set_prefetch(queue, n)``, ``stop_consuming(queue)``,
+``start_consuming(queue)``, ``stats()``. Shutdown: ``stop(grace)`` stops taking new
+deliveries, lets work in flight finish for up to ``grace`` seconds, cancels the rest
+(those messages are redelivered) and cancels its consumers. The transport belongs to the
+caller and stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Coroutine, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from conveyor import wire
+from conveyor.envelope import RequestMeta, reply_error, reply_ok
+from conveyor.errors import (
+    CodecError,
+    ConfigError,
+    ConveyorError,
+    PlanError,
+    PlanHashMismatch,
+    TransportError,
+    UnroutableError,
+)
+from conveyor.plan import MODEL_INPUT, Plan, StageSpec, TensorSpec
+from conveyor.topology import Topology
+from conveyor.transport import Consumer, Delivery, Message, Transport
+from workers.batching import batch_rows, split
+from workers.messages import decode_stage_message, encode_stage_message
+from workers.runner import Batch, Item, Request, StageRunner, deadline_error, stage_sources
+from workers.session import StageSession, Tensor
+from workers.settings import WorkerSettings
+from workers.settlement import Lot, Outcome
+from workers.stats import ConsumerStats, WorkerStats
+from workers.topology_setup import declare_plan_topology, stage_queues
+
+log = logging.getLogger(__name__)
+
+#: Extra seconds a shutdown gives publish-then-ack steps already under way after the grace.
+SETTLE_GRACE = 2.0
+
+
+class WorkerState(Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Destination:
+    stage: str
+    names: tuple[str, ...]
+    #: Handed over in memory (the stage is hosted here and all its inputs are made here).
+    local: bool
+    join: bool
+
+
+@dataclass
+class _ConsumerRecord:
+    queue: str
+    runner: str
+    prefetch: int
+    consumer: Consumer | None = None
+    consuming: bool = False
+    lots: set[Lot] = field(default_factory=set)
+    parked: list[Delivery] = field(default_factory=list)
+    #: Set while no delivery of this queue is unsettled.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StageWorker:
+    """Hosts ``stages`` of ``plan`` on ``transport`` (see the module doc)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        transport: Transport,
+        stages: Sequence[str] | None = None,
+        settings: WorkerSettings | None = None,
+        *,
+        worker_id: str | None = None,
+        declare: bool = True,
+    ) -> None:
+        names = list(stages) if stages else plan.stage_names
+        for name in names:
+            plan.stage(name)  # PlanError naming the stages it has
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage listed twice: {names}")
+        self.plan = plan
+        self.transport = transport
+        self.settings = settings or WorkerSettings()
+        self.topology = Topology.of(plan)
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.hosted: tuple[str, ...] = tuple(n for n in plan.stage_names if n in names)
+        self._declare = declare
+        self._state = WorkerState.NEW
+        self._runners: dict[str, StageRunner] = {}
+        self._routes: dict[str, list[Destination]] = {}
+        self._replies: dict[str, tuple[str, ...]] = {}
+        self._records: dict[str, _ConsumerRecord] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._batch_ids = itertools.count()
+        self._open_lots = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+        _check_model_outputs(plan)
+
+    # -- public surface -------------------------------------------------------------------
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    @property
+    def hosts_ingress(self) -> bool:
+        return self.plan.stages[0].name in self.hosted
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues this worker consumes (or may consume after ``start_consuming``)."""
+        return list(self._records)
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """Stage name -> execution provider its session actually got."""
+        return {n: r.session.provider for n, r in self._runners.items() if r.session is not None}
+
+    def __await__(self) -> Generator[Any, None, StageWorker]:
+        """``await serve(...)`` starts the worker and returns it."""
+        return self._started().__await__()
+
+    async def _started(self) -> StageWorker:
+        await self.start()
+        return self
+
+    async def __aenter__(self) -> StageWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._state is not WorkerState.NEW:
+            raise ConfigError(f"worker {self.worker_id} is {self._state.value}; start it once")
+        self._state = WorkerState.STARTING
+        try:
+            if self._declare:
+                await declare_plan_topology(
+                    self.transport, self.plan, durable=self.settings.durable
+                )
+            await self._build_runners()
+            self._build_routes()
+            for runner in self._runners.values():
+                runner.start()
+            self._plan_consumers()
+            for queue in self._records:
+                await self.start_consuming(queue)
+        except BaseException:
+            await self._teardown()
+            self._state = WorkerState.STOPPED
+            raise
+        self._state = WorkerState.RUNNING
+        log.info(
+            "worker %s serves plan %s stages %s (%s) on %s",
+            self.worker_id,
+            self.plan.short_hash,
+            list(self.hosted),
+            ", ".join(f"{k}: {v}" for k, v in self.providers.items()),
+            ", ".join(self._records) or "no queues",
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop in stages: no new deliveries, finish in flight up to ``grace``, cancel the rest."""
+        if self._state in (WorkerState.STOPPING, WorkerState.STOPPED, WorkerState.NEW):
+            self._state = WorkerState.STOPPED
+            return
+        self._state = WorkerState.STOPPING
+        grace = self.settings.grace if grace is None else grace
+        for record in self._records.values():
+            record.consuming = False
+        try:
+            await asyncio.wait_for(self._settled.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "worker %s: %d deliveries still in flight after %.1f s grace; they will be "
+                "redelivered",
+                self.worker_id,
+                self._open_lots,
+                grace,
+            )
+        await self._teardown()
+        self._state = WorkerState.STOPPED
+
+    async def set_prefetch(self, queue: str, prefetch: int) -> None:
+        record = self._record(queue)
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be at least 1, got {prefetch}")
+        record.prefetch = prefetch
+        if record.consumer is not None:
+            await record.consumer.set_prefetch(prefetch)
+
+    async def start_consuming(self, queue: str) -> None:
+        record = self._record(queue)
+        if record.consumer is not None:
+            record.consuming = True
+            return
+        handler = self._handler(record)
+        record.consuming = True
+        record.consumer = await self.transport.consume(queue, handler, prefetch=record.prefetch)
+
+    async def stop_consuming(self, queue: str, grace: float | None = None) -> None:
+        """Take no more from ``queue``; finish its deliveries (up to ``grace``), then cancel."""
+        record = self._record(queue)
+        record.consuming = False
+        grace = self.settings.grace if grace is None else grace
+        if record.lots:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(record.idle.wait(), grace)
+        if record.consumer is not None:
+            consumer, record.consumer = record.consumer, None
+            record.parked.clear()
+            await consumer.cancel()
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            worker_id=self.worker_id,
+            plan_hash=self.plan.hash,
+            state=self._state.value,
+            stages=tuple(r.counters.snapshot() for r in self._runners.values()),
+            consumers=tuple(
+                ConsumerStats(
+                    queue=rec.queue,
+                    stage=rec.runner,
+                    prefetch=rec.prefetch,
+                    unsettled=len(rec.lots) + len(rec.parked),
+                    consuming=rec.consuming,
+                )
+                for rec in self._records.values()
+            ),
+        )
+
+    # -- Router (used by the runners) -----------------------------------------------------
+    def next_batch_id(self) -> int:
+        return next(self._batch_ids)
+
+    async def route(self, source: str, batch: Batch, outputs: Mapping[str, Tensor]) -> None:
+        dests = self._routes.get(source, [])
+        reply_names = self._replies.get(source, ())
+        branches = len(dests) + (1 if reply_names else 0)
+        if branches == 0:
+            log.warning("stage %s: outputs go nowhere (plan lists no consumer)", source)
+            for request in batch.requests:
+                await request.token.done(Outcome.OK)
+            return
+        for request in batch.requests:
+            request.token.fork(branches)
+        for dest in dests:
+            part = {name: outputs[name] for name in dest.names}
+            if dest.local:
+                await self._runners[dest.stage].accept_local(
+                    source, Batch(batch.requests, part, batch.batch_id)
+                )
+            else:
+                self._spawn(self._publish_stage(dest, source, batch.requests, part))
+        if reply_names:
+            self._spawn(self._reply(batch.requests, {n: outputs[n] for n in reply_names}))
+
+    async def fail(
+        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+    ) -> None:
+        if reply:
+            await self._send_error(request.meta, error)
+        await request.token.done(outcome)
+
+    # -- outputs --------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Publish-then-settle runs as its own task: cancelling whoever routed it cannot
+        # lose a result that is out (STYLE point 6); shutdown waits for these tasks.
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_stage(
+        self, dest: Destination, source: str, requests: list[Request], part: Mapping[str, Tensor]
+    ) -> None:
+        host = {k: StageSession.to_host(v) for k, v in part.items()}
+        exchange = self.topology.stage_exchange(dest.stage)
+        if not dest.join:
+            message = encode_stage_message(
+                self.plan.hash, source, [(r.meta, r.rows) for r in requests], host
+            )
+            outcome = await self._publish(exchange, message, dest.stage)
+            for request in requests:
+                await request.token.done(outcome)
+            return
+        pieces = split(host, [r.rows for r in requests])
+
+        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
+            message = encode_stage_message(
+                self.plan.hash, source, [(request.meta, request.rows)], tensors
+            )
+            outcome = await self._publish(exchange, message, request.meta.request_id)
+            await request.token.done(outcome)
+
+        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
+
+    async def _publish(self, exchange: str, message: Message, routing_key: str) -> Outcome:
+        try:
+            await self.transport.publish(exchange, message, routing_key)
+        except TransportError as exc:
+            log.warning("publish to %s failed (%s); the input will be redelivered", exchange, exc)
+            return Outcome.RETRY
+        return Outcome.OK
+
+    async def _reply(self, requests: list[Request], outputs: Mapping[str, Tensor]) -> None:
+        host = {k: StageSession.to_host(v) for k, v in outputs.items()}
+        try:
+            pieces = split(host, [r.rows for r in requests])
+        except ValueError as exc:
+            error = ConveyorError(f"cannot split the batch outputs per request: {exc}")
+            for request in requests:
+                await self.fail(request, error, Outcome.FAILED)
+            return
+
+        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
+            outcome = Outcome.OK
+            if request.meta.reply_to is not None:
+                message = reply_ok(request.meta, wire.encode(tensors))
+                outcome = await self._send_reply(request.meta, message)
+            await request.token.done(outcome)
+
+        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
+
+    async def _send_reply(self, meta: RequestMeta, message: Message) -> Outcome:
+        assert meta.reply_to is not None
+        try:
+            await self.transport.publish("", message, meta.reply_to)
+        except UnroutableError:
+            log.info(
+                "reply to %s for %s: no such queue (client gone)", meta.reply_to, meta.request_id
+            )
+        except TransportError as exc:
+            log.warning(
+                "reply for %s failed (%s); the input will be redelivered", meta.request_id, exc
+            )
+            return Outcome.RETRY
+        return Outcome.OK
+
+    async def _send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
+        log.info("request %s failed: %s", meta.request_id, error)
+        if meta.reply_to is not None:
+            await self._send_reply(meta, reply_error(meta, error))
+
+    # -- intake ---------------------------------------------------------------------------
+    def _handler(self, record: _ConsumerRecord) -> Any:
+        async def handle(delivery: Delivery) -> None:
+            if not record.consuming:
+                # Stopping: hold it unsettled; it is redelivered when the consumer goes.
+                record.parked.append(delivery)
+                return
+            if record.runner == MODEL_INPUT:
+                await self._on_request(record, delivery)
+            else:
+                await self._on_stage_message(record, delivery)
+
+        return handle
+
+    def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
+        def settled(lot: Lot) -> None:
+            record.lots.discard(lot)
+            if not record.lots:
+                record.idle.set()
+            self._open_lots -= 1
+            if self._open_lots == 0:
+                self._settled.set()
+
+        lot = Lot(delivery, requests, settled)
+        record.lots.add(lot)
+        record.idle.clear()
+        self._open_lots += 1
+        self._settled.clear()
+        return lot
+
+    async def _on_request(self, record: _ConsumerRecord, delivery: Delivery) -> None:
+        ingress = self._runners[MODEL_INPUT]
+        lot = self._lot(record, delivery, 1)
+        message = delivery.message
+        try:
+            meta = RequestMeta.from_message(message)
+        except CodecError as exc:
+            ingress.counters.errors += 1
+            await self._fail_unparsed(lot, message, exc)
+            return
+        request = Request(meta, 0, lot.request())
+        error = self._admission_error(meta)
+        if error is not None:
+            await self._refuse(ingress, request, error)
+            return
+        try:
+            tensors = self._model_inputs(wire.decode(message.body).tensors)
+            request.rows = _rows(tensors)
+        except CodecError as exc:
+            ingress.counters.errors += 1
+            await self.fail(request, exc, Outcome.FAILED)
+            return
+        ingress.submit(Item(request, tensors))
+
+    async def _on_stage_message(self, record: _ConsumerRecord, delivery: Delivery) -> None:
+        runner = self._runners[record.runner]
+        assert runner.spec is not None
+        try:
+            msg = decode_stage_message(delivery.message.body)
+        except CodecError as exc:
+            runner.counters.errors += 1
+            await self._fail_unparsed(self._lot(record, delivery, 1), delivery.message, exc)
+            return
+        lot = self._lot(record, delivery, len(msg.requests))
+        specs = {i.tensor.name: i.tensor for i in runner.spec.inputs if i.source == msg.source}
+        offset = 0
+        for meta, rows in msg.requests:
+            request = Request(meta, rows, lot.request())
+            piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
+            offset += rows
+            error = self._admission_error(meta, msg.plan_hash)
+            if error is None and msg.source not in runner.sources:
+                error = PlanError(f"stage {runner.name!r} does not read from {msg.source!r}")
+            if error is not None:
+                await self._refuse(runner, request, error)
+                continue
+            try:
+                _check_tensors(piece, specs, f"stage {runner.name!r} input from {msg.source!r}")
+            except CodecError as exc:
+                runner.counters.errors += 1
+                await self.fail(request, exc, Outcome.FAILED)
+                continue
+            await runner.submit_part(msg.source, Item(request, dict(piece)))
+
+    def _admission_error(
+        self, meta: RequestMeta, plan_hash: str | None = None
+    ) -> ConveyorError | None:
+        named = plan_hash if plan_hash is not None else meta.plan_hash
+        if named is not None and not _same_plan(self.plan.hash, named):
+            return PlanHashMismatch(self.plan.hash, named)
+        if meta.expired():
+            return deadline_error(meta, "any stage")
+        return None
+
+    async def _refuse(self, runner: StageRunner, request: Request, error: ConveyorError) -> None:
+        if isinstance(error, PlanHashMismatch):
+            runner.counters.errors += 1
+            await self.fail(request, error, Outcome.FAILED)
+        else:
+            runner.counters.expired += 1
+            await self.fail(request, error, Outcome.OK)
+
+    async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
+        """A message we cannot read: dead-letter it; answer if its envelope allows."""
+        meta: RequestMeta | None = None
+        if message.message_id and message.reply_to:
+            with contextlib.suppress(CodecError):
+                meta = RequestMeta(message.message_id, reply_to=message.reply_to)
+        if meta is not None:
+            await self._send_error(meta, error)
+        else:
+            log.warning("dead-lettering an unreadable message: %s", error)
+        await lot.done(Outcome.FAILED)
+
+    def _model_inputs(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        specs = {t.name: t for t in self.plan.inputs}
+        _check_tensors(tensors, specs, "request")
+        return dict(tensors)
+
+    # -- building -------------------------------------------------------------------------
+    async def _build_runners(self) -> None:
+        threads = self.settings.threads_per_stage(len(self.hosted))
+        s = self.settings
+        for name in self.hosted:
+            spec = self.plan.stage(name)
+            session = await asyncio.to_thread(
+                StageSession.load,
+                self.plan.stage_path(name),
+                spec,
+                device=s.device,
+                threads=threads,
+                inter_threads=s.inter_op_threads,
+            )
+            log.info("stage %s: %s (%s)", name, session.provider, session.choice.reason)
+            sched = self.plan.scheduling.for_stage(name)
+            self._runners[name] = StageRunner(
+                name,
+                spec,
+                session,
+                self,
+                max_batch=s.max_batch or sched.max_batch,
+                max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
+                sources=stage_sources(spec),
+            )
+        if self.hosts_ingress:
+            sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)
+            self._runners[MODEL_INPUT] = StageRunner(
+                MODEL_INPUT,
+                None,
+                None,
+                self,
+                max_batch=s.max_batch or sched.max_batch,
+                max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
+                sources=(),
+            )
+
+    def _local(self, spec: StageSpec) -> bool:
+        if spec.name not in self.hosted:
+            return False
+        return all(
+            (src == MODEL_INPUT and self.hosts_ingress) or src in self.hosted
+            for src in stage_sources(spec)
+        )
+
+    def _build_routes(self) -> None:
+        sources = [MODEL_INPUT] if self.hosts_ingress else []
+        for source in [*sources, *self.hosted]:
+            wanted: dict[str, list[str]] = {}
+            for spec in self.plan.stages:
+                for inp in spec.inputs:
+                    if inp.source == source:
+                        wanted.setdefault(spec.name, []).append(inp.tensor.name)
+            self._routes[source] = [
+                Destination(
+                    stage,
+                    tuple(names),
+                    self._local(self.plan.stage(stage)),
+                    self.plan.stage(stage).is_join,
+                )
+                for stage, names in wanted.items()
+            ]
+            if source != MODEL_INPUT:
+                spec = self.plan.stage(source)
+                self._replies[source] = tuple(o.tensor.name for o in spec.outputs if o.model_output)
+
+    def _plan_consumers(self) -> None:
+        s = self.settings
+        first = self.plan.stages[0]
+        for name in self.hosted:
+            spec = self.plan.stage(name)
+            runner = MODEL_INPUT if name == first.name else name
+            queues = stage_queues(self.plan, spec)
+            if s.shard is not None and (name == first.name or spec.is_join):
+                if s.shard >= len(queues):
+                    raise ConfigError(
+                        f"--shard {s.shard}: stage {name!r} has {len(queues)} shard queues"
+                    )
+                queues = [queues[s.shard]]
+            sched = self.plan.scheduling.for_stage(name)
+            max_batch = s.max_batch or sched.max_batch
+            prefetch = max(s.prefetch or sched.prefetch, max_batch)
+            if spec.is_join:
+                # Parts stay unacked until the join runs: room for every part of a batch.
+                prefetch *= len(stage_sources(spec))
+            for queue in queues:
+                self._records[queue] = _ConsumerRecord(queue, runner, prefetch)
+
+    def _record(self, queue: str) -> _ConsumerRecord:
+        try:
+            return self._records[queue]
+        except KeyError:
+            raise ConfigError(
+                f"worker {self.worker_id} does not serve queue {queue!r}; it serves {self.queues}"
+            ) from None
+
+    async def _teardown(self) -> None:
+        for runner in self._runners.values():
+            await runner.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=SETTLE_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for record in self._records.values():
+            record.consuming = False
+            record.parked.clear()
+            if record.consumer is not None:
+                consumer, record.consumer = record.consumer, None
+                with contextlib.suppress(TransportError):
+                    await consumer.cancel()
+
+
+def _check_model_outputs(plan: Plan) -> None:
+    producers = {s.name for s in plan.stages for o in s.outputs if o.model_output}
+    if len(producers) > 1:
+        raise PlanError(
+            f"plan {plan.name!r}: model outputs come from several stages {sorted(producers)}; "
+            "workers need one stage (the last, or a join) to produce all of them"
+        )
+    if not producers:
+        raise PlanError(f"plan {plan.name!r}: no stage produces a model output")
+
+
+def _same_plan(ours: str, named: str) -> bool:
+    """The full hash, or a prefix of at least 16 digits (``Plan.short_hash``), matches."""
+    return named == ours or (len(named) >= 16 and ours.startswith(named))
+
+
+def _check_tensors(
+    tensors: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], what: str
+) -> None:
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise CodecError(f"{what} lacks tensor(s) {missing}; expected {sorted(specs)}")
+    extra = sorted(set(tensors) - set(specs))
+    if extra:
+        raise CodecError(f"{what} has unknown tensor(s) {extra}; expected {sorted(specs)}")
+    for name, array in tensors.items():
+        wire.check_tensor(name, array, specs[name])
+
+
+def _rows(tensors: Mapping[str, np.ndarray]) -> int:
+    try:
+        return batch_rows(tensors)
+    except ValueError as exc:
+        raise CodecError(f"request tensors: {exc}") from exc

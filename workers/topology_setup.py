@@ -1,0 +1,93 @@
+"""Declare every exchange, queue and binding of a plan (idempotent; workers and clients call it).
+
+What gets declared for a plan with topology ``T`` (names from ``conveyor.topology``):
+
+* ``T.dead_letter_exchange`` (fanout) and ``T.dead_letter_queue`` bound to it.
+* ``T.input_exchange``: ``x-random`` for random partitioning, ``direct`` for hash / range;
+  one queue ``T.input_queue(i)`` per shard, bound with ``initial_bindings``.
+* For every stage but ``plan.stages[0]`` (which reads the input shards): ``T.stage_exchange``.
+  A plain stage gets a ``direct`` exchange and one queue ``T.stage_queue(s)`` (competing
+  consumers) bound with the stage name as routing key. A join stage gets an
+  ``x-consistent-hash`` exchange (routing key = request id) and ``join_shards(plan, s)``
+  queues ``T.stage_queue(s, i)`` bound with weight ``"1"``.
+* ``T.control_exchange`` (topic) for heartbeats and controller commands.
+
+Every input and stage queue dead-letters to ``T.dead_letter_exchange``. Re-declaring with
+the same arguments is a no-op on both transports, so every process may call this at start.
+"""
+
+from __future__ import annotations
+
+from conveyor.plan import Plan, StageSpec
+from conveyor.topology import Topology, initial_bindings
+from conveyor.transport import ExchangeSpec, ExchangeType, QueueSpec, Transport
+
+
+def join_shards(plan: Plan, stage: StageSpec) -> int:
+    """Shard queues of a join stage: one per scheduled worker (each join worker owns one)."""
+    return max(1, plan.scheduling.for_stage(stage.name).workers)
+
+
+def consumes_stage_queue(plan: Plan, stage: StageSpec) -> bool:
+    """True for every stage that reads its own stage queue(s) (all but the first)."""
+    return stage.name != plan.stages[0].name
+
+
+def stage_queues(plan: Plan, stage: StageSpec) -> list[str]:
+    """The queues a worker hosting ``stage`` may consume (all shards of it)."""
+    topo = Topology.of(plan)
+    if not consumes_stage_queue(plan, stage):
+        return [topo.input_queue(i) for i in range(plan.partitioning.shards)]
+    if stage.is_join:
+        return [topo.stage_queue(stage.name, i) for i in range(join_shards(plan, stage))]
+    return [topo.stage_queue(stage.name)]
+
+
+async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bool = False) -> None:
+    """Declare the plan's exchanges, queues and bindings on ``transport`` (idempotent).
+
+    ``durable=True`` declares durable exchanges and queues (RabbitMQ deployments that must
+    survive a broker restart); the default suits brokerless and tests. Every process of one
+    deployment must pass the same value: RabbitMQ refuses a re-declaration with other flags.
+    """
+    topo = Topology.of(plan)
+    dlx = topo.dead_letter_exchange
+    await transport.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT, durable=durable))
+    await transport.declare_queue(QueueSpec(topo.dead_letter_queue, durable=durable))
+    await transport.bind_queue(topo.dead_letter_queue, dlx, "")
+    await transport.declare_exchange(
+        ExchangeSpec(topo.control_exchange, ExchangeType.TOPIC, durable=durable)
+    )
+
+    part = plan.partitioning
+    kind = ExchangeType.RANDOM if part.kind == "random" else ExchangeType.DIRECT
+    await transport.declare_exchange(ExchangeSpec(topo.input_exchange, kind, durable=durable))
+    for shard, keys in initial_bindings(part).items():
+        queue = topo.input_queue(shard)
+        await transport.declare_queue(QueueSpec(queue, durable=durable, dead_letter_exchange=dlx))
+        for key in keys:
+            await transport.bind_queue(queue, topo.input_exchange, key)
+
+    for stage in plan.stages:
+        if not consumes_stage_queue(plan, stage):
+            continue
+        exchange = topo.stage_exchange(stage.name)
+        if stage.is_join:
+            await transport.declare_exchange(
+                ExchangeSpec(exchange, ExchangeType.HASH, durable=durable)
+            )
+            for i in range(join_shards(plan, stage)):
+                queue = topo.stage_queue(stage.name, i)
+                await transport.declare_queue(
+                    QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
+                )
+                await transport.bind_queue(queue, exchange, "1")
+        else:
+            await transport.declare_exchange(
+                ExchangeSpec(exchange, ExchangeType.DIRECT, durable=durable)
+            )
+            queue = topo.stage_queue(stage.name)
+            await transport.declare_queue(
+                QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
+            )
+            await transport.bind_queue(queue, exchange, stage.name)
