@@ -80,19 +80,18 @@ def build_mlp(seed: int = 0) -> Any:
     )
 
 
-def convert_model(model: Any, workdir: Path, *, by: str, stages: int) -> Plan:
-    """Convert ``model`` into a plan directory under ``workdir`` (named after the split)."""
+def convert_model(model: Any, workdir: Path, *, stages: int) -> tuple[Path, Plan]:
+    """Export ``model`` once: the whole ONNX model (the reference) and its layer split."""
+    import onnx
+
     from converter import convert
+    from converter.export import load_model
 
-    out = workdir / f"{by}-{stages}"
-    plan: Plan = convert(model, out, by=by, stages=stages)
-    return plan
-
-
-def whole_model_path(model: Any, workdir: Path) -> Path:
-    """The unsplit ONNX model (a one-stage plan's only stage file)."""
-    plan = convert_model(model, workdir, by="layer", stages=1)
-    return plan.stage_path(plan.stages[0].name)
+    proto = load_model(model)
+    whole = workdir / "whole.onnx"
+    onnx.save(proto, str(whole))
+    plan: Plan = convert(proto, workdir / f"layer-{stages}", by="layer", stages=stages)
+    return whole, plan
 
 
 class Reference:
@@ -250,8 +249,7 @@ def run_demo(
         model = build_mlp(seed)
         t1 = time.perf_counter()
         print("converting to ONNX and splitting into 3 stages by layer ...", file=out, flush=True)
-        whole = whole_model_path(model, root)
-        plan = convert_model(model, root, by="layer", stages=3)
+        whole, plan = convert_model(model, root, stages=3)
         t2 = time.perf_counter()
         print(
             f"plan {plan.name!r} ({plan.short_hash}): stages "

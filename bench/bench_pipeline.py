@@ -1,0 +1,340 @@
+"""End-to-end serving benchmark: W1 (MLP split in 3) and W2 (MobileNetV2 split in 2).
+
+    python -m bench.bench_pipeline [--seconds 8] [--broker URL | --no-rabbitmq] [--only W1]
+
+Batch-1 requests, 16 in flight, through the client SDK. Each measurement runs in a process
+of its own (so peak memory belongs to it, and TensorFlow, needed only to build the
+models, is never loaded in a measured process):
+
+* baseline: one in-process onnxruntime session of the whole model fed stacked batches of
+  16, with as many intra-op threads as the pipeline uses in total (the CPU count);
+* brokerless: client and every stage in one process on the embedded broker;
+* rabbitmq: one ``python -m conveyor worker`` process per stage (threads split so the
+  total matches the baseline) and the client in the measuring process.
+
+Targets (issue 4): W2 >= 90% of the baseline on brokerless, >= 80% on RabbitMQ;
+W1 >= 10,000 requests/s on brokerless, >= 2,000 on RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONCURRENCY = 16
+WORKLOADS = {
+    # name: (model, split stages, input shape without batch)
+    "W1": ("mlp", 3, (784,)),
+    "W2": ("mobilenetv2", 2, (224, 224, 3)),
+}
+TARGETS = {
+    ("W1", "brokerless"): ("req/s", 10_000.0),
+    ("W1", "rabbitmq"): ("req/s", 2_000.0),
+    ("W2", "brokerless"): ("of baseline", 0.90),
+    ("W2", "rabbitmq"): ("of baseline", 0.80),
+}
+
+
+# -- preparing the models (the only step that imports TensorFlow) ------------------------------
+
+
+def prepare(cache: Path, workloads: list[str]) -> None:
+    import onnx
+
+    from converter import convert
+    from converter.export import load_model
+    from conveyor.demo import build_mlp
+
+    for name in workloads:
+        kind, stages, _ = WORKLOADS[name]
+        root = cache / name
+        if (root / "plan" / "plan.json").exists():
+            continue
+        root.mkdir(parents=True, exist_ok=True)
+        if kind == "mlp":
+            model = build_mlp(0)
+        else:
+            import keras
+
+            keras.utils.set_random_seed(0)
+            model = keras.applications.MobileNetV2(input_shape=(224, 224, 3), weights=None)
+        onnx.save(load_model(model), str(root / "whole.onnx"))
+        convert(root / "whole.onnx", root / "plan", by="layer", stages=stages)
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+
+def peak_rss_mib(pid: int | None = None) -> float:
+    """VmHWM of a process (this one by default), in MiB."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_requests(plan: Any, n: int = 64) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    spec = plan.inputs[0]
+    shape = tuple(int(d) for d in spec.shape[1:])
+    return [{spec.name: rng.random((1, *shape), dtype=np.float32)} for _ in range(n)]
+
+
+async def drive(client: Any, requests: list[dict[str, np.ndarray]], seconds: float,
+                warmup: int) -> dict[str, float]:
+    """``CONCURRENCY`` lanes of batch-1 requests for ``seconds`` after ``warmup`` requests."""
+    async def lanes(until: float | None, count: int | None, lat: list[float]) -> None:
+        sent = 0
+
+        async def lane(offset: int) -> None:
+            nonlocal sent
+            i = offset
+            while (until is None or time.perf_counter() < until) and (
+                count is None or sent < count
+            ):
+                sent += 1
+                start = time.perf_counter()
+                await client.infer(requests[i % len(requests)], timeout=60.0)
+                lat.append(time.perf_counter() - start)
+                i += CONCURRENCY
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(lane(k)) for k in range(CONCURRENCY)]
+        del tasks
+
+    await lanes(None, warmup, [])
+    latencies: list[float] = []
+    start = time.perf_counter()
+    await lanes(start + seconds, None, latencies)
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies)
+    return {
+        "requests": float(len(lat)),
+        "seconds": elapsed,
+        "throughput": len(lat) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+    }
+
+
+def leg_baseline(cache: Path, name: str, seconds: float) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from conveyor.plan import Plan
+
+    plan = Plan.load(cache / name / "plan")
+    threads = os.cpu_count() or 1
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(cache / name / "whole.onnx"), opts,
+                                   providers=["CPUExecutionProvider"])
+    reqs = make_requests(plan, CONCURRENCY)
+    feed = {plan.inputs[0].name: np.concatenate([next(iter(r.values())) for r in reqs])}
+    for _ in range(3):
+        session.run(None, feed)
+    batches = 0
+    lat: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        session.run(None, feed)
+        lat.append(time.perf_counter() - t)
+        batches += 1
+    elapsed = time.perf_counter() - start
+    return {
+        "throughput": batches * CONCURRENCY / elapsed,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "threads": threads,
+        "peak_rss_mib": {"process": peak_rss_mib()},
+    }
+
+
+def leg_brokerless(cache: Path, name: str, seconds: float) -> dict[str, Any]:
+    from conveyor.client import connect
+    from conveyor.plan import Plan
+
+    plan = Plan.load(cache / name / "plan")
+
+    async def run() -> dict[str, Any]:
+        async with connect(None, plan=plan, timeout=60.0) as client:
+            result: dict[str, Any] = await drive(client, make_requests(plan), seconds,
+                                                 warmup=200 if name == "W1" else 32)
+        return result
+
+    result = asyncio.run(run())
+    result["peak_rss_mib"] = {"client + all stages": peak_rss_mib()}
+    return result
+
+
+def isolated_copy(plan: Any, directory: Path) -> Any:
+    """The plan under a fresh name (hence fresh queues) so runs never share leftovers."""
+    directory.mkdir(parents=True)
+    for stage in plan.stages:
+        shutil.copy2(plan.directory / stage.file, directory / stage.file)
+    return dataclasses.replace(plan, name=f"{plan.name}-{uuid.uuid4().hex[:8]}",
+                               hash="").save(directory)
+
+
+def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str) -> dict[str, Any]:
+    from conveyor.client import connect
+    from conveyor.plan import Plan
+
+    with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
+        plan = isolated_copy(Plan.load(cache / name / "plan"), Path(tmp) / "plan")
+        threads = max(1, (os.cpu_count() or 1) // len(plan.stages))
+        procs = {}
+        for stage in plan.stage_names:
+            with (Path(tmp) / f"{stage}.log").open("wb") as log:
+                procs[stage] = subprocess.Popen(
+                    [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
+                     "--stage", stage, "--broker", url, "--device", "cpu",
+                     "--threads", str(threads)],
+                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                )
+        rss: dict[str, float] = {}
+        try:
+            async def run() -> dict[str, Any]:
+                async with connect(url, plan=plan, timeout=60.0) as client:
+                    result: dict[str, Any] = await drive(
+                        client, make_requests(plan), seconds, warmup=200 if name == "W1" else 32
+                    )
+                    return result
+
+            result = asyncio.run(run())
+            for stage, proc in procs.items():
+                rss[f"worker {stage}"] = peak_rss_mib(proc.pid)
+            rss["client"] = peak_rss_mib()
+        except BaseException:
+            for stage in procs:
+                sys.stderr.write((Path(tmp) / f"{stage}.log").read_text()[-2000:])
+            raise
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+            for proc in procs.values():
+                proc.wait(30)
+            asyncio.run(_delete_topology(url, plan))
+    result["peak_rss_mib"] = rss
+    result["threads_per_worker"] = threads
+    return result
+
+
+async def _delete_topology(url: str, plan: Any) -> None:
+    from conveyor.topology import Topology
+    from workers.amqp import AmqpTransport
+    from workers.topology_setup import stage_queues
+
+    topo = Topology.of(plan)
+    admin = await AmqpTransport.connect(url)
+    try:
+        for q in {q for s in plan.stages for q in stage_queues(plan, s)} | {
+            topo.dead_letter_queue
+        }:
+            await admin.delete_queue(q)
+        for x in [topo.input_exchange, topo.control_exchange, topo.dead_letter_exchange,
+                  *(topo.stage_exchange(s) for s in plan.stage_names)]:
+            await admin.delete_exchange(x)
+    finally:
+        await admin.close(grace=0.5)
+
+
+# -- orchestration ------------------------------------------------------------------------
+
+
+def run_leg(args: list[str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_pipeline", *args],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"leg {args} failed:\n{out.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per leg")
+    p.add_argument("--broker", default=os.environ.get("CONVEYOR_AMQP_URL",
+                                                      "amqp://guest:guest@127.0.0.1:5672/"))
+    p.add_argument("--no-rabbitmq", action="store_true")
+    p.add_argument("--only", choices=sorted(WORKLOADS), action="append")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "conveyor-bench")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--leg", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    workloads = args.only or sorted(WORKLOADS)
+
+    if args.leg is not None:  # a measuring subprocess: print one JSON line
+        if args.leg == "prepare":
+            prepare(args.cache, workloads)
+            result: dict[str, Any] = {"prepared": workloads}
+        elif args.leg == "baseline":
+            result = leg_baseline(args.cache, args.workload, args.seconds)
+        elif args.leg == "brokerless":
+            result = leg_brokerless(args.cache, args.workload, args.seconds)
+        else:
+            result = leg_rabbitmq(args.cache, args.workload, args.seconds, args.broker)
+        print(json.dumps(result))
+        return 0
+
+    common = ["--cache", str(args.cache), "--seconds", str(args.seconds)]
+    t = time.perf_counter()
+    run_leg(["--leg", "prepare", *common, *[a for w in workloads for a in ("--only", w)]])
+    print(f"models prepared in {time.perf_counter() - t:.0f} s (cache {args.cache})")
+    legs = ["baseline", "brokerless"] + ([] if args.no_rabbitmq else ["rabbitmq"])
+    results: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        for leg in legs:
+            extra = ["--broker", args.broker] if leg == "rabbitmq" else []
+            results[f"{w}/{leg}"] = run_leg(["--leg", leg, "--workload", w, *common, *extra])
+            print(f"  {w} {leg}: {results[f'{w}/{leg}']['throughput']:,.0f} req/s", flush=True)
+    print_table(results)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    print()
+    print(f"{'workload':9} {'path':11} {'req/s':>9} {'vs base':>8} {'p50 ms':>8} "
+          f"{'p99 ms':>8}  {'target':18} peak RSS (MiB)")
+    for key, r in results.items():
+        w, leg = key.split("/")
+        base = results.get(f"{w}/baseline", {}).get("throughput")
+        ratio = r["throughput"] / base if base else float("nan")
+        target = TARGETS.get((w, leg))
+        verdict = ""
+        if target is not None:
+            unit, goal = target
+            value = r["throughput"] if unit == "req/s" else ratio
+            shown = f"{goal:,.0f} req/s" if unit == "req/s" else f"{goal:.0%} of base"
+            verdict = f">= {shown} {'ok' if value >= goal else 'MISSED'}"
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in r.get("peak_rss_mib", {}).items())
+        print(f"{w:9} {leg:11} {r['throughput']:9,.0f} {ratio:8.0%} {r['p50_ms']:8.2f} "
+              f"{r['p99_ms']:8.2f}  {verdict:18} {rss}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
