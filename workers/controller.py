@@ -1,0 +1,435 @@
+"""The controller: reads heartbeats and queue depths every period, runs a policy
+(``workers.policies``), and applies its decisions as worker commands and binding changes.
+
+    async with Controller(transport, plan, PolicyConfig.from_plan(plan, "dynamic")) as c:
+        ...                      # c.metrics, c.workers, c.partitions, c.decisions
+
+What it owns and how it survives restarts (docs/scheduling.md):
+
+* Heartbeats arrive on ``<control>.controller`` (bound to ``heartbeat.*``, message TTL a
+  few periods, so a restarted controller finds recent heartbeats at once). Its view of the
+  workers is rebuilt from them, never remembered.
+* The partition map (input routing key -> shard queue) is the one thing the broker cannot
+  tell back (the Transport protocol has no "list bindings"). After every move the
+  controller publishes the whole map on the control exchange (``partitions``) into the
+  retained-state queue ``<control>.state`` (max length 1, drop-head: it always holds the
+  latest map). A starting controller reads it back and re-applies it.
+* Re-applying ("reconciling") binds every routing key to its assigned shard and unbinds
+  moved keys from their initial shard; the controller does it at start, whenever a worker
+  incarnation it has not seen appears (a restarted worker re-ran the topology setup), and
+  every ``reconcile_every`` periods.
+* A move of a routing key unbinds it from the old shard first and then binds the new one,
+  so a key reaches exactly one shard queue at any moment; a publish in the gap between the
+  two calls raises ``UnroutableError`` (never lost silently) and may be retried.
+* When it stops or dies, nothing is undone: workers keep their prefetch and consumers,
+  bindings stay as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from types import TracebackType
+
+from conveyor.control import (
+    PARTITIONS_KEY,
+    Command,
+    CommandKind,
+    Heartbeat,
+    PartitionMap,
+    decode_heartbeat,
+    decode_partition_map,
+    encode_command,
+    encode_partition_map,
+)
+from conveyor.errors import ConfigError, ConveyorError, TransportClosed, TransportError
+from conveyor.plan import Plan
+from conveyor.topology import Topology, initial_bindings
+from conveyor.transport import Consumer, Delivery, Message, QueueSpec, QueueStats, Transport
+from workers.control_agent import declare_control_exchange
+from workers.policies import (
+    Decision,
+    MovePartition,
+    MoveWorker,
+    Observation,
+    PolicyConfig,
+    PolicyState,
+    SetPrefetch,
+    decide,
+    stage_loads,
+)
+from workers.topology_setup import stage_queues
+
+log = logging.getLogger(__name__)
+
+
+def heartbeat_queue(topology: Topology) -> str:
+    return f"{topology.control_exchange}.controller"
+
+
+def state_queue(topology: Topology) -> str:
+    return f"{topology.control_exchange}.state"
+
+
+@dataclass(frozen=True)
+class PendingCommand:
+    command: Command
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class LoggedDecision:
+    at: float
+    decision: Decision
+
+
+class ControllerState(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Controller:
+    def __init__(
+        self,
+        transport: Transport,
+        plan: Plan,
+        policy: PolicyConfig,
+        *,
+        period: float = 1.0,
+        durable: bool = False,
+        reconcile_every: int = 10,
+        report_every: int = 10,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if period <= 0:
+            raise ConfigError(f"controller period must be > 0, got {period}")
+        self.transport = transport
+        self.plan = plan
+        self.topology = Topology.of(plan)
+        self.policy = policy
+        self.period = period
+        self.durable = durable
+        self.reconcile_every = reconcile_every
+        self.report_every = report_every
+        self.clock = clock
+        self.state = ControllerState.NEW
+        self.metrics: Counter[str] = Counter()
+        #: Latest heartbeat and its arrival time per worker (live ones only after a step).
+        self.workers: dict[str, Heartbeat] = {}
+        self._seen_at: dict[str, float] = {}
+        self._incarnations: set[tuple[str, str]] = set()
+        self.pending: dict[str, PendingCommand] = {}
+        self.decisions: list[LoggedDecision] = []
+        self.queue_stats: dict[str, QueueStats] = {}
+        self._policy_state = PolicyState()
+        self._initial = self._initial_partitions()
+        self.partitions: dict[str, str] = dict(self._initial)
+        self.epoch = 0
+        self._steps = 0
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: Consumer | None = None
+        self.stepped = asyncio.Condition()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.state is not ControllerState.NEW:
+            raise TransportClosed(f"controller is {self.state.value}")
+        topo = self.topology
+        await declare_control_exchange(self.transport, topo, durable=self.durable)
+        ttl_ms = int(max(2.0, 5 * self.period) * 1000)
+        await self.transport.declare_queue(
+            QueueSpec(heartbeat_queue(topo), durable=self.durable, message_ttl_ms=ttl_ms,
+                      max_length=10_000, overflow="drop-head")
+        )
+        await self.transport.bind_queue(heartbeat_queue(topo), topo.control_exchange, "heartbeat.*")
+        await self.transport.declare_queue(
+            QueueSpec(state_queue(topo), durable=self.durable, max_length=1, overflow="drop-head")
+        )
+        await self.transport.bind_queue(state_queue(topo), topo.control_exchange, PARTITIONS_KEY)
+        await self._load_partition_map()
+        await self.reconcile_partitions("controller start")
+        self._consumer = await self.transport.consume(
+            heartbeat_queue(topo), self._on_heartbeat, prefetch=256
+        )
+        self.state = ControllerState.RUNNING
+        self._task = asyncio.create_task(self._loop(), name="controller")
+        log.info(
+            "controller started: plan %s, policy %s, period %.2f s, partition map epoch %d",
+            self.plan.name, self.policy.kind, self.period, self.epoch,
+        )
+
+    async def stop(self) -> None:
+        """Stop deciding; every setting stays as it is (nothing is undone)."""
+        if self.state is not ControllerState.RUNNING:
+            self.state = ControllerState.STOPPED
+            return
+        self.state = ControllerState.STOPPED
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            with contextlib.suppress(TransportError):
+                await self._consumer.cancel()
+        log.info("controller stopped; metrics: %s", self.metrics_line())
+
+    async def __aenter__(self) -> Controller:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def metrics_line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in sorted(self.metrics.items())) or "(none)"
+
+    # -- inputs -----------------------------------------------------------------------------
+    async def _on_heartbeat(self, delivery: Delivery) -> None:
+        try:
+            hb = decode_heartbeat(delivery.message.body)
+        except ConveyorError as exc:
+            self.metrics["heartbeats_invalid"] += 1
+            log.warning("controller: dropped an unreadable heartbeat: %s", exc)
+            await delivery.reject()
+            return
+        old = self.workers.get(hb.worker_id)
+        if old is None or old.incarnation != hb.incarnation or hb.seq > old.seq:
+            self.workers[hb.worker_id] = hb
+            self._seen_at[hb.worker_id] = self.clock()
+        self.metrics["heartbeats"] += 1
+        await delivery.ack()
+
+    async def _load_partition_map(self) -> None:
+        """Read the retained map back (without consuming it: the delivery is never settled
+        and goes back to the queue when the consumer is cancelled)."""
+        queue = state_queue(self.topology)
+        if (await self.transport.queue_stats(queue)).depth == 0:
+            return
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def take(delivery: Delivery) -> None:
+            if not got.done():
+                got.set_result(delivery.message.body)
+
+        consumer = await self.transport.consume(queue, take, prefetch=1)
+        try:
+            body = await asyncio.wait_for(got, timeout=max(5.0, 5 * self.period))
+        except TimeoutError:
+            log.warning("controller: the retained partition map did not arrive; starting fresh")
+            return
+        finally:
+            await consumer.cancel()
+        try:
+            pm = decode_partition_map(body)
+        except ConveyorError as exc:
+            log.warning("controller: ignoring an unreadable retained partition map: %s", exc)
+            return
+        if pm.exchange != self.topology.input_exchange:
+            log.warning("controller: retained map is for %s, not this plan; ignored", pm.exchange)
+            return
+        for key, queue_name in pm.assignments.items():
+            if key in self.partitions:
+                self.partitions[key] = queue_name
+        self.epoch = pm.epoch
+        self.metrics["partition_map_loaded"] += 1
+        log.info("controller: resumed partition map epoch %d (%d keys moved)",
+                 pm.epoch, len(pm.assignments))
+
+    def _initial_partitions(self) -> dict[str, str]:
+        part = self.plan.partitioning
+        if part.kind == "random":
+            return {}
+        return {
+            key: self.topology.input_queue(shard)
+            for shard, keys in initial_bindings(part).items()
+            for key in keys
+        }
+
+    def queue_stages(self) -> dict[str, str]:
+        """Every queue the plan's stages read, with the stage it feeds."""
+        out = {q: s.name for s in self.plan.stages for q in stage_queues(self.plan, s)}
+        for hb in self.workers.values():
+            for c in hb.stats.consuming:
+                out.setdefault(c.queue, c.stage)
+        return out
+
+    # -- the period -------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while self.state is ControllerState.RUNNING:
+            started = self.clock()
+            try:
+                await self.step()
+            except TransportClosed:
+                log.warning("controller: transport closed; stopping")
+                return
+            except TransportError as exc:
+                self.metrics["step_errors"] += 1
+                log.warning("controller: step failed, retrying next period: %s", exc)
+            await asyncio.sleep(max(0.0, self.period - (self.clock() - started)))
+
+    async def step(self) -> list[Decision]:
+        """One period: observe, decide, apply. Returns the decisions taken."""
+        now = self.clock()
+        self._expire_workers(now)
+        self._check_acks(now)
+        new = {(w, hb.incarnation) for w, hb in self.workers.items()} - self._incarnations
+        self._incarnations |= new
+        self._steps += 1
+        if new and self._steps > 1:
+            names = sorted(w for w, _ in new)
+            await self.reconcile_partitions(f"new worker incarnation(s) {names}")
+        elif self.reconcile_every and self._steps % self.reconcile_every == 0:
+            await self.reconcile_partitions("periodic")
+        queue_stage = self.queue_stages()
+        stats: dict[str, QueueStats] = {}
+        for q in queue_stage:
+            try:
+                stats[q] = await self.transport.queue_stats(q)
+            except TransportClosed:
+                raise
+            except TransportError as exc:
+                log.debug("controller: no stats for %s: %s", q, exc)
+        self.queue_stats = stats
+        obs = Observation(
+            now=now,
+            workers=dict(self.workers),
+            queues=stats,
+            queue_stage=queue_stage,
+            input_queues=tuple(
+                self.topology.input_queue(i) for i in range(self.plan.partitioning.shards)
+            ),
+            partitions=dict(self.partitions),
+            busy_workers=frozenset(p.command.worker_id for p in self.pending.values()),
+        )
+        decisions, self._policy_state = decide(self.policy, obs, self._policy_state)
+        for d in decisions:
+            await self.apply(d, now)
+        self.metrics["steps"] += 1
+        if self.report_every and self._steps % self.report_every == 0:
+            self.report(obs)
+        async with self.stepped:
+            self.stepped.notify_all()
+        return decisions
+
+    def _expire_workers(self, now: float) -> None:
+        for wid in list(self.workers):
+            hb = self.workers[wid]
+            if now - self._seen_at[wid] > 3 * max(hb.period_s, self.period):
+                log.info("controller: worker %s is gone (no heartbeat for %.1f s)",
+                         wid, now - self._seen_at[wid])
+                self.metrics["workers_lost"] += 1
+                del self.workers[wid], self._seen_at[wid]
+
+    def _check_acks(self, now: float) -> None:
+        for wid, hb in self.workers.items():
+            for ack in hb.acks:
+                pending = self.pending.pop(ack.command_id, None)
+                if pending is None:
+                    continue
+                if ack.ok:
+                    self.metrics["commands_acked"] += 1
+                else:
+                    self.metrics["commands_failed"] += 1
+                    log.warning("controller: %s refused command %s (%s): %s", wid, ack.command_id,
+                                pending.command.kind.value, ack.detail)
+        timeout = max(5 * self.period, 5.0)
+        for cid, p in list(self.pending.items()):
+            if now - p.sent_at > timeout:
+                del self.pending[cid]
+                self.metrics["commands_unacked"] += 1
+                log.warning("controller: command %s to %s not acknowledged within %.1f s",
+                            cid, p.command.worker_id, timeout)
+
+    def report(self, obs: Observation) -> None:
+        loads = stage_loads(obs)
+        parts = [
+            f"{s}: depth {ld.depth}, {len(ld.consumers)} consumers, {ld.capacity:.1f} req/s"
+            for s, ld in sorted(loads.items())
+        ]
+        log.info("controller report (%s): %s; metrics: %s",
+                 self.policy.kind, "; ".join(parts), self.metrics_line())
+
+    # -- outputs ----------------------------------------------------------------------------
+    async def apply(self, decision: Decision, now: float) -> None:
+        self.decisions.append(LoggedDecision(now, decision))
+        if isinstance(decision, SetPrefetch):
+            log.info("controller: %s prefetch on %s %d -> %d: %s", decision.worker_id,
+                     decision.queue, decision.previous, decision.prefetch, decision.reason)
+            self.metrics["prefetch_changes"] += 1
+            await self.send(Command(
+                self._command_id(), decision.worker_id, CommandKind.SET_PREFETCH,
+                stage=decision.stage, queue=decision.queue, prefetch=decision.prefetch,
+                issued_at=now, reason=decision.reason,
+            ))
+        elif isinstance(decision, MoveWorker):
+            verb = "back" if decision.returning else "moved"
+            log.info("controller: %s %s %s -> %s: %s", decision.worker_id, verb,
+                     list(decision.from_stages), list(decision.to_stages), decision.reason)
+            self.metrics["worker_returns" if decision.returning else "worker_moves"] += 1
+            for stage in decision.to_stages:  # start first: capacity never dips
+                await self.send(Command(self._command_id(), decision.worker_id,
+                                        CommandKind.START_CONSUMING, stage=stage, issued_at=now,
+                                        reason=decision.reason))
+            for stage in decision.from_stages:
+                await self.send(Command(self._command_id(), decision.worker_id,
+                                        CommandKind.STOP_CONSUMING, stage=stage, issued_at=now,
+                                        reason=decision.reason))
+        else:
+            await self.move_partition(decision, now)
+
+    async def send(self, cmd: Command) -> None:
+        await self.transport.publish(
+            self.topology.control_exchange,
+            Message(body=encode_command(cmd), type="command", message_id=cmd.id),
+            self.topology.command_key(cmd.worker_id),
+            mandatory=False,
+        )
+        self.pending[cmd.id] = PendingCommand(cmd, cmd.issued_at)
+        self.metrics["commands_sent"] += 1
+
+    async def move_partition(self, d: MovePartition, now: float) -> None:
+        log.info("controller: partition %s %s -> %s: %s", d.routing_key, d.from_queue,
+                 d.to_queue, d.reason)
+        exchange = self.topology.input_exchange
+        # unbind first: the key reaches one shard at any moment (never two)
+        await self.transport.unbind_queue(d.from_queue, exchange, d.routing_key)
+        await self.transport.bind_queue(d.to_queue, exchange, d.routing_key)
+        self.partitions[d.routing_key] = d.to_queue
+        self.metrics["partition_moves"] += 1
+        await self.publish_partition_map(now, d.reason)
+
+    async def publish_partition_map(self, now: float, reason: str) -> None:
+        self.epoch += 1
+        moved = {k: q for k, q in self.partitions.items() if self._initial.get(k) != q}
+        pm = PartitionMap(self.epoch, self.topology.input_exchange, moved, now, reason)
+        await self.transport.publish(
+            self.topology.control_exchange,
+            Message(body=encode_partition_map(pm), type="partition_map"),
+            PARTITIONS_KEY,
+        )
+
+    async def reconcile_partitions(self, why: str) -> None:
+        """Make the broker's input bindings match the map (idempotent)."""
+        moved = {k: q for k, q in self.partitions.items() if self._initial.get(k) != q}
+        if not moved:
+            return
+        exchange = self.topology.input_exchange
+        for key, queue in sorted(moved.items()):
+            await self.transport.bind_queue(queue, exchange, key)
+            await self.transport.unbind_queue(self._initial[key], exchange, key)
+        self.metrics["partition_reconciles"] += 1
+        log.info("controller: re-applied %d moved partition(s) (%s)", len(moved), why)
+
+    @staticmethod
+    def _command_id() -> str:
+        return uuid.uuid4().hex[:16]
