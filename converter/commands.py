@@ -1,0 +1,93 @@
+"""``conveyor convert`` and ``conveyor inspect`` (heavy imports only inside the commands)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from conveyor.errors import ConfigError
+
+
+def add_parsers(sub: Any) -> None:
+    conv = sub.add_parser(
+        "convert",
+        help="export a model to ONNX and split it into a plan directory",
+        description="Export MODEL (.onnx, .keras, .h5 or a SavedModel directory) to ONNX, "
+        "split it into stages and write PLAN_DIR (plan.json + one .onnx per stage).",
+    )
+    conv.add_argument("model", help="model file or SavedModel directory")
+    conv.add_argument("--out", required=True, type=Path, metavar="PLAN_DIR")
+    conv.add_argument("--by", choices=("layer", "function"), default="layer")
+    conv.add_argument("--stages", type=int, metavar="K",
+                      help="layer: number of stages (default 2); function: at most K stages")
+    conv.add_argument("--group", action="append", default=[], metavar="NAME=REGEX",
+                      help="function split: nodes whose name matches REGEX form group NAME")
+    conv.add_argument("--profile", action="store_true",
+                      help="balance measured onnxruntime time per node instead of FLOPs")
+    conv.add_argument("--opset", type=int, help="target opset of the export")
+    conv.add_argument("--partition", choices=("random", "hash", "range"), default="random")
+    conv.add_argument("--shards", type=int, default=1, help="stage-0 queues (default 1)")
+    conv.add_argument("--boundaries", default="",
+                      help="range partitioning: comma-separated upper bounds (shards - 1)")
+    conv.add_argument("--range-on", default="key", help="range: 'key' or 'dim:TENSOR:AXIS'")
+    conv.add_argument("--external-data-threshold", type=int, metavar="BYTES",
+                      help="store initializers of at least BYTES in external data files")
+    conv.add_argument("--force", action="store_true", help="replace an existing plan")
+    conv.set_defaults(func=run_convert)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="print a plan's stages (or a model's summary) as a table",
+        description="Print the stages of PLAN_DIR, or the summary of an ONNX model.",
+    )
+    insp.add_argument("target", type=Path, help="a plan directory or a .onnx file")
+    insp.add_argument("--dot", type=Path, metavar="FILE", help="write the stage DAG as DOT")
+    insp.set_defaults(func=run_inspect)
+
+
+def _partitioning(args: argparse.Namespace) -> Any:
+    from conveyor.plan import Partitioning
+
+    try:
+        bounds = tuple(float(b) for b in args.boundaries.split(",") if b.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--boundaries must be numbers separated by commas: {exc}") from exc
+    if args.shards < 1:
+        raise ConfigError(f"--shards must be at least 1, got {args.shards}")
+    if args.partition == "range":
+        if len(bounds) != args.shards - 1:
+            raise ConfigError(f"--partition range over {args.shards} shards needs "
+                              f"{args.shards - 1} --boundaries, got {len(bounds)}")
+        if list(bounds) != sorted(bounds):
+            raise ConfigError(f"--boundaries must ascend, got {list(bounds)}")
+    elif bounds:
+        raise ConfigError("--boundaries applies to --partition range only")
+    return Partitioning(kind=args.partition, shards=args.shards, range_on=args.range_on,
+                        boundaries=bounds)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    partitioning = _partitioning(args)
+    from converter.api import convert
+    from converter.report import stage_table
+
+    plan = convert(
+        args.model, args.out, by=args.by, stages=args.stages, groups=args.group,
+        profile=args.profile, opset=args.opset, partitioning=partitioning,
+        external_threshold=args.external_data_threshold, overwrite=args.force,
+    )
+    print(stage_table(plan))
+    print(f"wrote {plan.directory} (hash {plan.short_hash})")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from converter.report import inspect_target
+
+    text, dot = inspect_target(args.target)
+    print(text)
+    if args.dot is not None:
+        args.dot.write_text(dot)
+        print(f"wrote {args.dot}")
+    return 0

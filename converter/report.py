@@ -1,0 +1,103 @@
+"""Human-readable views: the stage table, a model summary and Graphviz DOT."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from conveyor.errors import ConfigError
+from conveyor.plan import MODEL_INPUT, PLAN_FILE, Plan
+
+
+def _si(x: float, unit: str = "") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = [h.ljust(w) if i < 2 else h.rjust(w)
+           for i, (h, w) in enumerate(zip(header, widths, strict=True))]
+    body = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    return "\n".join(["  ".join(fmt), line, *body])
+
+
+def stage_table(plan: Plan) -> str:
+    rows = []
+    for s in plan.stages:
+        c = s.cost
+        reads = ", ".join(sorted({"input" if i.source == MODEL_INPUT else i.source
+                                  for i in s.inputs})) or "-"
+        rows.append([s.name, reads, str(c.nodes), _si(c.flops), _si(c.param_bytes, "B"),
+                     _si(c.in_bytes_per_sample, "B"), f"{100 * c.share:.1f}%"])
+    table = _table(["stage", "reads from", "nodes", "FLOPs", "params", "cut/sample", "share"],
+                   rows)
+    sp = plan.split
+    return (f"plan {plan.name}: {len(plan.stages)} stage(s) by {sp.by}, opset {plan.opset}, "
+            f"balance {sp.balance:.3f} ({sp.cost_model}), partitioning "
+            f"{plan.partitioning.kind} x{plan.partitioning.shards}\n{table}")
+
+
+def plan_dot(plan: Plan) -> str:
+    lines = [f'digraph "{plan.name}" {{', "  rankdir=LR;", '  node [shape=box];',
+             '  "@input" [shape=oval, label="input"];', '  "@output" [shape=oval, label="output"];']
+    for s in plan.stages:
+        lines.append(f'  "{s.name}" [label="{s.name}\\n{s.cost.nodes} nodes, '
+                     f'{100 * s.cost.share:.0f}%"];')
+        for i in s.inputs:
+            if i.source == MODEL_INPUT:
+                lines.append(f'  "@input" -> "{s.name}" [label="{i.tensor.name}"];')
+        for o in s.outputs:
+            for c in o.consumers:
+                lines.append(f'  "{s.name}" -> "{c}" [label="{o.tensor.name}"];')
+            if o.model_output:
+                lines.append(f'  "{s.name}" -> "@output" [label="{o.tensor.name}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def inspect_target(target: Path) -> tuple[str, str]:
+    """(text, DOT) for a plan directory or an ONNX model file."""
+    if target.is_dir() and (target / PLAN_FILE).exists():
+        plan = Plan.load(target)
+        return stage_table(plan) + f"\nhash {plan.hash}", plan_dot(plan)
+    if target.is_dir():
+        raise ConfigError(f"{target} is a directory without {PLAN_FILE}: not a plan")
+    return model_summary(target)
+
+
+def model_summary(path: Path) -> tuple[str, str]:
+    from converter.api import analyze_model
+    from converter.split_layer import allowed_cuts
+
+    analysis, _ = analyze_model(path)
+    flops_by_op: defaultdict[str, float] = defaultdict(float)
+    for node, f in zip(analysis.nodes, analysis.flops, strict=True):
+        flops_by_op[node.op_type] += f
+    total = sum(analysis.flops) or 1.0
+    top = sorted(flops_by_op.items(), key=lambda kv: -kv[1])[:10]
+    rows = [[op, "", str(sum(1 for n in analysis.nodes if n.op_type == op)), _si(f), "", "",
+             f"{100 * f / total:.1f}%"] for op, f in top]
+    table = _table(["op", "", "nodes", "FLOPs", "", "", "share"], rows)
+    io = ", ".join(f"{n}{list(analysis.info(n).shape or [])}" for n in analysis.inputs)
+    out = ", ".join(f"{n}{list(analysis.info(n).shape or [])}" for n in analysis.outputs)
+    text = (f"model {path.name}: {analysis.n} nodes, {_si(total)}FLOPs/sample, "
+            f"{_si(sum(analysis.initializers.values()), 'B')} of weights, "
+            f"{len(allowed_cuts(analysis))} cut positions (at most "
+            f"{len(allowed_cuts(analysis)) + 1} layer stages)\ninputs: {io}\noutputs: {out}\n"
+            f"{table}")
+    lines = [f'digraph "{path.stem}" {{', "  node [shape=box];"]
+    for k, node in enumerate(analysis.nodes):
+        lines.append(f'  n{k} [label="{node.op_type}"];')
+        for x in analysis.node_inputs[k]:
+            if x in analysis.producer:
+                lines.append(f"  n{analysis.producer[x]} -> n{k};")
+    lines.append("}")
+    return text, "\n".join(lines) + "\n"
