@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 
-from conveyor.transport import Delivery, Handler, Message, Transport
+from conveyor.transport import (
+    Delivery,
+    ExchangeSpec,
+    ExchangeType,
+    Handler,
+    Message,
+    QueueSpec,
+    Transport,
+)
+
+from .conftest import BrokerHandle
 
 TIMEOUT = 10.0
 
@@ -59,3 +70,16 @@ async def publish_bodies(
 
 async def depths(transport: Transport, queues: list[str]) -> dict[str, int]:
     return {q: (await transport.queue_stats(q)).depth for q in queues}
+
+
+async def queue_with_dlq(
+    t: Transport, broker: BrokerHandle, spec: QueueSpec | None = None
+) -> tuple[str, str]:
+    """A queue whose dead-letter exchange (fanout) feeds a second queue; returns both names."""
+    dlx, dlq, q = broker.name("dlx"), broker.name("dlq"), broker.name("q")
+    await t.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT))
+    await t.declare_queue(QueueSpec(dlq))
+    await t.bind_queue(dlq, dlx)
+    base = spec or QueueSpec(q)
+    await t.declare_queue(dataclasses.replace(base, name=q, dead_letter_exchange=dlx))
+    return q, dlq

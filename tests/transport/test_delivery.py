@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from conveyor.transport import ExchangeSpec, ExchangeType, QueueSpec, Transport
+from conveyor.transport import Delivery, QueueSpec
 
 from .conftest import BrokerHandle
-from .support import Collector, depths, publish_bodies
-
-
-async def queue_with_dlq(t: Transport, broker: BrokerHandle, **spec: object) -> tuple[str, str]:
-    """A queue whose dead-letter exchange (fanout) feeds a second queue; returns both names."""
-    dlx, dlq, q = broker.name("dlx"), broker.name("dlq"), broker.name("q")
-    await t.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT))
-    await t.declare_queue(QueueSpec(dlq))
-    await t.bind_queue(dlq, dlx)
-    await t.declare_queue(QueueSpec(q, dead_letter_exchange=dlx, **spec))  # type: ignore[arg-type]
-    return q, dlq
+from .support import Collector, depths, publish_bodies, queue_with_dlq
 
 
 async def test_prefetch_limits_unacknowledged_deliveries(broker: BrokerHandle) -> None:
@@ -151,8 +141,8 @@ async def test_reject_dead_letters_with_the_reason(broker: BrokerHandle) -> None
     q, dlq = await queue_with_dlq(t, broker)
     await publish_bodies(t, "", q, [b"bad"])
 
-    async def refuse(delivery: object) -> None:
-        await delivery.reject()  # type: ignore[attr-defined]
+    async def refuse(delivery: Delivery) -> None:
+        await delivery.reject()
 
     await t.consume(q, refuse, prefetch=1)
     dead = Collector()
@@ -184,13 +174,15 @@ async def test_reject_without_dead_letter_exchange_drops(broker: BrokerHandle) -
 async def test_delivery_limit_dead_letters_after_too_many_returns(broker: BrokerHandle) -> None:
     t = await broker.connect()
     limit = 2
-    q, dlq = await queue_with_dlq(t, broker, durable=True, quorum=True, delivery_limit=limit)
+    q, dlq = await queue_with_dlq(
+        t, broker, QueueSpec("", durable=True, quorum=True, delivery_limit=limit)
+    )
     await publish_bodies(t, "", q, [b"poison"])
     attempts = Collector(ack=False)
 
-    async def always_requeue(delivery: object) -> None:
-        await attempts.handler(q)(delivery)  # type: ignore[arg-type]
-        await delivery.requeue()  # type: ignore[attr-defined]
+    async def always_requeue(delivery: Delivery) -> None:
+        await attempts.handler(q)(delivery)
+        await delivery.requeue()
 
     await t.consume(q, always_requeue, prefetch=1)
     dead = Collector()

@@ -8,8 +8,7 @@ from conveyor.errors import BackpressureError
 from conveyor.transport import Message, QueueSpec
 
 from .conftest import BrokerHandle
-from .support import Collector, depths, publish_bodies
-from .test_delivery import queue_with_dlq
+from .support import Collector, depths, publish_bodies, queue_with_dlq
 
 
 async def test_max_length_reject_publish_raises_backpressure(broker: BrokerHandle) -> None:
@@ -34,7 +33,7 @@ async def test_max_length_reject_publish_raises_backpressure(broker: BrokerHandl
 
 async def test_max_length_drop_head_dead_letters_the_oldest(broker: BrokerHandle) -> None:
     t = await broker.connect()
-    q, dlq = await queue_with_dlq(t, broker, max_length=2, overflow="drop-head")
+    q, dlq = await queue_with_dlq(t, broker, QueueSpec("", max_length=2, overflow="drop-head"))
     await publish_bodies(t, "", q, [b"1", b"2", b"3"])
     dead = Collector()
     await t.consume(dlq, dead.handler(dlq), prefetch=5)
@@ -49,7 +48,7 @@ async def test_max_length_drop_head_dead_letters_the_oldest(broker: BrokerHandle
 
 async def test_queue_ttl_dead_letters_expired_messages(broker: BrokerHandle) -> None:
     t = await broker.connect()
-    q, dlq = await queue_with_dlq(t, broker, message_ttl_ms=50)
+    q, dlq = await queue_with_dlq(t, broker, QueueSpec("", message_ttl_ms=50))
     await publish_bodies(t, "", q, [b"stale-1", b"stale-2"])
     dead = Collector()
     await t.consume(dlq, dead.handler(dlq), prefetch=5)
@@ -76,7 +75,7 @@ async def test_per_message_ttl_expires_only_that_message(broker: BrokerHandle) -
 
 async def test_delivered_messages_do_not_expire(broker: BrokerHandle) -> None:
     t = await broker.connect()
-    q, dlq = await queue_with_dlq(t, broker, message_ttl_ms=50)
+    q, dlq = await queue_with_dlq(t, broker, QueueSpec("", message_ttl_ms=50))
     held = Collector(ack=False)
     await t.consume(q, held.handler(q), prefetch=1)
     await publish_bodies(t, "", q, [b"held", b"waiting"])
