@@ -10,10 +10,12 @@ unsplit model. Heavy libraries (TensorFlow, onnxruntime) are imported inside the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -66,6 +68,8 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def build_mlp(seed: int = 0) -> Any:
     """The Keras MLP 784-64-64-10 (Dense/ReLU/softmax), seeded random weights."""
+    # TensorFlow's C++ start-up chatter is not the user's business here.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -90,8 +94,27 @@ def convert_model(model: Any, workdir: Path, *, stages: int) -> tuple[Path, Plan
     proto = load_model(model)
     whole = workdir / "whole.onnx"
     onnx.save(proto, str(whole))
-    plan: Plan = convert(proto, workdir / f"layer-{stages}", by="layer", stages=stages)
+    plan: Plan = convert(
+        proto, workdir / f"layer-{stages}", by="layer", stages=stages, name=model.name
+    )
     return whole, plan
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence C++ log lines (TensorFlow, absl) written straight to fd 2.
+
+    Python exceptions still propagate; only native chatter during the block is dropped.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Reference:
@@ -203,8 +226,8 @@ async def serve_and_check(
     want = reference.run({input_name: x})
     bar = ProgressBar(len(requests)) if progress else None
     async with connect(None, plan=plan) as client:
-        # One request first, so that session warm-up does not count as latency.
-        await client.infer(requests[0])
+        # Warm up first (session start, first batches of each size): not counted.
+        await send_all(client, requests[: 4 * concurrency], concurrency=concurrency)
         start = time.perf_counter()
         try:
             got, latencies = await send_all(
@@ -246,10 +269,12 @@ def run_demo(
         root = workdir or Path(tmp)
         t0 = time.perf_counter()
         print("building the Keras MLP 784-64-64-10 ...", file=out, flush=True)
-        model = build_mlp(seed)
+        with quiet_native_stderr():
+            model = build_mlp(seed)
         t1 = time.perf_counter()
         print("converting to ONNX and splitting into 3 stages by layer ...", file=out, flush=True)
-        whole, plan = convert_model(model, root, stages=3)
+        with quiet_native_stderr():
+            whole, plan = convert_model(model, root, stages=3)
         t2 = time.perf_counter()
         print(
             f"plan {plan.name!r} ({plan.short_hash}): stages "
