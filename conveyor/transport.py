@@ -65,8 +65,9 @@ class QueueSpec:
     #: RabbitMQ quorum queue (durable, replicated); brokerless treats it as a normal queue
     #: but honours ``delivery_limit`` the same way.
     quorum: bool = False
-    #: Dead-letter a message once it has been delivered this many times (quorum only on
-    #: RabbitMQ).
+    #: Dead-letter a message returned (requeued or its consumer lost) after more than this
+    #: many deliveries: 2 means three deliveries, as RabbitMQ 3.10 quorum queues do
+    #: (quorum only on RabbitMQ).
     delivery_limit: int | None = None
 
 
