@@ -1,0 +1,74 @@
+"""The layer split's dynamic programme is exact: it matches brute force on small instances."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from converter.costs import CostModel, estimate_costs
+from converter.export import prepare
+from converter.graph import analyze
+from converter.split_layer import optimal_cuts, split_by_layer
+from conveyor.errors import SplitError
+from tests.converter import graphs
+
+
+def _bottleneck(c: np.ndarray, t: np.ndarray, cuts: list[int]) -> float:
+    bounds = [0, *cuts, len(c) - 1]
+    return max(c[b] - c[a] + t[a] for a, b in itertools.pairwise(bounds))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    compute=st.lists(st.floats(0, 100), min_size=2, max_size=9),
+    transfer=st.lists(st.floats(0, 100), min_size=10, max_size=10),
+    k=st.integers(2, 5),
+)
+def test_optimal_cuts_match_brute_force(compute: list[float], transfer: list[float],
+                                        k: int) -> None:
+    c = np.concatenate([[0.0], np.cumsum(compute)])
+    t = np.array(transfer[: len(c)])
+    m = len(c)
+    if k > m - 1:
+        return
+    cuts = optimal_cuts(c, t, k)
+    assert len(cuts) == k - 1 and cuts == sorted(set(cuts)) and cuts[0] > 0 and cuts[-1] < m - 1
+    best = min(_bottleneck(c, t, list(comb)) for comb in itertools.combinations(range(1, m - 1),
+                                                                                 k - 1))
+    assert _bottleneck(c, t, cuts) == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_transfer_cost_steers_the_cut_to_the_narrow_tensor() -> None:
+    # two equal halves of compute; the cut in the middle carries 100x more than one node later
+    c = np.array([0.0, 10.0, 20.0, 20.5, 30.0, 40.0])
+    t = np.array([0.0, 0.0, 50.0, 0.5, 0.0, 0.0])
+    assert optimal_cuts(c, t, 2) == [3]
+
+
+def test_too_many_stages_is_a_split_error() -> None:
+    analysis = analyze(prepare(graphs.wide(layers=2)))
+    with pytest.raises(SplitError, match="at most 4 stages"):
+        split_by_layer(analysis, estimate_costs(analysis), 5)
+
+
+def test_profiled_costs_replace_the_estimate() -> None:
+    from converter.costs import profile_costs
+
+    analysis = analyze(prepare(graphs.wide(size=128, layers=3)))
+    costs = profile_costs(analysis, runs=3)
+    assert costs.kind == "profile"
+    assert len(costs.node_seconds) == analysis.n
+    matmuls = [s for s, n in zip(costs.node_seconds, analysis.nodes, strict=True)
+               if n.op_type == "MatMul"]
+    assert all(s > 0 for s in matmuls), costs.node_seconds
+    split = split_by_layer(analysis, costs, 3)
+    assert len(split.cuts) == 2
+
+
+def test_cost_model_prefix_is_cumulative() -> None:
+    costs = CostModel((1.0, 2.0, 3.0))
+    assert list(costs.prefix()) == [0.0, 1.0, 3.0, 6.0]
