@@ -203,7 +203,7 @@ class Broker:
         if not targets:
             log.debug("dead-lettered message from %r reached no queue", source.name)
             return
-        # the original's bytes were just released, so this cannot grow the total
+        # outside the budget: dead-lettering must not fail, and it adds at most one body
         charge = self._meter.charge(envelope.size, len(targets), enforce=False)
         for queue in targets:
             queue.put(Envelope(message, spec.dead_letter_exchange, routing_key, charge, deaths))
