@@ -229,6 +229,14 @@ class StageWorker:
         await self._teardown()
         self._state = WorkerState.STOPPED
 
+    async def wait_settled(self, within: float) -> bool:
+        """Wait until no delivery is unsettled; False if ``within`` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._settled.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
     async def set_prefetch(self, queue: str, prefetch: int) -> None:
         record = self._record(queue)
         if prefetch < 1:

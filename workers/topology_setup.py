@@ -91,3 +91,19 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
                 QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
             )
             await transport.bind_queue(queue, exchange, stage.name)
+
+
+async def delete_plan_topology(transport: Transport, plan: Plan) -> None:
+    """Delete every queue and exchange ``declare_plan_topology`` made (messages are lost)."""
+    topo = Topology.of(plan)
+    queues = [topo.dead_letter_queue]
+    queues += [topo.input_queue(i) for i in range(plan.partitioning.shards)]
+    exchanges = [topo.dead_letter_exchange, topo.control_exchange, topo.input_exchange]
+    for stage in plan.stages:
+        if consumes_stage_queue(plan, stage):
+            queues += stage_queues(plan, stage)
+            exchanges.append(topo.stage_exchange(stage.name))
+    for queue in queues:
+        await transport.delete_queue(queue)
+    for exchange in exchanges:
+        await transport.delete_exchange(exchange)

@@ -44,6 +44,10 @@ def _save(
     onnx.save(model, path)
 
 
+def _schedule(max_batch: int, max_delay_ms: float) -> Scheduling:
+    return Scheduling(default=StageSchedule(max_batch=max_batch, max_delay_ms=max_delay_ms))
+
+
 def _affine(path: Path, x: str, y: str, scale: float, shift: float, width: int = WIDTH) -> None:
     """y = relu(x * scale + shift) on [batch, width] float32."""
     s = numpy_helper.from_array(np.float32(scale).reshape(()), f"{path.stem}_s")
@@ -69,6 +73,7 @@ def chain_plan(
     max_delay_ms: float = 5.0,
     partitioning: Partitioning | None = None,
     width: int = WIDTH,
+    name: str = "chain",
 ) -> Plan:
     """k stages in a row; stage i computes relu(x * (i + 2) + 1)."""
     stages = []
@@ -87,7 +92,7 @@ def chain_plan(
             )
         )
     plan = Plan(
-        name="chain",
+        name=name,
         opset=OPSET,
         inputs=(spec("x", width),),
         outputs=(spec("y", width),),
@@ -106,7 +111,9 @@ def chain_expected(x: np.ndarray, k: int = 3) -> np.ndarray:
     return x
 
 
-def join_plan(directory: Path, *, max_batch: int = 8, max_delay_ms: float = 5.0) -> Plan:
+def join_plan(
+    directory: Path, *, max_batch: int = 8, max_delay_ms: float = 5.0, name: str = "join"
+) -> Plan:
     """fork: h = relu(2x+1); left: l = relu(3h+1); right: r = relu(4h+1); join: y = l + r."""
     _affine(directory / "fork.onnx", "x", "h", 2.0, 1.0)
     _affine(directory / "left.onnx", "h", "l", 3.0, 1.0)
@@ -162,7 +169,9 @@ def join_expected(x: np.ndarray) -> np.ndarray:
     return np.maximum(3 * h + 1, 0) + np.maximum(4 * h + 1, 0)
 
 
-def gather_plan(directory: Path, *, max_batch: int = 8, max_delay_ms: float = 5.0) -> Plan:
+def gather_plan(
+    directory: Path, *, max_batch: int = 8, max_delay_ms: float = 5.0, name: str = "gather"
+) -> Plan:
     """One stage: y = GatherElements(x, idx, axis=1); an index >= WIDTH makes onnxruntime fail."""
     _save(
         directory / "g.onnx",

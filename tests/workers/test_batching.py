@@ -1,0 +1,95 @@
+"""Micro-batching: size and delay limits, shape compatibility, per-request split."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from conveyor.errors import ConfigError
+from workers.batching import MicroBatcher, batch_rows, concat, shape_key, split
+
+
+def x(rows: int, width: int = 4, dtype: str = "float32") -> dict[str, np.ndarray]:
+    return {"x": np.arange(rows * width, dtype=dtype).reshape(rows, width)}
+
+
+async def test_full_batch_is_released_without_waiting_for_the_delay() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=4, max_delay_ms=60_000)
+    for i in range(6):
+        b.put(i, "k")
+    batch = await asyncio.wait_for(b.next_batch(), 1.0)
+    assert batch == [0, 1, 2, 3]
+    assert len(b) == 2
+
+
+async def test_partial_batch_waits_for_max_delay_from_the_first_request() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=50)
+    started = time.monotonic()
+    b.put(1, "k")
+    b.put(2, "k")
+    batch = await asyncio.wait_for(b.next_batch(), 2.0)
+    assert batch == [1, 2]
+    assert time.monotonic() - started >= 0.045
+
+
+async def test_zero_delay_releases_at_once() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=0)
+    b.put(7, "k")
+    assert await asyncio.wait_for(b.next_batch(), 1.0) == [7]
+
+
+async def test_incompatible_shapes_never_share_a_batch() -> None:
+    b: MicroBatcher[str] = MicroBatcher(max_batch=3, max_delay_ms=20)
+    for name, t in [("a", x(1)), ("b", x(1, width=5)), ("c", x(1)), ("d", x(1, dtype="float64"))]:
+        b.put(name, shape_key(t))
+    batches = [await asyncio.wait_for(b.next_batch(), 1.0) for _ in range(3)]
+    assert sorted(map(sorted, batches)) == [["a", "c"], ["b"], ["d"]]
+    # The oldest group (first arrival "a") is released first.
+    assert batches[0] == ["a", "c"]
+
+
+async def test_rows_count_against_max_batch() -> None:
+    b: MicroBatcher[str] = MicroBatcher(max_batch=4, max_delay_ms=60_000)
+    b.put("three", "k", rows=3)
+    b.put("two", "k", rows=2)  # would make 5: the first group goes alone
+    assert await asyncio.wait_for(b.next_batch(), 1.0) == ["three"]
+    b.put("big", "other", rows=9)  # alone over the limit: runs alone
+    assert await asyncio.wait_for(b.next_batch(), 1.0) == ["big"]
+
+
+async def test_close_hands_out_what_is_left_then_empty() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=10, max_delay_ms=60_000)
+    b.put(1, "k")
+    b.close()
+    assert await b.next_batch() == [1]
+    assert await b.next_batch() == []
+
+
+def test_concat_and_split_round_trip_per_request() -> None:
+    parts = [x(1), x(3), x(2)]
+    joined = concat(parts)
+    assert joined["x"].shape == (6, 4)
+    pieces = split({"y": joined["x"] * 2}, [1, 3, 2])
+    for part, piece in zip(parts, pieces, strict=True):
+        np.testing.assert_array_equal(piece["y"], part["x"] * 2)
+
+
+def test_split_refuses_outputs_without_matching_rows() -> None:
+    with pytest.raises(ValueError, match="expected 3 rows"):
+        split({"y": np.zeros((2, 4))}, [1, 2])
+
+
+def test_batch_rows_needs_agreeing_inputs() -> None:
+    assert batch_rows({"a": np.zeros((3, 2)), "b": np.zeros((3,))}) == 3
+    with pytest.raises(ValueError, match="disagree"):
+        batch_rows({"a": np.zeros((3, 2)), "b": np.zeros((2, 2))})
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ConfigError):
+        MicroBatcher(0, 1.0)
+    with pytest.raises(ConfigError):
+        MicroBatcher(1, -1.0)

@@ -1,0 +1,270 @@
+"""The stage worker end to end on both brokers: answers, batching, errors, delivery promises."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conveyor.errors import (
+    BackpressureError,
+    CodecError,
+    DeadlineExceeded,
+    InferenceError,
+    PlanError,
+)
+from conveyor.plan import Plan
+from conveyor.transport import Message, Transport
+from tests.transport.conftest import BrokerHandle
+from tests.workers.harness import Harness
+from tests.workers.plans import (
+    chain_expected,
+    chain_plan,
+    gather_plan,
+    join_expected,
+    join_plan,
+)
+from workers import serve
+from workers.settings import WorkerSettings
+from workers.stage_worker import StageWorker
+
+RNG = np.random.default_rng(42)
+
+
+def rand(rows: int = 1) -> np.ndarray:
+    return RNG.random((rows, 4), dtype=np.float32) - 0.3
+
+
+class Pipeline:
+    """Workers for a plan, each on its own connection, plus a test client."""
+
+    def __init__(self, broker: BrokerHandle, plan: Plan) -> None:
+        self.broker = broker
+        self.plan = plan
+        self.workers: list[StageWorker] = []
+        self.client: Harness | None = None
+
+    async def start(
+        self,
+        layout: Sequence[Sequence[str] | None],
+        settings: WorkerSettings | None = None,
+        transport: Transport | None = None,
+    ) -> Harness:
+        self.client = await Harness(await self.broker.connect(), self.plan).open()
+        for stages in layout:
+            t = transport or await self.broker.connect()
+            self.workers.append(await serve(self.plan, t, stages, "cpu", settings))
+        return self.client
+
+    async def stop(self) -> None:
+        for w in self.workers:
+            await w.stop(grace=2.0)
+        if self.client is not None:
+            await self.client.close()
+
+
+@pytest.fixture
+async def pipeline_of(broker: BrokerHandle) -> AsyncIterator[list[Pipeline]]:
+    made: list[Pipeline] = []
+    yield made
+    for p in made:
+        await p.stop()
+
+
+def stats_of(worker: StageWorker, stage: str):  # type: ignore[no-untyped-def]
+    return next(s for s in worker.stats().stages if s.stage == stage)
+
+
+@pytest.mark.parametrize("layout", [[None], [["s0"], ["s1", "s2"]], [["s0"], ["s1"], ["s2"]]])
+async def test_chain_answers_every_request(
+    broker: BrokerHandle,
+    pipeline_of: list[Pipeline],
+    tmp_path: Path,
+    unique: str,
+    layout: list[list[str] | None],
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique, max_delay_ms=3).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start(layout)
+    inputs = {await client.send({"x": x}): x for x in (rand(1 + i % 3) for i in range(40))}
+    await client.wait_for(list(inputs))
+    for rid, x in inputs.items():
+        for result in client.replies[rid]:
+            assert not isinstance(result, Exception), result
+            np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
+    assert client.dead == []
+
+
+@pytest.mark.parametrize("layout", [[None], [["fork"], ["left"], ["right"], ["join"]]])
+async def test_join_gathers_all_branches(
+    broker: BrokerHandle,
+    pipeline_of: list[Pipeline],
+    tmp_path: Path,
+    unique: str,
+    layout: list[list[str] | None],
+) -> None:
+    plan = Plan.load(join_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start(layout)
+    inputs = {await client.send({"x": x}): x for x in (rand() for _ in range(30))}
+    await client.wait_for(list(inputs))
+    for rid, x in inputs.items():
+        result = client.one(rid)
+        assert not isinstance(result, Exception), result
+        np.testing.assert_allclose(result["y"], join_expected(x), rtol=1e-5)
+    join = p.workers[-1]
+    assert stats_of(join, "join").requests >= len(inputs)
+    for w in p.workers:  # every part acked once its request is answered
+        assert await w.wait_settled(5.0)
+        assert all(c.unsettled == 0 for c in w.stats().consumers)
+
+
+async def test_batches_fill_to_max_batch_and_split_back_by_rows(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    # A delay far beyond the test: batches leave only when they hold max_batch rows.
+    plan = Plan.load(chain_plan(tmp_path, name=unique, max_batch=4, max_delay_ms=60_000).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    xs = [rand(2), rand(1), rand(1), rand(3), rand(1)]  # 2+1+1 = 4, then 3+1 = 4
+    ids = [await client.send({"x": x}) for x in xs]
+    await client.wait_for(ids)
+    for rid, x in zip(ids, xs, strict=True):
+        result = client.one(rid)
+        assert not isinstance(result, Exception)
+        assert result["y"].shape == x.shape
+        np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
+    s0 = stats_of(p.workers[0], "s0")
+    assert (s0.batches, s0.requests, s0.rows) == (2, 5, 8)
+
+
+async def test_bad_requests_are_dead_lettered_and_answered(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    good = await client.send({"x": rand()})
+    wrong_dtype = await client.send({"x": rand().astype(np.float64)})
+    wrong_width = await client.send({"x": np.zeros((1, 5), np.float32)})
+    garbage = await client.send({}, body=b"\x93not a wire body")
+    await client.wait_for([good, wrong_dtype, wrong_width, garbage], dead=3)
+    assert not isinstance(client.one(good), Exception)
+    for rid, text in [(wrong_dtype, "float64"), (wrong_width, "dimension 1"), (garbage, "")]:
+        error = client.one(rid)
+        assert isinstance(error, CodecError), error
+        assert text in str(error)
+    assert sorted(m.message_id or "" for m in client.dead) == sorted(
+        [wrong_dtype, wrong_width, garbage]
+    )
+
+
+async def test_expired_request_is_answered_and_not_run(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    # Far from now: RabbitMQ headers carry floats as float32 today (pamqp), about 2 min apart.
+    late = await client.send({"x": rand()}, deadline=time.time() - 600)
+    on_time = await client.send({"x": rand()}, deadline=time.time() + 600)
+    await client.wait_for([late, on_time])
+    assert isinstance(client.one(late), DeadlineExceeded)
+    assert not isinstance(client.one(on_time), Exception)
+    assert stats_of(p.workers[0], "s0").requests == 1
+    assert client.dead == []
+
+
+async def test_plan_hash_mismatch_is_refused(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    rid = await client.send({"x": rand()}, plan_hash="ab" * 32)
+    short = await client.send({"x": rand()}, plan_hash=plan.short_hash)
+    await client.wait_for([rid, short], dead=1)
+    error = client.one(rid)
+    assert isinstance(error, PlanError) and "abab" in str(error)
+    assert not isinstance(client.one(short), Exception)
+    assert [m.message_id for m in client.dead] == [rid]
+
+
+async def test_inference_error_fails_only_the_bad_request_of_a_batch(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(gather_plan(tmp_path, name=unique, max_batch=4, max_delay_ms=60_000).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    x = rand()
+    indices = [0, 3, 9, 1]  # 9 is out of range for width 4
+    ids = [await client.send({"x": x, "idx": np.array([[i]], np.int64)}) for i in indices]
+    await client.wait_for(ids, dead=1)
+    for rid, i in zip(ids, indices, strict=True):
+        result = client.one(rid)
+        if i == 9:
+            assert isinstance(result, InferenceError) and result.stage == "g", result
+        else:
+            assert not isinstance(result, Exception), result
+            np.testing.assert_allclose(result["y"], x[:, [i]])
+    assert [m.message_id for m in client.dead] == [ids[2]]
+
+
+class FlakyPublish:
+    """A transport whose first ``failures`` publishes to stage exchanges / replies fail."""
+
+    def __init__(self, inner: Transport, failures: int) -> None:
+        self._inner = inner
+        self.failures = failures
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def publish(
+        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+    ) -> None:
+        if self.failed < self.failures:
+            self.failed += 1
+            raise BackpressureError("test: publish refused", queue=routing_key)
+        await self._inner.publish(exchange, message, routing_key, mandatory=mandatory)
+
+
+async def test_input_is_acked_only_after_the_output_publish_is_confirmed(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique, max_delay_ms=0).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    flaky = FlakyPublish(await broker.connect(), failures=3)
+    client = await p.start([None], transport=flaky)  # type: ignore[arg-type]
+    x = rand()
+    rid = await client.send({"x": x})
+    await client.wait_for([rid])
+    assert flaky.failed == 3  # three failed replies: requeued, redelivered, run again
+    result = client.one(rid)
+    assert not isinstance(result, Exception)
+    np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
+    assert stats_of(p.workers[0], "s0").requests == 4
+    assert client.dead == []
+
+
+async def test_stop_finishes_in_flight_and_leaves_the_rest_queued(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique, max_delay_ms=1).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    inputs = {await client.send({"x": x}): x for x in (rand() for _ in range(60))}
+    await p.workers[0].stop(grace=5.0)
+    served_first = stats_of(p.workers[0], "s0").requests
+    # A second worker takes over whatever the first left unsettled or never received.
+    p.workers.append(await serve(plan, await broker.connect(), None, "cpu"))
+    await client.wait_for(list(inputs))
+    for rid, x in inputs.items():
+        result = client.one(rid)
+        assert not isinstance(result, Exception)
+        np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
+    assert served_first + stats_of(p.workers[1], "s0").requests >= len(inputs)
