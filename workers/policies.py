@@ -12,7 +12,8 @@ Three levers (docs/scheduling.md):
   ``backlog_high_s`` to drain for ``confirm_periods`` periods in a row, and goes back when
   that backlog is under ``backlog_low_s`` again and it has stayed ``move_dwell_s``;
 * partitions: a hash/range routing key is moved from an input shard whose load exceeds its
-  capacity to the shard where the move lowers the worst utilisation most.
+  capacity to the shard where the move lowers the worst utilisation most, provided the
+  receiving shard stays within its capacity (else the move would only move the hot spot).
 
 Hysteresis: a prefetch changes only by at least ``prefetch_deadband`` (relative) and at
 most every ``prefetch_dwell_s``; moves need ``confirm_periods`` of evidence and a dwell.
@@ -484,7 +485,10 @@ def partition_moves(
         for target in obs.input_queues:
             if target == hot or capacity[target] <= 0:
                 continue
-            after = max(util[hot] - a / capacity[hot], util[target] + a / capacity[target])
+            lands = util[target] + a / capacity[target]
+            if lands > cfg.shard_high:
+                continue  # it would only move the hot spot
+            after = max(util[hot] - a / capacity[hot], lands)
             if best is None or after < best[0]:
                 best = (after, key, target)
     if best is None or best[0] > worst * (1 - cfg.partition_min_gain):

@@ -97,6 +97,8 @@ class SyntheticWorker:
     result_route: Route | None = None
     #: Multiplies every service time (a worker slowing down).
     slowdown: float = 1.0
+    #: Consume only these of a stage's queues (e.g. one input shard); None: all of them.
+    only_queues: tuple[str, ...] | None = None
     consumers: dict[str, tuple[str, Consumer]] = field(default_factory=dict)
     counters: dict[str, _StageCounters] = field(default_factory=dict)
     routing_keys: dict[str, int] = field(default_factory=dict)
@@ -165,6 +167,8 @@ class SyntheticWorker:
         if stage not in self.service_s:
             raise ConfigError(f"worker {self.worker_id} cannot run stage {stage!r}")
         queues = stage_queues(self.plan, self.plan.stage(stage))
+        if self.only_queues is not None:
+            queues = [q for q in queues if q in self.only_queues] or queues
         if queue is not None:
             if queue not in queues:
                 raise ConfigError(f"queue {queue} does not feed stage {stage!r}")
