@@ -22,8 +22,9 @@ Replies carry ``x-conveyor-status`` (``"ok"`` or ``"error"``); an error reply al
 ``{"code", "message", "stage"}``. ``read_reply`` turns it back into the typed error.
 
 Header values are validated on the way in: a malformed one raises ``CodecError`` naming
-the header. Numbers may also arrive as decimal strings and strings as UTF-8 bytes, since
-AMQP clients differ in how they type table values.
+the header. Numbers may also arrive as AMQP decimals (``Decimal``) or decimal strings
+(pika cannot send a float header), and strings as UTF-8 bytes, since AMQP clients differ
+in how they type table values.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -316,11 +318,11 @@ def _number(name: str, value: object) -> float:
             value = float(text)
         except ValueError as exc:
             raise CodecError(f"{name} must be a number, got {text!r:.80}") from exc
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
         raise CodecError(f"{name} must be a number, got {type(value).__name__} {value!r:.80}")
     try:
         number = float(value)
-    except OverflowError as exc:
+    except (OverflowError, ValueError) as exc:
         raise CodecError(f"{name} is out of range: {value!r:.80}") from exc
     if not math.isfinite(number):
         raise CodecError(f"{name} must be finite, got {number!r}")

@@ -47,6 +47,13 @@ _TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES
 }
+#: Allowed dtype -> its name, native and both byte orders (``dtype.name`` is slow).
+_NAME_OF: dict[np.dtype[Any], str] = {
+    dt: name
+    for name in ALLOWED_DTYPES
+    for dt in (np.dtype(name), np.dtype(name).newbyteorder("<"), np.dtype(name).newbyteorder(">"))
+}
+_BYTES_LIKE = (bytes, bytearray, memoryview)
 #: The header is read from a prefix this long first; a longer header gets a second try.
 _FIRST_READ = 64 * 1024
 _BIN32_MAX = 2**32 - 1
@@ -87,17 +94,6 @@ class Decoded:
     meta: dict[str, MetaValue]
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where one tensor lies in a body, validated, before any view is made."""
-
-    name: str
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-    count: int
-    offset: int
-
-
 # -- encode ----------------------------------------------------------------------------------
 
 
@@ -117,9 +113,9 @@ def encode(
     entries: list[dict[str, Any]] = []
     for name, value in tensors.items():
         _check_name(name, limits, where="encode")
-        array = _wire_array(name, value, limits)
+        array, dtype_name = _wire_array(name, value, limits)
         arrays.append(array)
-        entries.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
+        entries.append({"name": name, "dtype": dtype_name, "shape": list(array.shape)})
     meta_dict: dict[str, Any] = {} if meta is None else dict(meta)
     _check_meta(meta_dict)
     meta_bytes = _pack(meta_dict, "meta")
@@ -143,12 +139,14 @@ def encode(
     return b"".join(parts)
 
 
-def _wire_array(name: str, value: object, limits: Limits) -> np.ndarray:
+def _wire_array(name: str, value: object, limits: Limits) -> tuple[np.ndarray, str]:
+    """The C-contiguous little-endian array to send for ``value``, and its dtype name."""
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if not isinstance(value, np.ndarray):
         raise CodecError(f"tensor {name!r} is a {type(value).__name__}, not a numpy array")
-    if value.dtype.name not in ALLOWED_DTYPES:
+    dtype_name = _NAME_OF.get(value.dtype)
+    if dtype_name is None:
         raise CodecError(f"tensor {name!r} has dtype {value.dtype!s}; allowed: "
                          f"{', '.join(sorted(ALLOWED_DTYPES))}")
     if value.ndim > limits.max_dims:
@@ -156,10 +154,10 @@ def _wire_array(name: str, value: object, limits: Limits) -> np.ndarray:
                          f"{limits.max_dims}")
     order = value.dtype.byteorder
     if order == ">" or (order == "=" and sys.byteorder == "big"):
-        return value.astype(value.dtype.newbyteorder("<"), order="C")
+        return value.astype(value.dtype.newbyteorder("<"), order="C"), dtype_name
     if not value.flags.c_contiguous:
-        return np.ascontiguousarray(value)
-    return value
+        return np.ascontiguousarray(value), dtype_name
+    return value, dtype_name
 
 
 def _pack(value: object, what: str) -> bytes:
@@ -227,10 +225,12 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
     start = pos
     header, pos = _unpack_header(view, pos, limits)
     meta, entries = _parse_header(header, count - 1, pos - start, limits)
-    layouts: list[_Layout] = []
+    # (name, dtype, shape, element count, offset): all validated before any view is made.
+    layouts: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] = []
     for index, (name, dtype, shape) in enumerate(entries):
         length, pos = _read_len(view, pos, _BIN_HEADS, f"tensor {index} ({name!r}), a bin,")
-        expected = math.prod(shape) * dtype.itemsize
+        count = math.prod(shape)
+        expected = count * dtype.itemsize
         if length != expected:
             raise CodecError(
                 f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
@@ -239,23 +239,22 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
         if pos + length > size:
             raise CodecError(f"tensor {name!r}: message truncated: its {length} bytes start at "
                              f"offset {pos} but the message ends at {size}")
-        layouts.append(_Layout(name, dtype, shape, math.prod(shape), pos))
+        layouts.append((name, dtype, shape, count, pos))
         pos += length
     if pos != size:
         raise CodecError(f"{size - pos} bytes of trailing garbage after the last tensor "
                          f"(offset {pos})")
-    source = body if isinstance(body, bytes | bytearray) else view
+    source = view if isinstance(body, memoryview) else body
     tensors: dict[str, np.ndarray] = {}
-    for t in layouts:
-        array = np.frombuffer(source, dtype=t.dtype, count=t.count, offset=t.offset)
-        array = array.reshape(t.shape)
+    for name, dtype, shape, count, offset in layouts:
+        array = np.frombuffer(source, dtype=dtype, count=count, offset=offset).reshape(shape)
         array.flags.writeable = False
-        tensors[t.name] = array
+        tensors[name] = array
     return Decoded(tensors=tensors, meta=meta)
 
 
 def _byte_view(body: object) -> memoryview:
-    if not isinstance(body, bytes | bytearray | memoryview):
+    if not isinstance(body, _BYTES_LIKE):
         raise CodecError(f"message body must be bytes, bytearray or memoryview, "
                          f"got {type(body).__name__}")
     view = memoryview(body)
@@ -296,7 +295,9 @@ def _unpack_header(view: memoryview, pos: int, limits: Limits) -> tuple[object, 
     for stop in stops:
         unpacker = msgpack.Unpacker(
             None,
-            max_buffer_size=max(cap, 1),
+            # read_size is the buffer allocated up front: only what this try feeds.
+            read_size=max(stop - pos, 1),
+            max_buffer_size=max(cap, stop - pos, 1),
             raw=False,
             use_list=True,
             strict_map_key=True,
@@ -322,8 +323,8 @@ def _parse_header(
 ) -> tuple[dict[str, MetaValue], list[tuple[str, np.dtype[Any], tuple[int, ...]]]]:
     if not isinstance(header, dict):
         raise CodecError(f"message header is a {type(header).__name__}; expected a map")
-    unknown = set(header) - _HEADER_KEYS
-    if unknown:
+    if not _HEADER_KEYS.issuperset(header):
+        unknown = set(header) - _HEADER_KEYS
         raise CodecError(f"message header has unknown keys {sorted(map(str, unknown))}; "
                          f"allowed: {sorted(_HEADER_KEYS)}")
     version = header.get("v")
@@ -360,7 +361,7 @@ def _parse_entry(
 ) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
     if not isinstance(entry, dict):
         raise CodecError(f"tensor entry {index} is a {type(entry).__name__}; expected a map")
-    if set(entry) != _TENSOR_KEYS:
+    if entry.keys() != _TENSOR_KEYS:
         raise CodecError(f"tensor entry {index} has keys {sorted(map(str, entry))}; "
                          f"expected {sorted(_TENSOR_KEYS)}")
     name = entry["name"]
@@ -395,6 +396,8 @@ def _check_name(name: object, limits: Limits, *, where: str) -> None:
 
 def _check_meta(meta: Mapping[str, object]) -> None:
     """Check ``meta`` is a MetaValue tree with str keys (iteratively: depth is unbounded)."""
+    if not meta:
+        return
     stack: list[tuple[object, str]] = [(meta, "meta")]
     while stack:
         value, path = stack.pop()

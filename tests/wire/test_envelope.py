@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import msgpack
@@ -85,9 +86,11 @@ def test_values_typed_differently_by_other_clients_are_accepted() -> None:
     )
 
 
-def test_integer_deadline_is_a_float() -> None:
+@pytest.mark.parametrize("value", [1_800_000_000, Decimal("1800000000"), "1800000000"])
+def test_integer_and_decimal_deadlines_are_floats(value: object) -> None:
+    # pika cannot send floats; AMQP decimals and strings carry the deadline instead.
     meta = RequestMeta.from_message(Message(b"", message_id="r",
-                                            headers={envelope.HEADER_DEADLINE: 1_800_000_000}))
+                                            headers={envelope.HEADER_DEADLINE: value}))
     assert meta.deadline == 1_800_000_000.0
     assert isinstance(meta.deadline, float)
 
@@ -105,6 +108,8 @@ def test_correlation_id_stands_in_for_a_missing_message_id() -> None:
         ("x-conveyor-deadline", "inf"),
         ("x-conveyor-deadline", True),
         ("x-conveyor-deadline", 10**400),
+        ("x-conveyor-deadline", Decimal("NaN")),
+        ("x-conveyor-deadline", Decimal("sNaN")),
         ("x-conveyor-plan", "XYZ"),
         ("x-conveyor-plan", PLAN.upper()),
         ("x-conveyor-plan", PLAN + "0"),
