@@ -32,9 +32,9 @@ from __future__ import annotations
 import math
 import re
 import time
-from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import msgpack
