@@ -176,6 +176,19 @@ def _keras_input_name(tensor: Any) -> str:
     return str(getattr(layer, "name", "") or tensor.name)
 
 
+def _keras_output_names(model: Any) -> list[str]:
+    """``model.output_names`` where Keras fills it, else the names of the output layers."""
+    outputs = list(model.outputs)
+    declared = list(getattr(model, "output_names", None) or [])
+    if len(declared) == len(outputs) and all(declared):
+        return [str(n) for n in declared]
+    names = []
+    for i, t in enumerate(outputs):
+        layer = getattr(getattr(t, "_keras_history", None), "operation", None)
+        names.append(str(getattr(layer, "name", "") or f"output_{i}"))
+    return names
+
+
 def keras_to_onnx(model: Any, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """A Keras model object -> ModelProto with the model's input and output names."""
     tf = _import_tf()
@@ -186,8 +199,7 @@ def keras_to_onnx(model: Any, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         if len(t.shape) == 0:
             raise UnsupportedModelError(f"Keras input {t.name!r} is a scalar: no batch dimension")
     in_names = _unique((_keras_input_name(t) for t in inputs), "input")
-    out_names = _unique(list(getattr(model, "output_names", None) or []) or
-                        [f"output_{i}" for i in range(len(model.outputs))], "output")
+    out_names = _unique(_keras_output_names(model), "output")
     specs = [
         tf.TensorSpec((None, *tuple(t.shape[1:])), t.dtype, name=n)
         for t, n in zip(inputs, in_names, strict=True)
