@@ -55,7 +55,7 @@ _NAME_OF: dict[np.dtype[Any], str] = {
 }
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 #: The header is read from a prefix this long first; a longer header gets a second try.
-_FIRST_READ = 64 * 1024
+_FIRST_READ = 4096
 _BIN32_MAX = 2**32 - 1
 
 
@@ -112,7 +112,7 @@ def encode(
     arrays: list[np.ndarray] = []
     entries: list[dict[str, Any]] = []
     for name, value in tensors.items():
-        _check_name(name, limits, where="encode")
+        _check_name(name, limits, where=None)
         array, dtype_name = _wire_array(name, value, limits)
         arrays.append(array)
         entries.append({"name": name, "dtype": dtype_name, "shape": list(array.shape)})
@@ -216,7 +216,7 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
     size = view.nbytes
     if size > limits.max_message_bytes:
         raise CodecError(f"message is {size} bytes; the limit is {limits.max_message_bytes}")
-    count, pos = _read_len(view, 0, _ARRAY_HEADS, "the message (a msgpack array)")
+    count, pos = _read_len(view, 0, _ARRAY_HEADS, None)
     if count < 1:
         raise CodecError("message is an empty array; expected [header, tensor bytes...]")
     if count - 1 > limits.max_tensors:
@@ -228,7 +228,7 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
     # (name, dtype, shape, element count, offset): all validated before any view is made.
     layouts: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] = []
     for index, (name, dtype, shape) in enumerate(entries):
-        length, pos = _read_len(view, pos, _BIN_HEADS, f"tensor {index} ({name!r}), a bin,")
+        length, pos = _read_len(view, pos, _BIN_HEADS, (index, name))
         count = math.prod(shape)
         expected = count * dtype.itemsize
         if length != expected:
@@ -270,21 +270,29 @@ _ARRAY_HEADS: dict[int, int] = {0xDC: 2, 0xDD: 4, **{b: -1 for b in range(0x90, 
 _BIN_HEADS: dict[int, int] = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
-def _read_len(view: memoryview, pos: int, heads: dict[int, int], what: str) -> tuple[int, int]:
-    """Read a msgpack array or bin header at ``pos``: (declared length, position after)."""
+def _read_len(
+    view: memoryview, pos: int, heads: dict[int, int], tensor: tuple[int, str] | None
+) -> tuple[int, int]:
+    """Read the outer array header (``tensor`` None) or a tensor's bin header at ``pos``.
+
+    Returns (declared length, position after the header).
+    """
+    if pos < view.nbytes and (width := heads.get(view[pos])) is not None:
+        if width < 0:
+            return view[pos] & 0x0F, pos + 1
+        end = pos + 1 + width
+        if end <= view.nbytes:
+            return int.from_bytes(view[pos + 1 : end], "big"), end
+    # Not the header expected: say why (formatting only on this path).
+    what = ("the message (a msgpack array)" if tensor is None
+            else f"tensor {tensor[0]} ({tensor[1]!r}), a bin,")
     if pos >= view.nbytes:
         raise CodecError(f"message truncated: expected {what} at offset {pos}, "
                          f"the message ends there")
     first = view[pos]
-    width = heads.get(first)
-    if width is None:
+    if first not in heads:
         raise CodecError(f"expected {what} at offset {pos}, found msgpack byte 0x{first:02x}")
-    if width < 0:
-        return first & 0x0F, pos + 1
-    end = pos + 1 + width
-    if end > view.nbytes:
-        raise CodecError(f"message truncated inside the header of {what} at offset {pos}")
-    return int.from_bytes(view[pos + 1 : end], "big"), end
+    raise CodecError(f"message truncated inside the header of {what} at offset {pos}")
 
 
 def _unpack_header(view: memoryview, pos: int, limits: Limits) -> tuple[object, int]:
@@ -365,7 +373,7 @@ def _parse_entry(
         raise CodecError(f"tensor entry {index} has keys {sorted(map(str, entry))}; "
                          f"expected {sorted(_TENSOR_KEYS)}")
     name = entry["name"]
-    _check_name(name, limits, where=f"tensor entry {index}")
+    _check_name(name, limits, where=index)
     dtype_name = entry["dtype"]
     if not isinstance(dtype_name, str) or dtype_name not in _WIRE_DTYPES:
         raise CodecError(f"tensor {name!r}: dtype {dtype_name!r} is not allowed; allowed: "
@@ -384,14 +392,17 @@ def _parse_entry(
     return name, _WIRE_DTYPES[dtype_name], tuple(shape)
 
 
-def _check_name(name: object, limits: Limits, *, where: str) -> None:
-    if not isinstance(name, str):
-        raise CodecError(f"{where}: tensor name {name!r:.80} is a {type(name).__name__}, "
-                         f"not a str")
-    size = len(name.encode("utf-8", "surrogatepass"))
-    if not 1 <= size <= limits.max_name_bytes:
-        raise CodecError(f"{where}: tensor name {name!r:.80} is {size} bytes; names take 1 to "
-                         f"{limits.max_name_bytes}")
+def _check_name(name: object, limits: Limits, *, where: int | None) -> None:
+    """``where``: the entry's index in a header being decoded, None when encoding."""
+    if isinstance(name, str):
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if 1 <= size <= limits.max_name_bytes:
+            return
+        problem = f"is {size} bytes; names take 1 to {limits.max_name_bytes}"
+    else:
+        problem = f"is a {type(name).__name__}, not a str"
+    prefix = "encode" if where is None else f"tensor entry {where}"
+    raise CodecError(f"{prefix}: tensor name {name!r:.80} {problem}")
 
 
 def _check_meta(meta: Mapping[str, object]) -> None:

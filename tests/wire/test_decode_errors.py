@@ -159,7 +159,7 @@ def test_header_longer_than_the_limits_allow() -> None:
 
 
 def test_header_beyond_the_first_read_is_found() -> None:
-    # A header longer than the first 64 KiB the decoder reads still decodes.
+    # A header longer than the first bytes the decoder reads (4 KiB) still decodes.
     meta = {"blob": b"\x01" * 100_000}
     decoded = decode(encode({"a": np.arange(3)}, meta))
     assert decoded.meta == meta
