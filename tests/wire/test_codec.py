@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
+
 import msgpack
 import numpy as np
 import pytest
@@ -222,3 +225,37 @@ def test_check_tensor_accepts_any_batch(batch: int) -> None:
 def test_check_tensor_names_the_mismatch(array: np.ndarray, match: str) -> None:
     with pytest.raises(CodecError, match=match):
         check_tensor("img", array, SPEC)
+
+
+# -- memory: one copy to encode, none to decode ------------------------------------------
+
+
+def peak_allocation(fn: Callable[[], object]) -> int:
+    """Bytes allocated at the peak while ``fn`` runs (numpy and bytes both report here)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+        del result
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
+def test_encode_allocates_only_the_body() -> None:
+    a = sample("float32", (1_000_000,))
+    peak = peak_allocation(lambda: encode({"a": a}))
+    assert a.nbytes <= peak < a.nbytes + 64 * 1024
+
+
+def test_decode_allocates_no_tensor_bytes() -> None:
+    body = encode({"a": sample("float32", (1_000_000,)), "b": sample("int64", (1000, 10))})
+    assert peak_allocation(lambda: decode(body)) < 64 * 1024
+
+
+def test_converting_input_costs_one_extra_copy_at_most() -> None:
+    a = sample("float64", (500_000,)).astype(">f8")
+    peak = peak_allocation(lambda: encode({"a": a}))
+    assert peak < 2 * a.nbytes + 64 * 1024
