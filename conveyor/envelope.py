@@ -67,6 +67,8 @@ MAX_SHORT_STR = 255
 MAX_ATTEMPT = 1_000_000
 #: An error reply body larger than this is refused before it is unpacked.
 MAX_ERROR_BODY = 64 * 1024
+#: Characters of an error's text sent in a reply (at most 4 UTF-8 bytes each: fits above).
+MAX_ERROR_TEXT = 8 * 1024
 
 _PLAN_HASH = re.compile(r"[0-9a-f]{1,64}")
 
@@ -166,9 +168,12 @@ def reply_ok(meta: RequestMeta, body: bytes) -> Message:
 def reply_error(meta: RequestMeta, error: ConveyorError) -> Message:
     """The reply telling the caller why its request failed; ``read_reply`` re-raises it."""
     stage = getattr(error, "stage", None)
+    text = str(error)
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[:MAX_ERROR_TEXT] + " ... (truncated)"
     body: dict[str, str | None] = {
         "code": error.code,
-        "message": str(error),
+        "message": text,
         "stage": stage if isinstance(stage, str) else None,
     }
     headers = _reply_headers(meta, STATUS_ERROR)

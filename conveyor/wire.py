@@ -113,7 +113,7 @@ def encode(
     entries: list[dict[str, Any]] = []
     for name, value in tensors.items():
         _check_name(name, limits, where=None)
-        array, dtype_name = _wire_array(name, value, limits)
+        array, dtype_name = _checked_array(name, value, limits)
         arrays.append(array)
         entries.append({"name": name, "dtype": dtype_name, "shape": list(array.shape)})
     meta_dict: dict[str, Any] = {} if meta is None else dict(meta)
@@ -124,23 +124,29 @@ def encode(
                          f"{limits.max_meta_bytes}")
     # {"v": 1, "meta": ..., "tensors": [...]} written key by key so meta is packed once.
     header = b"\x83\xa1v\x01\xa4meta" + meta_bytes + b"\xa7tensors" + _pack(entries, "header")
-    parts: list[bytes | memoryview] = [_array_header(len(arrays) + 1), header]
+    bin_headers: list[bytes] = []
     for name, array in zip(tensors, arrays, strict=True):
         if array.nbytes > _BIN32_MAX:
             raise CodecError(f"tensor {name!r} is {array.nbytes} bytes; a msgpack bin holds "
                              f"at most {_BIN32_MAX}")
-        parts.append(_bin_header(array.nbytes))
-        parts.append(array.data)
-    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        bin_headers.append(_bin_header(array.nbytes))
+    array_header = _array_header(len(arrays) + 1)
+    total = (len(array_header) + len(header) + sum(map(len, bin_headers))
+             + sum(a.nbytes for a in arrays))
     if total > limits.max_message_bytes:
         raise CodecError(f"message would be {total} bytes; the limit is "
                          f"{limits.max_message_bytes}")
+    # Everything is checked: only now convert the inputs that are not wire-ready.
+    parts: list[bytes | memoryview] = [array_header, header]
+    for bin_header, array in zip(bin_headers, arrays, strict=True):
+        parts.append(bin_header)
+        parts.append(_little_endian_c_order(array).data)
     # The one copy of each tensor's bytes: join reads every array's buffer directly.
     return b"".join(parts)
 
 
-def _wire_array(name: str, value: object, limits: Limits) -> tuple[np.ndarray, str]:
-    """The C-contiguous little-endian array to send for ``value``, and its dtype name."""
+def _checked_array(name: str, value: object, limits: Limits) -> tuple[np.ndarray, str]:
+    """``value`` as an array with an allowed dtype and rank, and its dtype name."""
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if not isinstance(value, np.ndarray):
@@ -152,12 +158,17 @@ def _wire_array(name: str, value: object, limits: Limits) -> tuple[np.ndarray, s
     if value.ndim > limits.max_dims:
         raise CodecError(f"tensor {name!r} has {value.ndim} dimensions; the limit is "
                          f"{limits.max_dims}")
-    order = value.dtype.byteorder
-    if order == ">" or (order == "=" and sys.byteorder == "big"):
-        return value.astype(value.dtype.newbyteorder("<"), order="C"), dtype_name
-    if not value.flags.c_contiguous:
-        return np.ascontiguousarray(value), dtype_name
     return value, dtype_name
+
+
+def _little_endian_c_order(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when it is wire-ready, else a converted copy."""
+    order = array.dtype.byteorder
+    if order == ">" or (order == "=" and sys.byteorder == "big"):
+        return array.astype(array.dtype.newbyteorder("<"), order="C")
+    if not array.flags.c_contiguous:
+        return np.ascontiguousarray(array)
+    return array
 
 
 def _pack(value: object, what: str) -> bytes:
@@ -229,8 +240,8 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
     layouts: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] = []
     for index, (name, dtype, shape) in enumerate(entries):
         length, pos = _read_len(view, pos, _BIN_HEADS, (index, name))
-        count = math.prod(shape)
-        expected = count * dtype.itemsize
+        elements = math.prod(shape)
+        expected = elements * dtype.itemsize
         if length != expected:
             raise CodecError(
                 f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
@@ -239,15 +250,15 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
         if pos + length > size:
             raise CodecError(f"tensor {name!r}: message truncated: its {length} bytes start at "
                              f"offset {pos} but the message ends at {size}")
-        layouts.append((name, dtype, shape, count, pos))
+        layouts.append((name, dtype, shape, elements, pos))
         pos += length
     if pos != size:
         raise CodecError(f"{size - pos} bytes of trailing garbage after the last tensor "
                          f"(offset {pos})")
     source = view if isinstance(body, memoryview) else body
     tensors: dict[str, np.ndarray] = {}
-    for name, dtype, shape, count, offset in layouts:
-        array = np.frombuffer(source, dtype=dtype, count=count, offset=offset).reshape(shape)
+    for name, dtype, shape, elements, offset in layouts:
+        array = np.frombuffer(source, dtype=dtype, count=elements, offset=offset).reshape(shape)
         array.flags.writeable = False
         tensors[name] = array
     return Decoded(tensors=tensors, meta=meta)

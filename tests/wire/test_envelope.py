@@ -233,6 +233,13 @@ def test_error_reply_keeps_the_inference_stage() -> None:
     assert info.value.stage == "s3"
 
 
+def test_a_huge_error_text_is_truncated_but_still_typed() -> None:
+    with pytest.raises(InferenceError) as info:
+        read_reply(reply_error(FULL, InferenceError("\u00e9" * 100_000, stage="s")))
+    assert str(info.value).endswith("(truncated)")
+    assert str(info.value).startswith("\u00e9" * envelope.MAX_ERROR_TEXT)
+
+
 def test_error_body_is_plain_msgpack() -> None:
     body = msgpack.unpackb(reply_error(FULL, InferenceError("boom", stage="s3")).body)
     assert body == {"code": "inference_error", "message": "boom", "stage": "s3"}
