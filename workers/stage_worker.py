@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from conveyor import wire
+from conveyor.control import QueueConsumption
 from conveyor.envelope import RequestMeta, reply_error, reply_ok
 from conveyor.errors import (
     CodecError,
@@ -62,7 +63,7 @@ from workers.runner import Batch, Item, Request, StageRunner, deadline_error, st
 from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
 from workers.settlement import Lot, Outcome
-from workers.stats import ConsumerStats, WorkerStats
+from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
 from workers.topology_setup import declare_plan_topology, stage_queues
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class Destination:
 @dataclass
 class _ConsumerRecord:
     queue: str
+    #: The plan stage this queue feeds (``plan.stages[0]`` for input shards).
+    stage: str
+    #: The runner that takes its deliveries (``MODEL_INPUT`` = the ingress).
     runner: str
     prefetch: int
     consumer: Consumer | None = None
@@ -113,6 +117,7 @@ class StageWorker:
         *,
         worker_id: str | None = None,
         declare: bool = True,
+        home: Sequence[str] | None = None,
     ) -> None:
         names = list(stages) if stages else plan.stage_names
         for name in names:
@@ -125,6 +130,14 @@ class StageWorker:
         self.topology = Topology.of(plan)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.hosted: tuple[str, ...] = tuple(n for n in plan.stage_names if n in names)
+        #: Stages whose queues are consumed from the start; the others are loaded and
+        #: wait for ``start_consuming`` (a flexible worker the controller may move).
+        self.home: tuple[str, ...] = self.hosted if home is None else tuple(home)
+        for name in self.home:
+            if name not in self.hosted:
+                raise ConfigError(f"home stage {name!r} is not among the hosted {self.hosted}")
+        #: Deliveries per input routing key (p.N / r.i) on the input shards.
+        self.routing_keys: dict[str, int] = {}
         self._declare = declare
         self._state = WorkerState.NEW
         self._runners: dict[str, StageRunner] = {}
@@ -191,8 +204,8 @@ class StageWorker:
             for runner in self._runners.values():
                 runner.start()
             self._plan_consumers()
-            for queue in self._records:
-                await self.start_consuming(queue)
+            for name in self.home:
+                await self.start_consuming(name)
         except BaseException:
             await self._teardown()
             self._state = WorkerState.STOPPED
@@ -245,27 +258,46 @@ class StageWorker:
         if record.consumer is not None:
             await record.consumer.set_prefetch(prefetch)
 
-    async def start_consuming(self, queue: str) -> None:
-        record = self._record(queue)
-        if record.consumer is not None:
+    async def start_consuming(self, stage: str, queue: str | None = None) -> None:
+        """Consume ``queue`` of ``stage`` (default: its queues this worker was set up for)."""
+        for record in self._records_for(stage, queue, create=True):
             record.consuming = True
-            return
-        handler = self._handler(record)
-        record.consuming = True
-        record.consumer = await self.transport.consume(queue, handler, prefetch=record.prefetch)
+            if record.consumer is None:
+                handler = self._handler(record)
+                record.consumer = await self.transport.consume(
+                    record.queue, handler, prefetch=record.prefetch
+                )
 
-    async def stop_consuming(self, queue: str, grace: float | None = None) -> None:
-        """Take no more from ``queue``; finish its deliveries (up to ``grace``), then cancel."""
-        record = self._record(queue)
-        record.consuming = False
-        grace = self.settings.grace if grace is None else grace
-        if record.lots:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(record.idle.wait(), grace)
-        if record.consumer is not None:
-            consumer, record.consumer = record.consumer, None
-            record.parked.clear()
-            await consumer.cancel()
+    async def stop_consuming(self, stage: str, queue: str | None = None) -> None:
+        """Take no more from ``stage``'s queue(s); finish their deliveries (up to the grace
+        period), then cancel (what is still unsettled is redelivered to other workers)."""
+        records = self._records_for(stage, queue, create=False)
+        for record in records:
+            record.consuming = False
+        for record in records:
+            if record.lots:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(record.idle.wait(), self.settings.grace)
+            if record.consumer is not None:
+                consumer, record.consumer = record.consumer, None
+                record.parked.clear()
+                await consumer.cancel()
+
+    def snapshot(self) -> ControlStats:
+        """The figures the control agent sends in heartbeats (``conveyor.control``)."""
+        return control_snapshot(
+            first_stage=self.plan.stages[0].name,
+            counters={name: r.counters for name, r in self._runners.items()},
+            consuming=tuple(
+                QueueConsumption(rec.queue, rec.stage, rec.prefetch)
+                for rec in self._records.values()
+                if rec.consuming and rec.consumer is not None
+            ),
+            hosted=self.hosted,
+            home=self.home,
+            routing_keys=self.routing_keys,
+            providers=self.providers,
+        )
 
     def stats(self) -> WorkerStats:
         return WorkerStats(
@@ -276,7 +308,7 @@ class StageWorker:
             consumers=tuple(
                 ConsumerStats(
                     queue=rec.queue,
-                    stage=rec.runner,
+                    stage=rec.stage,
                     prefetch=rec.prefetch,
                     unsettled=len(rec.lots) + len(rec.parked),
                     consuming=rec.consuming,
@@ -429,6 +461,8 @@ class StageWorker:
 
     async def _on_request(self, record: _ConsumerRecord, delivery: Delivery) -> None:
         ingress = self._runners[MODEL_INPUT]
+        key = delivery.routing_key
+        self.routing_keys[key] = self.routing_keys.get(key, 0) + 1
         lot = self._lot(record, delivery, 1)
         message = delivery.message
         try:
@@ -583,33 +617,54 @@ class StageWorker:
                 self._replies[source] = tuple(o.tensor.name for o in spec.outputs if o.model_output)
 
     def _plan_consumers(self) -> None:
+        for name in self.home:
+            for record in self._records_for(name, None, create=True):
+                record.consuming = True
+
+    def _records_for(self, stage: str, queue: str | None, *, create: bool) -> list[_ConsumerRecord]:
+        """The consumer records of ``stage`` (one ``queue`` of it, or the worker's default
+        set: every shard, or ``settings.shard``), made on first use when ``create``."""
+        if stage not in self.hosted:
+            raise ConfigError(
+                f"worker {self.worker_id} has not loaded stage {stage!r}; "
+                f"it runs {list(self.hosted)}"
+            )
+        spec = self.plan.stage(stage)
+        allowed = stage_queues(self.plan, spec)
+        if queue is not None:
+            if queue not in allowed:
+                raise ConfigError(f"queue {queue!r} is not a queue of stage {stage!r}: {allowed}")
+            wanted = [queue]
+        else:
+            wanted = [q for q in self._records if self._records[q].stage == stage] or allowed
+            shard = self.settings.shard
+            sharded = spec.name == self.plan.stages[0].name or spec.is_join
+            if shard is not None and wanted is allowed and sharded:
+                if shard >= len(allowed):
+                    raise ConfigError(f"--shard {shard}: stage {stage!r} has {len(allowed)} shards")
+                wanted = [allowed[shard]]
+        if create:
+            for q in wanted:
+                if q not in self._records:
+                    self._records[q] = self._new_record(spec, q)
+        return [self._records[q] for q in wanted if q in self._records]
+
+    def _new_record(self, spec: StageSpec, queue: str) -> _ConsumerRecord:
         s = self.settings
-        first = self.plan.stages[0]
-        for name in self.hosted:
-            spec = self.plan.stage(name)
-            runner = MODEL_INPUT if name == first.name else name
-            queues = stage_queues(self.plan, spec)
-            if s.shard is not None and (name == first.name or spec.is_join):
-                if s.shard >= len(queues):
-                    raise ConfigError(
-                        f"--shard {s.shard}: stage {name!r} has {len(queues)} shard queues"
-                    )
-                queues = [queues[s.shard]]
-            sched = self.plan.scheduling.for_stage(name)
-            max_batch = s.max_batch or sched.max_batch
-            prefetch = max(s.prefetch or sched.prefetch, max_batch)
-            if spec.is_join:
-                # Parts stay unacked until the join runs: room for every part of a batch.
-                prefetch *= len(stage_sources(spec))
-            for queue in queues:
-                self._records[queue] = _ConsumerRecord(queue, runner, prefetch)
+        sched = self.plan.scheduling.for_stage(spec.name)
+        prefetch = max(s.prefetch or sched.prefetch, s.max_batch or sched.max_batch)
+        if spec.is_join:
+            # Parts stay unacked until the join runs: room for every part of a batch.
+            prefetch *= len(stage_sources(spec))
+        runner = MODEL_INPUT if spec.name == self.plan.stages[0].name else spec.name
+        return _ConsumerRecord(queue, spec.name, runner, prefetch)
 
     def _record(self, queue: str) -> _ConsumerRecord:
         try:
             return self._records[queue]
         except KeyError:
             raise ConfigError(
-                f"worker {self.worker_id} does not serve queue {queue!r}; it serves {self.queues}"
+                f"worker {self.worker_id} does not consume queue {queue!r}; it has {self.queues}"
             ) from None
 
     async def _teardown(self) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from conveyor import control
+from conveyor.plan import MODEL_INPUT
+
+ControlStats = control.WorkerStats
 
 #: Weight of the newest sample in the moving averages.
 EWMA_ALPHA = 0.2
@@ -64,6 +70,7 @@ class StageCounters:
         self.expired = 0
         self.in_flight = 0
         self.last_batch = 0
+        self.max_rows = 0
         self.ms_per_batch = 0.0
         self.ms_per_request = 0.0
 
@@ -80,6 +87,7 @@ class StageCounters:
         self.requests += requests
         self.rows += rows
         self.last_batch = requests
+        self.max_rows = max(self.max_rows, rows)
 
     def snapshot(self) -> StageStats:
         return StageStats(
@@ -98,3 +106,49 @@ class StageCounters:
             max_batch=self.max_batch,
             max_delay_ms=self.max_delay_ms,
         )
+
+
+def control_snapshot(
+    *,
+    first_stage: str,
+    counters: Mapping[str, StageCounters],
+    consuming: tuple[control.QueueConsumption, ...],
+    hosted: tuple[str, ...],
+    home: tuple[str, ...],
+    routing_keys: Mapping[str, int],
+    providers: Mapping[str, str],
+) -> control.WorkerStats:
+    """A worker's figures in the control plane's terms (``StageWorker.snapshot``).
+
+    The ingress (decoding and batching requests for the first stage) is reported as part
+    of the first stage: its errors and the requests waiting in its batcher count there.
+    """
+    ingress = counters.get(MODEL_INPUT)
+    stages = []
+    for name, c in counters.items():
+        if name == MODEL_INPUT:
+            continue
+        extra_errors = extra_in_flight = 0
+        if name == first_stage and ingress is not None:
+            extra_errors, extra_in_flight = ingress.errors, ingress.in_flight
+        stages.append(
+            control.StageStats(
+                stage=name,
+                requests=c.requests,
+                batches=c.batches,
+                errors=c.errors + extra_errors,
+                in_flight=c.in_flight + extra_in_flight,
+                service_s_per_request=c.ms_per_request / 1000.0,
+                service_s_per_batch=c.ms_per_batch / 1000.0,
+                mean_batch=c.rows / c.batches if c.batches else 0.0,
+                max_batch=c.max_rows,
+            )
+        )
+    return control.WorkerStats(
+        stages_available=hosted,
+        home_stages=home,
+        consuming=consuming,
+        stages=tuple(stages),
+        routing_keys=dict(routing_keys),
+        provider=",".join(sorted(set(providers.values()))),
+    )
