@@ -29,12 +29,25 @@ How it maps onto RabbitMQ:
   entities survive a broker restart; a controller's binding changes are not undone by a
   worker's reconnect). Broker refusals (``PRECONDITION_FAILED`` on an inequivalent
   redeclare, ``NOT_FOUND``) become ``TransportError`` with the broker's reason.
-* **Consumers.** One robust channel per consumer, so ``basic.qos(global=False)`` on it is
-  that consumer's prefetch. RabbitMQ applies a new ``basic.qos`` only to consumers
-  started after it, so ``Consumer.set_prefetch`` issues qos, consumes again on the same
-  channel and cancels the old tag. Deliveries already made under the old limit stay on
-  the channel and settle normally, so for a moment up to old + new deliveries may be
-  unsettled. ``Consumer.cancel`` cancels the consumer, cancels its running handlers
+* **Consumers and prefetch.** One robust channel per consumer. For a classic,
+  not auto-delete queue declared through this transport, the prefetch is that channel's
+  limit (``basic.qos(global=True)``, set before consuming): it counts every unsettled
+  delivery of the channel, and RabbitMQ applies a change at once, so
+  ``Consumer.set_prefetch`` is one ``basic.qos`` and the limit holds exactly across
+  changes, as on brokerless. (Measured on RabbitMQ 3.10: a channel limit set after the
+  first consume, or next to a per-consumer limit, is not applied to that consumer.)
+  Under a channel limit the queue handles the limiter's "resume" before a requeue (its
+  mailbox prioritises it) and would deliver the next message before the requeued one,
+  so ``requeue`` cancels the consumer, rejects and consumes again (three round trips,
+  only for requeue). Quorum queues refuse a channel limit (``NOT_IMPLEMENTED``, which
+  closes the whole connection), an auto-delete queue would be deleted by that cancel,
+  and the type of a queue declared elsewhere is unknown: for those the prefetch is the
+  per-consumer limit (``global=False``), which RabbitMQ applies only to consumers started
+  after it, so ``set_prefetch`` sets it, consumes again on the same channel and cancels
+  the old tag (new tag first). The old tag's deliveries settle normally; until they do,
+  up to old + new deliveries may be unsettled. Declare queues through the transport that
+  consumes them (as ``declare_plan_topology`` does) to get the exact behaviour.
+* **Cancel.** ``Consumer.cancel`` cancels the consumer, cancels its running handlers
   (not the caller's own) and closes the channel: RabbitMQ returns every unsettled
   delivery to the queue with ``redelivered=True``.
 * **Stale deliveries.** A delivery tag is only valid on the channel it came on. When that
@@ -179,6 +192,8 @@ class AmqpTransport:
         self._pub = _LazyChannel(publish_connection, confirms=True, timeout=timeout)
         self._admin = _LazyChannel(consume_connection, confirms=False, timeout=timeout)
         self._consumers: list[AmqpConsumer] = []
+        #: queues declared here that may take a channel limit (see above)
+        self._channel_limit_ok: dict[str, bool] = {}
         self._state = TransportState.OPEN
         self._closed = asyncio.Event()
 
@@ -255,6 +270,7 @@ class AmqpTransport:
                 arguments=arguments or None,
                 timeout=timeout,
             )
+        self._channel_limit_ok[spec.name] = not (spec.quorum or spec.auto_delete)
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
         timeout = self._settings.operation_timeout_s
@@ -273,6 +289,7 @@ class AmqpTransport:
         channel = await self._admin_channel("delete queue")
         with translated("delete", queue=name, timeout=timeout):
             await channel.queue_delete(name, if_unused=False, if_empty=False, timeout=timeout)
+        self._channel_limit_ok.pop(name, None)
 
     async def delete_exchange(self, name: str) -> None:
         timeout = self._settings.operation_timeout_s
@@ -322,7 +339,14 @@ class AmqpTransport:
                 # passive: the queue must exist; aio-pika re-checks it and re-consumes
                 # on this channel after a reconnect.
                 robust_queue = await channel.declare_queue(queue, passive=True, timeout=timeout)
-            consumer = AmqpConsumer(channel, robust_queue, handler, prefetch, timeout)
+            consumer = AmqpConsumer(
+                channel,
+                robust_queue,
+                handler,
+                prefetch,
+                timeout,
+                channel_limit=self._channel_limit_ok.get(queue, False),
+            )
             await consumer.start()
         except BaseException:
             if not channel.is_closed:

@@ -41,14 +41,18 @@ _VERB = {Settlement.ACKED: "ack", Settlement.REJECTED: "reject", Settlement.REQU
 class AmqpDelivery:
     """One message from RabbitMQ; settle it once with ``ack``, ``reject`` or ``requeue``."""
 
-    __slots__ = ("_channel", "_incoming", "_message", "_queue", "settlement")
+    __slots__ = ("_channel", "_consumer", "_incoming", "_message", "settlement")
 
-    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+    def __init__(self, incoming: AbstractIncomingMessage, consumer: AmqpConsumer) -> None:
         self._incoming = incoming
         self._channel: AbstractChannel = incoming.channel
+        self._consumer = consumer
         self._message: Message | None = None
-        self._queue = queue
         self.settlement = Settlement.PENDING
+
+    @property
+    def _queue(self) -> str:
+        return self._consumer.queue
 
     @property
     def message(self) -> Message:
@@ -100,8 +104,10 @@ class AmqpDelivery:
             with translated(f"{_VERB[outcome]} delivery", queue=self._queue):
                 if outcome is Settlement.ACKED:
                     await self._channel.basic_ack(tag)
+                elif outcome is Settlement.REJECTED:
+                    await self._channel.basic_reject(tag, requeue=False)
                 else:
-                    await self._channel.basic_reject(tag, requeue=outcome is Settlement.REQUEUED)
+                    await self._consumer.requeue_at_head(self._channel, tag)
         except TransportError:
             # The frame may never have left; if the channel is gone the broker will
             # redeliver, which is the documented outcome of a stale delivery.
@@ -128,7 +134,19 @@ class ConsumerState(enum.Enum):
 
 
 class AmqpConsumer:
-    """A consumer on its own channel. ``set_prefetch`` re-consumes (see ``workers.amqp``)."""
+    """A consumer on its own channel; the channel's ``basic.qos`` is its prefetch.
+
+    * ``channel_limit`` (classic, not auto-delete queues): the prefetch is the channel's
+      limit (``basic.qos(global=True)``, set before consuming). It counts every unsettled
+      delivery of the channel and RabbitMQ applies a change at once, so ``set_prefetch``
+      is one ``basic.qos`` and the limit is exact across changes. A requeue briefly
+      cancels the consumer so that the requeued message stays first (``requeue_at_head``).
+    * otherwise (quorum queues refuse a channel limit; an auto-delete queue would vanish
+      in that brief cancel; queues of unknown type): the per-consumer limit
+      (``global=False``). RabbitMQ applies a new one only to consumers started after it,
+      so ``set_prefetch`` sets it, consumes again on the same channel and cancels the old
+      tag; until the old tag's deliveries settle, up to old + new may be unsettled.
+    """
 
     def __init__(
         self,
@@ -137,8 +155,11 @@ class AmqpConsumer:
         handler: Handler,
         prefetch: int,
         timeout: float,
+        *,
+        channel_limit: bool,
     ) -> None:
         self._channel = channel
+        self._channel_limit = channel_limit
         self._queue = queue
         self._handler = handler
         self._prefetch = prefetch
@@ -169,17 +190,11 @@ class AmqpConsumer:
 
     async def start(self) -> None:
         with translated("consume", queue=self.queue, timeout=self._timeout):
-            await self._channel.set_qos(prefetch_count=self._prefetch, timeout=self._timeout)
+            await self._set_qos(self._prefetch)
             self._tag = await self._queue.consume(self._on_message, timeout=self._timeout)
 
     async def set_prefetch(self, prefetch: int) -> None:
-        """Apply a new limit to this running consumer.
-
-        RabbitMQ applies ``basic.qos(global=False)`` to consumers started after it only,
-        so: qos, consume again on the same channel, then cancel the old consumer tag
-        (in that order, so an auto-delete queue never sees zero consumers). Deliveries
-        of the old tag stay on this channel and settle normally.
-        """
+        """Apply a new limit to this running consumer (see the class docstring)."""
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         async with self._lock:
@@ -188,12 +203,49 @@ class AmqpConsumer:
             if prefetch == self._prefetch:
                 return
             with translated("set prefetch", queue=self.queue, timeout=self._timeout):
-                await self._channel.set_qos(prefetch_count=prefetch, timeout=self._timeout)
-                new_tag = await self._queue.consume(self._on_message, timeout=self._timeout)
-                old_tag, self._tag = self._tag, new_tag
+                await self._set_qos(prefetch)
+                if not self._channel_limit:
+                    await self._consume_again()
                 self._prefetch = prefetch
-                if old_tag is not None:
-                    await self._queue.cancel(old_tag, timeout=self._timeout)
+
+    async def requeue_at_head(self, channel: AbstractChannel, delivery_tag: int) -> None:
+        """``basic.reject(requeue=True)`` such that the message is the next one delivered.
+
+        Under a channel limit the queue handles the limiter's "resume" (sent when the
+        reject frees a slot) before the requeue, and would deliver the next message
+        first. Without a consumer there is nothing to resume: cancel, reject, consume.
+        """
+        async with self._lock:
+            tag = self._tag
+            if (
+                not self._channel_limit
+                or self._prefetch == 0
+                or self._state is not ConsumerState.ACTIVE
+                or tag is None
+            ):
+                await channel.basic_reject(delivery_tag, requeue=True)
+                return
+            await self._queue.cancel(tag, timeout=self._timeout)
+            self._tag = None
+            try:
+                await channel.basic_reject(delivery_tag, requeue=True)
+            finally:
+                self._tag = await self._queue.consume(self._on_message, timeout=self._timeout)
+
+    async def _set_qos(self, prefetch: int) -> None:
+        # aio-pika remembers this call and repeats it when it reopens the channel, before
+        # it consumes again: a channel limit is active before the consumer exists.
+        await self._channel.set_qos(
+            prefetch_count=prefetch, global_=self._channel_limit, timeout=self._timeout
+        )
+
+    async def _consume_again(self) -> None:
+        # New tag first, then cancel the old one: an auto-delete queue never sees zero
+        # consumers. The old tag's deliveries stay on this channel and settle normally.
+        new_tag = await self._queue.consume(self._on_message, timeout=self._timeout)
+        old_tag, self._tag = self._tag, new_tag
+        if old_tag is not None:
+            await self._queue.cancel(old_tag, timeout=self._timeout)
 
     async def stop(self) -> None:
         """Stop new deliveries (``basic.cancel``); running handlers go on."""
@@ -256,7 +308,7 @@ class AmqpConsumer:
         if task is not None:
             self._in_flight.add(task)
             self._idle.clear()
-        delivery = AmqpDelivery(incoming, self.queue)
+        delivery = AmqpDelivery(incoming, self)
         try:
             await self._handler(delivery)
         except Exception:

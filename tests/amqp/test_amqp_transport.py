@@ -190,10 +190,13 @@ async def test_consumer_and_publisher_survive_the_broker_closing_their_connectio
 
 
 @pytest.mark.rabbitmq
-async def test_set_prefetch_takes_effect_on_a_running_consumer(rabbit: Rabbit) -> None:
+@pytest.mark.parametrize("kind", ["classic", "declared-elsewhere", "quorum"])
+async def test_set_prefetch_takes_effect_on_a_running_consumer(rabbit: Rabbit, kind: str) -> None:
+    # classic: channel limit; the others: per-consumer limit and consume again
     transport = await rabbit.connect()
+    owner = await rabbit.connect() if kind == "declared-elsewhere" else transport
     queue = rabbit.name("q")
-    await transport.declare_queue(QueueSpec(queue))
+    await owner.declare_queue(QueueSpec(queue, durable=kind == "quorum", quorum=kind == "quorum"))
     for i in range(10):
         await transport.publish("", Message(str(i).encode()), queue)
     inbox = Inbox()
@@ -205,16 +208,16 @@ async def test_set_prefetch_takes_effect_on_a_running_consumer(rabbit: Rabbit) -
     await inbox.wait_for(3)
     assert consumer.prefetch == 3
 
-    await consumer.set_prefetch(1)  # lower: once the earlier ones settle, one at a time
-    for delivery in inbox.pending():
-        await delivery.ack()
-    seen = len(inbox.deliveries)
-    while seen < 10:
-        await inbox.wait_for(seen + 1)
-        assert len(inbox.pending()) == 1
-        await inbox.pending()[0].ack()
-        seen += 1
+    await consumer.set_prefetch(1)  # lower, then drain everything
+    while True:
+        for delivery in inbox.pending():
+            await delivery.ack()
+        if len(inbox.deliveries) == 10:
+            break
+        await inbox.wait_for(len(inbox.deliveries) + 1)
     assert [d.message.body for d in inbox.deliveries] == [str(i).encode() for i in range(10)]
+    stats = await transport.queue_stats(queue)
+    assert (stats.depth, stats.consumers) == (0, 1)
 
 
 @pytest.mark.rabbitmq
