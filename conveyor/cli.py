@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from conveyor.errors import ConveyorError
 
 #: Modules with ``add_parsers(subparsers)``; each sets ``func`` on its sub-parsers.
-COMMAND_MODULES = ("converter.commands", "workers.commands")
+COMMAND_MODULES = ("converter.commands", "workers.commands", "workers.controller_commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,82 @@
+"""``conveyor controller``: run the scheduler of a plan against a RabbitMQ broker.
+
+Light at import: aio-pika loads inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from conveyor.errors import ConfigError
+
+BROKER_ENV = "CONVEYOR_AMQP_URL"
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "controller",
+        help="schedule a running pipeline: prefetch, flexible workers, partitions",
+        description=(
+            "Reads worker heartbeats and queue depths every period and applies the chosen "
+            "policy (docs/scheduling.md). static: the plan's prefetch once, then reports; "
+            "dynamic: prefetch by measured rate, flexible workers to backlogged stages, hot "
+            "partitions to lighter shards; hybrid: dynamic within the plan's bounds. Stopping "
+            "it (or losing it) keeps the last settings."
+        ),
+    )
+    p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help=f"RabbitMQ URL (amqp://...); default ${BROKER_ENV}")
+    p.add_argument("--policy", choices=("static", "dynamic", "hybrid"), default="hybrid")
+    p.add_argument("--period", type=float, default=1.0, metavar="S",
+                   help="seconds between decisions (1.0)")
+    p.add_argument("--durable", action="store_true",
+                   help="declare durable control queues (must match the workers' --durable)")
+    p.add_argument("--report-every", type=int, default=10, metavar="N",
+                   help="log a report every N periods (10; 0: never)")
+    p.set_defaults(func=cmd_controller)
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from conveyor.plan import Plan
+
+    url = args.broker or os.environ.get(BROKER_ENV)
+    if not url:
+        raise ConfigError(
+            f"conveyor controller needs a RabbitMQ URL: --broker amqp://... or ${BROKER_ENV} "
+            "(on the embedded broker, run workers.controller.Controller in the same process)"
+        )
+    if args.period <= 0:
+        raise ConfigError(f"--period must be > 0, got {args.period}")
+    plan = Plan.load(args.plan)
+    return asyncio.run(_run(plan, url, args))
+
+
+async def _run(plan: Any, url: str, args: argparse.Namespace) -> int:
+    from workers.amqp import AmqpTransport
+    from workers.controller import Controller
+    from workers.policies import PolicyConfig
+
+    transport = await AmqpTransport.connect(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    controller = Controller(
+        transport, plan, PolicyConfig.from_plan(plan, args.policy), period=args.period,
+        durable=args.durable, report_every=args.report_every,
+    )
+    try:
+        async with controller:
+            print(f"controller: plan {plan.name} ({plan.short_hash}), policy {args.policy}, "
+                  f"period {args.period:g} s; Ctrl-C to stop (settings stay)", flush=True)
+            await stop.wait()
+    finally:
+        print(f"controller: metrics {controller.metrics_line()}", flush=True)
+        await transport.close(grace=1.0)
+    return 0
