@@ -20,14 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from conveyor.errors import ConfigError, TransportClosed, TransportError
 from conveyor.transport import (
+    Consumer,
+    Delivery,
     ExchangeSpec,
     Handler,
     Message,
     QueueSpec,
     QueueStats,
+    Transport,
 )
 
 from .broker import Broker
@@ -61,6 +65,8 @@ class DeliveryState(Enum):
 
 
 class BrokerlessDelivery:
+    """One message handed to one consumer; ``state`` says how (and whether) it was settled."""
+
     __slots__ = ("_consumer", "_count", "_envelope", "state")
 
     def __init__(self, consumer: BrokerlessConsumer, envelope: Envelope) -> None:
@@ -104,6 +110,8 @@ class BrokerlessDelivery:
 
 
 class BrokerlessConsumer:
+    """A subscription to one queue: at most ``prefetch`` unsettled deliveries (0 = no limit)."""
+
     def __init__(
         self, transport: BrokerlessTransport, queue: BrokerQueue, handler: Handler, prefetch: int
     ) -> None:
@@ -353,3 +361,9 @@ class BrokerlessTransport:
         finally:
             self._state = ConnectionState.CLOSED
             self._closed.set()
+
+
+if TYPE_CHECKING:  # the classes satisfy the protocols (checked by mypy, free at run time)
+    _transport: type[Transport] = BrokerlessTransport
+    _consumer: type[Consumer] = BrokerlessConsumer
+    _delivery: type[Delivery] = BrokerlessDelivery
