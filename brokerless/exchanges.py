@@ -48,9 +48,11 @@ class Exchange(ABC):
             self._changed()
 
     def unbind_queue(self, queue: str) -> None:
-        for binding in [b for b in self.bindings if b[0] == queue]:
+        gone = [b for b in self.bindings if b[0] == queue]
+        for binding in gone:
             del self.bindings[binding]
-        self._changed()
+        if gone:
+            self._changed()
 
     @abstractmethod
     def _changed(self) -> None:

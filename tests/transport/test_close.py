@@ -36,7 +36,7 @@ async def test_close_with_grace_loses_nothing(broker: BrokerHandle) -> None:
 
     await first.consume(q, slow_then_stuck, prefetch=5)
     await asyncio.wait_for(midway.wait(), 10)
-    await first.close(grace=0.2)  # the stuck handlers are cancelled, their messages return
+    await first.close(grace=0.5)  # the stuck handlers are cancelled, their messages return
 
     second = await broker.connect()
     rest = Collector()
