@@ -192,3 +192,19 @@ async def test_delivery_limit_dead_letters_after_too_many_returns(broker: Broker
     assert [d.delivery_count for d in attempts.deliveries] == [1, 2, 3]
     assert [d.redelivered for d in attempts.deliveries] == [False, True, True]
     assert dead.deliveries[0].message.headers["x-first-death-reason"] == "delivery_limit"
+
+
+async def test_a_failing_handler_rejects_its_delivery(broker: BrokerHandle) -> None:
+    t = await broker.connect()
+    q, dlq = await queue_with_dlq(t, broker)
+
+    async def broken(delivery: Delivery) -> None:
+        raise RuntimeError("handler bug")
+
+    await t.consume(q, broken, prefetch=1)
+    dead = Collector()
+    await t.consume(dlq, dead.handler(dlq), prefetch=1)
+    await publish_bodies(t, "", q, [b"first", b"second"])
+    await dead.wait_for(2)  # not requeued in a loop: dead-lettered, one after the other
+    assert dead.bodies == [b"first", b"second"]
+    assert {d.message.headers["x-first-death-reason"] for d in dead.deliveries} == {"rejected"}
