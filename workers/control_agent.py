@@ -231,6 +231,10 @@ class ControlAgent:
                 self.worker_id, cmd.id, cmd.kind.value, exc,
             )
             return CommandResult(cmd.id, False, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a worker bug: report it, keep obeying later commands
+            log.exception("control agent %s: command %s %s raised", self.worker_id, cmd.id,
+                          cmd.kind.value)
+            return CommandResult(cmd.id, False, f"unexpected {type(exc).__name__}: {exc}")
         log.info(
             "control agent %s: applied %s %s (stage=%s queue=%s prefetch=%s): %s",
             self.worker_id, cmd.id, cmd.kind.value, cmd.stage, cmd.queue, cmd.prefetch, cmd.reason,

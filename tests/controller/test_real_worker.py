@@ -1,0 +1,103 @@
+"""The real stage worker under the controller: heartbeats carry its real figures, the
+controller's prefetch and stop/start commands reach its consumers, and every request is
+still answered correctly (both transports)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from conveyor.control import Command, CommandKind, Controllable
+from conveyor.topology import Topology
+from tests.transport.conftest import BrokerHandle
+from tests.workers.harness import Harness
+from tests.workers.plans import chain_expected, chain_plan
+from workers.control_agent import ControlAgent
+from workers.controller import Controller
+from workers.policies import PolicyConfig
+from workers.stage_worker import StageWorker
+
+
+async def until(cond: Callable[[], bool], limit: float, what: str) -> None:
+    start = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - start > limit:
+            raise AssertionError(f"timed out after {limit} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: Path) -> None:
+    plan = chain_plan(tmp_path, 3, name=f"ctl{broker.prefix.replace('.', '')}")
+    topo = Topology.of(plan)
+    workers: list[StageWorker] = []
+    agents: list[ControlAgent] = []
+    client = await Harness(await broker.connect(), plan).open()
+    controller: Controller | None = None
+    try:
+        for stage in ("s0", "s1", "s2"):
+            t = await broker.connect()
+            w = StageWorker(plan, t, [stage], worker_id=f"real-{stage}")
+            await w.start()
+            assert isinstance(w, Controllable)  # the worker implements the control contract
+            agent = ControlAgent(t, topo, w, w.worker_id, period=0.2)
+            await agent.start()
+            workers.append(w)
+            agents.append(agent)
+        controller = Controller(await broker.connect(), plan,
+                                PolicyConfig.from_plan(plan, "dynamic", prefetch_max=48),
+                                period=0.25, report_every=0)
+        await controller.start()
+
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(200)]
+        ids = [await client.send({"x": x}) for x in xs]
+        await client.wait_for(ids, within=30)
+        for rid, x in zip(ids, xs, strict=True):
+            np.testing.assert_allclose(client.one(rid)["y"], chain_expected(x), rtol=1e-5)
+
+        # heartbeats carry the real worker's figures
+        c = controller
+        await until(lambda: len(c.workers) == 3 and all(
+            st.requests > 0 for hb in c.workers.values() for st in hb.stats.stages),
+            limit=10, what="heartbeats with figures from all three workers")
+        hb0 = c.workers["real-s0"]
+        assert hb0.stats.consuming[0].queue == topo.input_queue(0)
+        assert hb0.stats.consuming[0].stage == "s0"
+        assert "ExecutionProvider" in hb0.stats.provider
+        assert hb0.stats.stages[0].service_s_per_request > 0
+
+        # prefetch: sub-millisecond stages are worth the upper bound (48) from 32
+        def prefetches() -> list[int]:
+            return [cs.prefetch for w in workers for cs in w.stats().consumers]
+
+        await until(lambda: prefetches() == [48, 48, 48], limit=10,
+                    what=f"prefetch 48 on every consumer (have {prefetches()})")
+        assert c.metrics["prefetch_changes"] >= 3
+
+        # stop / start consuming through commands, answered in heartbeats
+        w1 = workers[1]
+        stop = Command("stop-1", "real-s1", CommandKind.STOP_CONSUMING, stage="s1")
+        await c.send(stop)
+        await until(lambda: not w1.stats().consumers[0].consuming, limit=10,
+                    what="s1 to stop consuming")
+        held = [await client.send({"x": x}) for x in xs[:20]]
+        await until(lambda: "stop-1" not in c.pending, limit=10, what="the stop to be acked")
+        assert not any(rid in client.replies for rid in held)  # s1 holds them in its queue
+        await c.send(Command("start-1", "real-s1", CommandKind.START_CONSUMING, stage="s1"))
+        await client.wait_for(held, within=30)
+        bad = Command("bad-1", "real-s1", CommandKind.START_CONSUMING, stage="s0")
+        await c.send(bad)
+        await until(lambda: "bad-1" not in c.pending, limit=10, what="the refusal")
+        assert c.metrics["commands_failed"] == 1
+    finally:
+        if controller is not None:
+            await controller.stop()
+        for agent in agents:
+            await agent.stop()
+        for w in workers:
+            await w.stop(grace=1.0)
+        await client.close()
