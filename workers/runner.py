@@ -35,6 +35,9 @@ from workers.stats import StageCounters
 
 log = logging.getLogger(__name__)
 
+#: Batches whose recent service time is below this run on the event loop's thread.
+INLINE_BELOW_MS = 0.5
+
 
 @dataclass
 class Request:
@@ -238,6 +241,9 @@ class StageRunner:
     async def _infer(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         assert self.session is not None
         feeds = {name: tensors[name] for name in self.session.input_names}
+        if 0 < self.counters.ms_per_batch < INLINE_BELOW_MS:
+            # A batch this quick costs less than the hop to a thread and back: run it here.
+            return self.session.run_bound(feeds)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.session.run_bound, feeds)
 
