@@ -199,3 +199,54 @@ def gather_plan(
         ),
     )
     return plan.save(directory)
+
+
+def branches_plan(
+    directory: Path, *, max_batch: int = 8, max_delay_ms: float = 5.0, name: str = "branches"
+) -> Plan:
+    """Two entry stages and a join that also reads the model input (a function split):
+    a = relu(2x+1); b = relu(3x+1); join: y = a + b + x."""
+    _affine(directory / "a.onnx", "x", "a", 2.0, 1.0)
+    _affine(directory / "b.onnx", "x", "b", 3.0, 1.0)
+    shape: list[object] = ["batch", WIDTH]
+    _save(
+        directory / "j.onnx",
+        [helper.make_node("Add", ["a", "b"], ["ab"]), helper.make_node("Add", ["ab", "x"], ["y"])],
+        [
+            ("a", TensorProto.FLOAT, shape),
+            ("b", TensorProto.FLOAT, shape),
+            ("x", TensorProto.FLOAT, shape),
+        ],
+        [("y", TensorProto.FLOAT, shape)],
+    )
+    stages = (
+        StageSpec(
+            "a", "a.onnx", (StageInput(spec("x"), MODEL_INPUT),), (StageOutput(spec("a"), ("j",)),)
+        ),
+        StageSpec(
+            "b", "b.onnx", (StageInput(spec("x"), MODEL_INPUT),), (StageOutput(spec("b"), ("j",)),)
+        ),
+        StageSpec(
+            "j",
+            "j.onnx",
+            (
+                StageInput(spec("a"), "a"),
+                StageInput(spec("b"), "b"),
+                StageInput(spec("x"), MODEL_INPUT),
+            ),
+            (StageOutput(spec("y"), (), True),),
+        ),
+    )
+    plan = Plan(
+        name=name,
+        opset=OPSET,
+        inputs=(spec("x"),),
+        outputs=(spec("y"),),
+        stages=stages,
+        scheduling=_schedule(max_batch, max_delay_ms),
+    )
+    return plan.save(directory)
+
+
+def branches_expected(x: np.ndarray) -> np.ndarray:
+    return np.maximum(2 * x + 1, 0) + np.maximum(3 * x + 1, 0) + x

@@ -21,6 +21,8 @@ from conveyor.transport import Message, Transport
 from tests.transport.conftest import BrokerHandle
 from tests.workers.harness import Harness
 from tests.workers.plans import (
+    branches_expected,
+    branches_plan,
     chain_expected,
     chain_plan,
     gather_plan,
@@ -122,6 +124,25 @@ async def test_join_gathers_all_branches(
         assert all(c.unsettled == 0 for c in w.stats().consumers)
 
 
+@pytest.mark.parametrize("layout", [[None], [["a"], ["b"], ["j"]], [["a", "j"], ["b"]]])
+async def test_entry_stages_get_model_inputs_forwarded_by_the_first_worker(
+    broker: BrokerHandle,
+    pipeline_of: list[Pipeline],
+    tmp_path: Path,
+    unique: str,
+    layout: list[list[str] | None],
+) -> None:
+    plan = Plan.load(branches_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start(layout)
+    inputs = {await client.send({"x": x}): x for x in (rand() for _ in range(20))}
+    await client.wait_for(list(inputs))
+    for rid, x in inputs.items():
+        result = client.one(rid)
+        assert not isinstance(result, Exception), result
+        np.testing.assert_allclose(result["y"], branches_expected(x), rtol=1e-5)
+
+
 async def test_batches_fill_to_max_batch_and_split_back_by_rows(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
@@ -168,7 +189,7 @@ async def test_expired_request_is_answered_and_not_run(
     plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
     pipeline_of.append(p := Pipeline(broker, plan))
     client = await p.start([None])
-    # Far from now: RabbitMQ headers carry floats as float32 today (pamqp), about 2 min apart.
+    # Far from now, so that neither clock skew nor header precision can blur the outcome.
     late = await client.send({"x": rand()}, deadline=time.time() - 600)
     on_time = await client.send({"x": rand()}, deadline=time.time() + 600)
     await client.wait_for([late, on_time])
