@@ -419,16 +419,20 @@ class Controller:
         )
 
     async def reconcile_partitions(self, why: str) -> None:
-        """Make the broker's input bindings match the map (idempotent)."""
-        moved = {k: q for k, q in self.partitions.items() if self._initial.get(k) != q}
-        if not moved:
+        """Make the broker's input bindings match the map (idempotent): every key bound to
+        its assigned shard, moved keys unbound from their initial shard (where a topology
+        setup run elsewhere may have bound them again)."""
+        if not self.partitions:
             return
         exchange = self.topology.input_exchange
-        for key, queue in sorted(moved.items()):
+        for key, queue in sorted(self.partitions.items()):
             await self.transport.bind_queue(queue, exchange, key)
+        moved = {k: q for k, q in self.partitions.items() if self._initial.get(k) != q}
+        for key in sorted(moved):
             await self.transport.unbind_queue(self._initial[key], exchange, key)
         self.metrics["partition_reconciles"] += 1
-        log.info("controller: re-applied %d moved partition(s) (%s)", len(moved), why)
+        if moved:
+            log.info("controller: re-applied %d moved partition(s) (%s)", len(moved), why)
 
     @staticmethod
     def _command_id() -> str:

@@ -18,6 +18,7 @@ the same arguments is a no-op on both transports, so every process may call this
 
 from __future__ import annotations
 
+from conveyor.errors import TransportClosed, TransportError
 from conveyor.plan import Plan, StageSpec
 from conveyor.topology import Topology, initial_bindings
 from conveyor.transport import ExchangeSpec, ExchangeType, QueueSpec, Transport
@@ -43,6 +44,16 @@ def stage_queues(plan: Plan, stage: StageSpec) -> list[str]:
     return [topo.stage_queue(stage.name)]
 
 
+async def _queue_exists(transport: Transport, queue: str) -> bool:
+    try:
+        await transport.queue_stats(queue)
+    except TransportClosed:
+        raise
+    except TransportError:
+        return False
+    return True
+
+
 async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bool = False) -> None:
     """Declare the plan's exchanges, queues and bindings on ``transport`` (idempotent).
 
@@ -64,9 +75,14 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
     await transport.declare_exchange(ExchangeSpec(topo.input_exchange, kind, durable=durable))
     for shard, keys in initial_bindings(part).items():
         queue = topo.input_queue(shard)
+        # hash/range keys are bound only by whoever creates the shard queue: afterwards the
+        # controller owns them (it may have moved a key; re-binding it here would send that
+        # key to two shards). docs/scheduling.md, "Who owns the bindings".
+        fresh = part.kind == "random" or not await _queue_exists(transport, queue)
         await transport.declare_queue(QueueSpec(queue, durable=durable, dead_letter_exchange=dlx))
-        for key in keys:
-            await transport.bind_queue(queue, topo.input_exchange, key)
+        if fresh:
+            for key in keys:
+                await transport.bind_queue(queue, topo.input_exchange, key)
 
     for stage in plan.stages:
         if not consumes_stage_queue(plan, stage):

@@ -12,6 +12,7 @@ from conveyor.topology import PARTITIONS, hash_partition
 from tests.controller.rig import Rig
 from workers.policies import MovePartition
 from workers.synthetic import synthetic_plan
+from workers.topology_setup import declare_plan_topology
 
 
 def keys_on(shard: int, count: int, shards: int = 2) -> list[str]:
@@ -95,3 +96,51 @@ async def test_hot_partition_moves_to_the_lighter_shard(rigs: Callable[[Plan], R
     assert rig.duplicates == 0 and len(rig.done) == len(ids)
     print(f"\n[{rig.handle.kind}] {first.routing_key} moved: {first.reason}; "
           f"{rig.unroutable_retries} publishes retried in the move gap")
+
+
+async def test_stray_binding_is_removed_when_a_worker_restarts(
+    rigs: Callable[[Plan], Rig],
+) -> None:
+    """A topology setup run elsewhere (a restarted worker, an old client) binds a moved key
+    back to its initial shard; the controller re-applies its map when it sees the new
+    worker incarnation, so the key again reaches one shard only."""
+    plan = synthetic_plan(["s"], partitioning=Partitioning(kind="hash", shards=2))
+    rig = await rigs(plan).open()
+    q0, q1 = rig.topology.input_queue(0), rig.topology.input_queue(1)
+    await rig.add_worker("a", {"s": 0.001}, ("s",), queues=(q0,))
+    await rig.add_worker("b", {"s": 0.001}, ("s",), queues=(q1,))
+    c = await rig.controller("dynamic", period=0.2)
+    (key,) = keys_on(0, 1)
+    rk = f"p.{hash_partition(key)}"
+    await c.move_partition(MovePartition(rk, q0, q1, "test: move by hand"), 0.0)
+    ids = await rig.publish(10, key=key)
+    await rig.all_done(ids, limit=10)
+    assert {shard_of(rig, i) for i in ids} == {"b"}
+
+    await rig.admin.bind_queue(q0, rig.topology.input_exchange, rk)  # the stray binding
+    before = c.metrics["partition_reconciles"]
+    await rig.add_worker("a2", {"s": 0.001}, ("s",), queues=(q0,))  # a new incarnation
+    await rig.wait_for(lambda: c.metrics["partition_reconciles"] > before, limit=10,
+                       what="the controller to re-apply its partition map")
+    ids = await rig.publish(20, key=key)
+    await rig.all_done(ids, limit=10)
+    assert {shard_of(rig, i) for i in ids} == {"b"} and rig.duplicates == 0
+
+
+async def test_topology_setup_does_not_undo_a_move(rigs: Callable[[Plan], Rig]) -> None:
+    """Workers and clients re-run the topology setup at start; once the shard queues exist
+    it leaves the hash keys' bindings to the controller."""
+    plan = synthetic_plan(["s"], partitioning=Partitioning(kind="hash", shards=2))
+    rig = await rigs(plan).open()
+    q0, q1 = rig.topology.input_queue(0), rig.topology.input_queue(1)
+    await rig.add_worker("a", {"s": 0.001}, ("s",), queues=(q0,))
+    await rig.add_worker("b", {"s": 0.001}, ("s",), queues=(q1,))
+    c = await rig.controller("static", period=0.2)
+    (key,) = keys_on(0, 1)
+    rk = f"p.{hash_partition(key)}"
+    await c.move_partition(MovePartition(rk, q0, q1, "test: move by hand"), 0.0)
+    await c.stop()
+    await declare_plan_topology(rig.admin, plan)  # what a restarting worker does
+    ids = await rig.publish(20, key=key)
+    await rig.all_done(ids, limit=10)
+    assert {shard_of(rig, i) for i in ids} == {"b"} and rig.duplicates == 0
