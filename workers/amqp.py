@@ -72,11 +72,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from typing import cast
 
 import aio_pika
 import aiormq.exceptions as amqp_exc
 from aio_pika.abc import AbstractRobustConnection
-from aiormq.abc import AbstractChannel
+from aiormq import Channel as AmqpChannel
 
 from conveyor.errors import BrokerUnreachable, ChannelBroken, TransportClosed, TransportError
 from conveyor.transport import (
@@ -128,14 +129,14 @@ class _LazyChannel:
         self._connection = connection
         self._confirms = confirms
         self._timeout = timeout
-        self._channel: AbstractChannel | None = None
+        self._channel: AmqpChannel | None = None
         self._lock = asyncio.Lock()
 
-    def current(self) -> AbstractChannel | None:
+    def current(self) -> AmqpChannel | None:
         channel = self._channel
         return channel if channel is not None and not channel.is_closed else None
 
-    async def get(self, purpose: str) -> AbstractChannel:
+    async def get(self, purpose: str) -> AmqpChannel:
         channel = self.current()
         if channel is not None:
             return channel
@@ -146,7 +147,7 @@ class _LazyChannel:
                 self._channel = channel
             return channel
 
-    async def _open(self, purpose: str) -> AbstractChannel:
+    async def _open(self, purpose: str) -> AmqpChannel:
         try:
             await asyncio.wait_for(self._connection.ready(), self._timeout)
         except TimeoutError as exc:
@@ -158,12 +159,13 @@ class _LazyChannel:
         if transport is None:
             raise ChannelBroken(f"{purpose}: the connection to RabbitMQ is reconnecting")
         with translated(f"{purpose}: open channel", timeout=self._timeout):
-            channel: AbstractChannel = await transport.connection.channel(
+            channel = await transport.connection.channel(
                 publisher_confirms=self._confirms,
                 on_return_raises=True,
                 timeout=self._timeout,
             )
-        return channel
+        # aiormq's abstract type lacks basic_publish(wait=...), which the class has
+        return cast(AmqpChannel, channel)
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None
@@ -240,7 +242,7 @@ class AmqpTransport:
         if self._state not in allowed:
             raise TransportClosed(f"RabbitMQ transport to {self._settings.address} is closed")
 
-    async def _admin_channel(self, purpose: str) -> AbstractChannel:
+    async def _admin_channel(self, purpose: str) -> AmqpChannel:
         self._require(TransportState.OPEN, TransportState.CLOSING)
         return await self._admin.get(purpose)
 
@@ -324,6 +326,7 @@ class AmqpTransport:
                 properties=properties,
                 mandatory=mandatory,
                 timeout=timeout,
+                wait=False,  # the broker's confirm is what we wait for, not the socket
             )
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> AmqpConsumer:

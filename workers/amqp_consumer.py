@@ -102,10 +102,12 @@ class AmqpDelivery:
             return
         try:
             with translated(f"{_VERB[outcome]} delivery", queue=self._queue):
+                # wait=False: queue the frame without waiting for the socket to drain
+                # (AMQP has no ack-ok; a frame lost with the connection means a redelivery)
                 if outcome is Settlement.ACKED:
-                    await self._channel.basic_ack(tag)
+                    await self._channel.basic_ack(tag, wait=False)
                 elif outcome is Settlement.REJECTED:
-                    await self._channel.basic_reject(tag, requeue=False)
+                    await self._channel.basic_reject(tag, requeue=False, wait=False)
                 else:
                     await self._consumer.requeue_at_head(self._channel, tag)
         except TransportError:
