@@ -39,6 +39,9 @@ class WorkerSettings:
     prefetch: int | None = None
     shard: int | None = None
     grace: float = 10.0
+    #: Seconds a join waits for the missing parts of a request (without a sooner deadline)
+    #: before it dead-letters the parts it has and answers with an error.
+    join_timeout: float = 60.0
     #: Declare durable queues/exchanges (RabbitMQ deployments); all processes must agree.
     durable: bool = False
 
@@ -56,6 +59,8 @@ class WorkerSettings:
             raise ConfigError(f"shard must be >= 0, got {self.shard}")
         if self.grace < 0:
             raise ConfigError(f"grace must be >= 0, got {self.grace}")
+        if self.join_timeout <= 0:
+            raise ConfigError(f"join_timeout must be > 0, got {self.join_timeout}")
 
     def threads_per_stage(self, hosted_stages: int) -> int:
         if self.intra_op_threads is not None:

@@ -574,6 +574,7 @@ class StageWorker:
                 max_batch=s.max_batch or sched.max_batch,
                 max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
                 sources=stage_sources(spec),
+                join_timeout=s.join_timeout,
             )
         if self.hosts_ingress:
             sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from conveyor.errors import (
     PlanError,
 )
 from conveyor.plan import Plan
-from conveyor.transport import Message, Transport
+from conveyor.transport import Consumer, Delivery, Handler, Message, Transport
 from tests.transport.conftest import BrokerHandle
 from tests.workers.harness import Harness
 from tests.workers.plans import (
@@ -254,6 +255,24 @@ class FlakyPublish:
         await self._inner.publish(exchange, message, routing_key, mandatory=mandatory)
 
 
+class HandedOver:
+    """A transport that sets ``handled`` once a consumer's handler has returned."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.handled = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Consumer:
+        async def spy(delivery: Delivery) -> None:
+            await handler(delivery)
+            self.handled.set()
+
+        return await self._inner.consume(queue, spy, prefetch=prefetch)
+
+
 async def test_input_is_acked_only_after_the_output_publish_is_confirmed(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
@@ -289,3 +308,37 @@ async def test_stop_finishes_in_flight_and_leaves_the_rest_queued(
         assert not isinstance(result, Exception)
         np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
     assert served_first + stats_of(p.workers[1], "s0").requests >= len(inputs)
+
+
+async def test_join_parts_stay_unacked_until_the_join_runs(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    from conveyor.envelope import RequestMeta
+    from conveyor.topology import Topology
+    from workers.messages import encode_stage_message
+
+    plan = Plan.load(join_plan(tmp_path, name=unique).directory)
+    topo = Topology.of(plan)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    spy = HandedOver(await broker.connect())
+    client = await p.start([["join"]], transport=spy)  # type: ignore[arg-type]
+    x = rand()
+    h = np.maximum(2 * x + 1, 0)
+    meta = RequestMeta("req-1", reply_to=client.reply_queue)
+    left = encode_stage_message(plan.hash, "left", [(meta, 1)], {"l": np.maximum(3 * h + 1, 0)})
+    right = encode_stage_message(plan.hash, "right", [(meta, 1)], {"r": np.maximum(4 * h + 1, 0)})
+    await client.transport.publish(topo.stage_exchange("join"), left, "req-1")
+    first = p.workers[0]
+    # One part alone: held unacknowledged by the join, nothing answered.
+    await asyncio.wait_for(spy.handled.wait(), 10)
+    assert first.stats().consumers[0].unsettled == 1
+    assert "req-1" not in client.replies
+    await first.stop(grace=0.1)  # dies holding the part: it goes back to the queue
+    shard = topo.stage_queue("join", 0)
+    assert (await client.transport.queue_stats(shard)).depth == 1
+    p.workers.append(await serve(plan, await broker.connect(), ["join"], "cpu"))
+    await client.transport.publish(topo.stage_exchange("join"), right, "req-1")
+    await client.wait_for(["req-1"])
+    result = client.one("req-1")
+    assert not isinstance(result, Exception), result
+    np.testing.assert_allclose(result["y"], join_expected(x), rtol=1e-5)
