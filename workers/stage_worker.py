@@ -49,6 +49,7 @@ from conveyor.errors import (
     CodecError,
     ConfigError,
     ConveyorError,
+    DeadlineExceeded,
     PlanError,
     PlanHashMismatch,
     TransportError,
@@ -526,12 +527,14 @@ class StageWorker:
         return None
 
     async def _refuse(self, runner: StageRunner, request: Request, error: ConveyorError) -> None:
-        if isinstance(error, PlanHashMismatch):
-            runner.counters.errors += 1
-            await self.fail(request, error, Outcome.FAILED)
-        else:
+        """Answer a request refused at admission: an expired one is acked (dropped, not
+        run); any other refusal (plan hash, wrong source) is dead-lettered."""
+        if isinstance(error, DeadlineExceeded):
             runner.counters.expired += 1
             await self.fail(request, error, Outcome.OK)
+        else:
+            runner.counters.errors += 1
+            await self.fail(request, error, Outcome.FAILED)
 
     async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
         """A message we cannot read: dead-letter it; answer if its envelope allows."""

@@ -342,3 +342,21 @@ async def test_join_parts_stay_unacked_until_the_join_runs(
     result = client.one("req-1")
     assert not isinstance(result, Exception), result
     np.testing.assert_allclose(result["y"], join_expected(x), rtol=1e-5)
+
+
+async def test_stage_message_from_a_stage_it_does_not_read_is_refused(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    from conveyor.envelope import RequestMeta
+    from conveyor.topology import Topology
+    from workers.messages import encode_stage_message
+
+    plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([["s1"]])
+    meta = RequestMeta("stray", reply_to=client.reply_queue)
+    stray = encode_stage_message(plan.hash, "s2", [(meta, 1)], {"h1": rand()})
+    await client.transport.publish(Topology.of(plan).stage_exchange("s1"), stray, "s1")
+    await client.wait_for(["stray"], dead=1)
+    error = client.one("stray")
+    assert isinstance(error, PlanError) and "does not read from 's2'" in str(error)
