@@ -25,8 +25,13 @@ BROKER_ENV = "CONVEYOR_AMQP_URL"
 
 
 def add_parsers(sub: Any) -> None:
+    from conveyor.commands_client import add_demo_parser, add_infer_parser
+
     add_worker_parser(sub)
     add_run_parser(sub)
+    # The client side of the pipeline (conveyor/commands_client.py).
+    add_infer_parser(sub)
+    add_demo_parser(sub)
 
 
 def _add_serving_options(p: argparse.ArgumentParser) -> None:
@@ -66,6 +71,13 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="S",
         help="seconds a shutdown lets batches in flight finish (10)",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a join waits for a request's missing parts (60)",
     )
     p.add_argument(
         "--durable",
@@ -136,6 +148,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         prefetch=args.prefetch,
         shard=getattr(args, "shard", None),
         grace=args.grace,
+        join_timeout=args.join_timeout,
         durable=args.durable,
     )
 
