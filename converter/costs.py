@@ -14,7 +14,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,7 +34,8 @@ class CostModel:
     kind: Literal["flops", "profile"] = "flops"
     bytes_per_second: float = BYTES_PER_SECOND
 
-    def transfer(self, nbytes: float) -> float:
+    def transfer(self, nbytes: Any) -> Any:
+        """Seconds to send ``nbytes`` (a number or a numpy array of them)."""
         return nbytes / self.bytes_per_second
 
     def prefix(self) -> np.ndarray:

@@ -14,6 +14,7 @@ constants are never live: every stage gets its own copy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,22 @@ log = logging.getLogger(__name__)
 Dim = int | str | None
 
 
+@functools.lru_cache(maxsize=64)
+def _numpy_dtype(elem_type: int) -> str | None:
+    if not elem_type:
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _itemsize(elem_type: int) -> int:
+    name = _numpy_dtype(elem_type)
+    return int(np.dtype(name).itemsize) if name else 4
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What shape inference knows of a tensor (``shape`` None: rank unknown)."""
@@ -44,12 +61,7 @@ class TensorInfo:
 
     @property
     def numpy_dtype(self) -> str | None:
-        if not self.elem_type:
-            return None
-        try:
-            return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type)).name
-        except (KeyError, TypeError):
-            return None
+        return _numpy_dtype(self.elem_type)
 
     def sample_elements(self) -> int:
         """Elements of one sample: the batch dimension dropped, symbolic dims taken as 1."""
@@ -59,8 +71,7 @@ class TensorInfo:
         return math.prod(d if isinstance(d, int) else 1 for d in dims)
 
     def sample_bytes(self) -> int:
-        dtype = self.numpy_dtype
-        return self.sample_elements() * (np.dtype(dtype).itemsize if dtype else 4)
+        return self.sample_elements() * _itemsize(self.elem_type)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def write_plan(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a plan is read by workers of any user
         extractor = StageExtractor(analysis)
         for stage, spec in zip(stages, specs, strict=True):
             save_stage(extractor.extract(stage), tmp / spec.file,

@@ -3,13 +3,15 @@
 A stage ``[a, b)`` costs its compute (nodes a..b-1) plus the transfer of the tensors live
 at ``a`` (its input cut). Cuts are allowed only where every live tensor has a batch
 dimension, so workers can batch requests at every stage. The optimum is exact: a dynamic
-programme over the allowed positions (vectorised with numpy, O(K * m^2) for m positions)
-finds the smallest bottleneck T*, then a second one picks, among splits whose stages all
-cost at most T*, the one sending the fewest bytes in total.
+programme over the m allowed positions finds the smallest bottleneck T* in O(K m log m)
+(the cost of a stage is c[end] + s[start], which makes each level a sweep with heaps),
+then a second one picks, among splits whose stages all cost at most T*, the one sending
+the fewest bytes in total.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from converter.costs import CostModel
 from converter.graph import Analysis
 from conveyor.errors import SplitError
 
-_CHUNK = 2048
+INF = float("inf")
 
 
 @dataclass(frozen=True)
@@ -43,17 +45,17 @@ def allowed_cuts(analysis: Analysis) -> list[int]:
 def split_by_layer(analysis: Analysis, costs: CostModel, k: int) -> LayerSplit:
     if k < 1:
         raise SplitError(f"the number of stages must be at least 1, got {k}")
-    allowed = allowed_cuts(analysis)
+    live_bytes, clean = analysis.cut_profile()
+    allowed = [p for p in range(1, analysis.n) if clean[p]]
     if k - 1 > len(allowed):
         raise SplitError(
             f"cannot split into {k} stages: the model has {analysis.n} nodes and only "
             f"{len(allowed)} position(s) where a cut carries batched tensors only "
             f"(at most {len(allowed) + 1} stages)"
         )
-    live_bytes, _ = analysis.cut_profile()
     positions = np.array([0, *allowed, analysis.n])
     compute = costs.prefix()[positions]
-    transfer = np.array([costs.transfer(live_bytes[p]) for p in positions])
+    transfer = costs.transfer(live_bytes[positions])
     cuts = optimal_cuts(compute, transfer, k)
     return LayerSplit(tuple(int(positions[i]) for i in cuts), tuple(allowed))
 
@@ -65,54 +67,80 @@ def optimal_cuts(compute: Sequence[float] | np.ndarray, transfer: Sequence[float
     ``compute[i]``: cumulative compute in front of position i (non-decreasing, first 0, last
     the total); ``transfer[i]``: what a stage starting at position i pays for its input.
     """
-    c = np.asarray(compute, dtype=np.float64)
-    t = np.asarray(transfer, dtype=np.float64)
+    c = [float(x) for x in compute]
+    s = [float(t) - ci for t, ci in zip(transfer, c, strict=True)]  # cost(i, j) = c[j] + s[i]
     m = len(c)
     if k == 1:
         return []
-    start = t - c  # cost(i, j) = c[j] + start[i]
-    # phase 1: the smallest bottleneck with exactly k stages
-    best = _dp(c, start, k, lambda prev, cost: np.maximum(prev, cost), None)
-    bottleneck = best[-1]
-    if not np.isfinite(bottleneck):
+    if k > m - 1:
         raise SplitError(f"no split into {k} stages exists over {m - 2} cut positions")
-    # phase 2: the least total cost (fewest transfer bytes) among splits within it
+    bottleneck = _min_bottleneck(c, s, k)
     limit = bottleneck * (1 + 1e-9) + 1e-18
-    parents: list[np.ndarray] = []
-    _dp(c, start, k, lambda prev, cost: prev + cost, limit, parents)
+    parents = _least_total_within(c, s, k, limit)
     cuts: list[int] = []
     j = m - 1
     for level in range(k - 1, 0, -1):
-        j = int(parents[level][j])
+        j = parents[level][j]
         cuts.append(j)
     return sorted(cuts)
 
 
-def _dp(c: np.ndarray, start: np.ndarray, k: int, combine: object, limit: float | None,
-        parents: list[np.ndarray] | None = None) -> np.ndarray:
-    """f_1..f_k over positions; returns f_k. ``combine(prev, cost)`` is max or sum."""
+def _min_bottleneck(c: list[float], s: list[float], k: int) -> float:
+    """min over exactly-k-stage splits of the slowest stage, O(k m log m).
+
+    f_l(j) = min_{i<j} max(f_{l-1}(i), c[j] + s[i]). As j grows, c[j] grows, so candidate i
+    is "flat" (worth f_{l-1}(i)) until c[j] passes f_{l-1}(i) - s[i], then "sloped" (worth
+    c[j] + s[i]) for good: a heap of flat candidates plus the least s of the sloped ones.
+    """
     m = len(c)
-    f = c + start[0]  # one stage covering [0, j)
-    f[0] = np.inf
-    if limit is not None:
-        f = np.where(f <= limit, f, np.inf)
-    if parents is not None:
-        parents.append(np.zeros(m, dtype=np.int64))
-    idx = np.arange(m)
+    f = [INF] + [c[j] + s[0] for j in range(1, m)]
     for _level in range(1, k):
-        new = np.full(m, np.inf)
-        arg = np.zeros(m, dtype=np.int64)
-        for j0 in range(0, m, _CHUNK):
-            js = idx[j0 : j0 + _CHUNK]
-            cost = c[js][None, :] + start[:, None]  # [i, j]
-            valid = idx[:, None] < js[None, :]
-            if limit is not None:
-                valid &= cost <= limit
-            val = combine(f[:, None], cost)  # type: ignore[operator]
-            val = np.where(valid, val, np.inf)
-            arg[js] = np.argmin(val, axis=0)
-            new[js] = val[arg[js], np.arange(len(js))]
+        new = [INF] * m
+        flat: list[tuple[float, int]] = []
+        by_threshold: list[tuple[float, int]] = []
+        sloped = [False] * m
+        least_s = INF
+        for j in range(m):
+            x = c[j]
+            while by_threshold and by_threshold[0][0] < x:
+                _, i = heapq.heappop(by_threshold)
+                sloped[i] = True
+                least_s = min(least_s, s[i])
+            while flat and sloped[flat[0][1]]:
+                heapq.heappop(flat)
+            best = flat[0][0] if flat else INF
+            new[j] = min(best, x + least_s)
+            if f[j] < INF:
+                heapq.heappush(flat, (f[j], j))
+                heapq.heappush(by_threshold, (f[j] - s[j], j))
         f = new
-        if parents is not None:
-            parents.append(arg)
-    return np.asarray(f)
+    return f[m - 1]
+
+
+def _least_total_within(c: list[float], s: list[float], k: int,
+                        limit: float) -> list[list[int]]:
+    """Parents of the exactly-k-stage split with least total cost, every stage <= limit.
+
+    g_l(j) = c[j] + min {g_{l-1}(i) + s[i] : i < j, s[i] <= limit - c[j]}; the bound only
+    tightens as j grows, so a candidate once out stays out (lazy deletion from a heap).
+    """
+    m = len(c)
+    g = [INF] + [c[j] + s[0] if c[j] + s[0] <= limit else INF for j in range(1, m)]
+    parents: list[list[int]] = [[0] * m]
+    for _level in range(1, k):
+        new = [INF] * m
+        arg = [0] * m
+        heap: list[tuple[float, int]] = []
+        for j in range(m):
+            bound = limit - c[j]
+            while heap and s[heap[0][1]] > bound:
+                heapq.heappop(heap)
+            if heap:
+                new[j], arg[j] = c[j] + heap[0][0], heap[0][1]
+            if g[j] < INF:
+                heapq.heappush(heap, (g[j] + s[j], j))
+        g = new
+        parents.append(arg)
+    if g[m - 1] == INF:  # cannot happen: the bottleneck split itself qualifies
+        raise SplitError(f"no split into {k} stages within the bottleneck {limit}")
+    return parents
