@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from conveyor.errors import UnsupportedModelError
+from conveyor.plan import BATCH
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class TensorInfo:
 
     @property
     def batched(self) -> bool:
-        """True when the first dimension is variable (the batch), not a fixed size."""
-        return self.shape is None or (len(self.shape) > 0 and not isinstance(self.shape[0], int))
+        """True when the first dimension is the batch (``batch``, or unknown), not a fixed
+        size nor another symbol (a time-major ``[seq, batch, ...]`` tensor is not batched)."""
+        return self.shape is None or (len(self.shape) > 0 and self.shape[0] in (BATCH, None))
 
     @property
     def numpy_dtype(self) -> str | None:

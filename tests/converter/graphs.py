@@ -155,3 +155,20 @@ def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         if o.domain == "":
             o.version = opset
     return out
+
+
+def time_major() -> onnx.ModelProto:
+    """A stretch where tensors are [seq, batch, ...]: no cut may fall inside it."""
+    n = helper.make_node
+    nodes = [
+        n("Relu", ["x"], ["r"]),
+        n("Transpose", ["r"], ["tm"], perm=[1, 0, 2]),
+        n("Tanh", ["tm"], ["tm1"]),
+        n("Sigmoid", ["tm1"], ["tm2"]),
+        n("Transpose", ["tm2"], ["bm"], perm=[1, 0, 2]),
+        n("Neg", ["bm"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "time_major",
+                              [helper.make_tensor_value_info("x", F, ["B", "T", 4])],
+                              [helper.make_tensor_value_info("y", F, ["B", "T", 4])])
+    return _model(graph)

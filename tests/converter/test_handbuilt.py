@@ -124,3 +124,15 @@ def test_function_split_of_multi_io_is_a_dag_reading_inputs_where_needed(tmp_pat
                 assert s.name in next(o.consumers for o in src.outputs
                                       if o.tensor.name == i.tensor.name)
     assert isinstance(Plan.load(tmp_path / "p"), Plan)
+
+
+def test_no_cut_inside_a_time_major_stretch(tmp_path: Path) -> None:
+    model = graphs.time_major()
+    analysis = analyze(prepare(model))
+    ops = [n.op_type for n in analysis.nodes]
+    inside = range(ops.index("Transpose") + 1, len(ops) - 1)  # after the first Transpose
+    cuts = allowed_cuts(analysis)
+    assert cuts and not set(cuts) & set(inside), (ops, cuts)
+    plan = convert(model, tmp_path / "p", by="layer", stages=len(cuts) + 1)
+    assert_batched_cuts(plan)
+    assert_reproduces(tmp_path / "p", prepare(model))
