@@ -104,3 +104,19 @@ def test_keras_object_and_keras_file(exports: Exports, tmp_path: Path,
                      "--stages", "2"]) == 0
     assert Plan.load(tmp_path / "cli").stage_names == ["stage0", "stage1"]
     assert_reproduces(tmp_path / "cli", exports.get("mlp"))
+
+
+def test_saved_model_directory_and_opset(exports: Exports, tmp_path: Path) -> None:
+    from converter.verify import random_inputs, run_plan_sequentially
+
+    model = exports.keras_model("branches")
+    model.export(str(tmp_path / "saved"))
+    plan = convert(tmp_path / "saved", tmp_path / "p", by="function", opset=13)
+    assert plan.opset == 13
+    assert [t.name for t in plan.inputs] == ["image_features", "metadata"]
+    inputs = random_inputs(plan, batch=3)
+    got = run_plan_sequentially(plan, inputs)
+    want = model([inputs["image_features"], inputs["metadata"]], training=False)
+    # the serving signature names its outputs output_0, output_1 in model order
+    for name, ref in zip(sorted(got), want, strict=True):
+        assert rel(got[name], np.asarray(ref)) <= 1e-5
