@@ -9,7 +9,8 @@ Three levers (docs/scheduling.md):
   clamped to ``[prefetch_min, prefetch_max]``;
 * flexible workers: a worker that can run several stages is moved (start consuming the
   backlogged stage, stop its current one) when a stage's backlog would take more than
-  ``backlog_high_s`` to drain for ``confirm_periods`` periods in a row, and goes back when
+  ``backlog_high_s`` to drain for ``confirm_periods`` periods in a row (or has grown for
+  ``confirm_periods + 1`` periods and passed ``backlog_grow_s``), and goes back when
   that backlog is under ``backlog_low_s`` again and it has stayed ``move_dwell_s``;
 * partitions: a hash/range routing key is moved from an input shard whose load exceeds its
   capacity to the shard where the move lowers the worst utilisation most, provided the
@@ -56,6 +57,9 @@ class PolicyConfig:
     prefetch_dwell_s: float = 2.0
     backlog_high_s: float = 1.0
     backlog_low_s: float = 0.2
+    #: A backlog that grew for ``confirm_periods + 1`` periods in a row counts once its
+    #: drain time passes this (a growing backlog is caught before it is large).
+    backlog_grow_s: float = 0.3
     confirm_periods: int = 2
     move_dwell_s: float = 3.0
     #: Flexible workers away from home at once.
@@ -164,9 +168,12 @@ class PolicyState:
     prefetch_changed: Mapping[tuple[str, str], float] = field(default_factory=dict)
     #: (worker, incarnation, queue) the static baseline was applied to.
     static_applied: frozenset[tuple[str, str, str]] = frozenset()
-    #: stage -> consecutive periods with a high / low backlog.
+    #: stage -> consecutive periods with a high / low / growing backlog.
     high_streak: Mapping[str, int] = field(default_factory=dict)
     low_streak: Mapping[str, int] = field(default_factory=dict)
+    grow_streak: Mapping[str, int] = field(default_factory=dict)
+    #: stage -> its queue depth at the previous period.
+    last_depth: Mapping[str, int] = field(default_factory=dict)
     #: worker -> time it was moved (first seen away from home after a restart).
     moved_at: Mapping[str, float] = field(default_factory=dict)
     #: routing key -> time it was last moved.
@@ -327,10 +334,14 @@ def flex_moves(
     loads = stage_loads(obs)
     high = dict(state.high_streak)
     low = dict(state.low_streak)
+    grow = dict(state.grow_streak)
     for stage, load in loads.items():
         drain = load.drain_s
         high[stage] = high.get(stage, 0) + 1 if drain > cfg.backlog_high_s else 0
         low[stage] = low.get(stage, 0) + 1 if drain < cfg.backlog_low_s else 0
+        growing = load.depth > state.last_depth.get(stage, 0)
+        grow[stage] = grow.get(stage, 0) + 1 if growing else 0
+    last_depth = {stage: load.depth for stage, load in loads.items()}
     moved_at = dict(state.moved_at)
     away = {wid for wid, hb in obs.workers.items() if _is_away(hb)}
     for wid in away:
@@ -370,10 +381,12 @@ def flex_moves(
         del moved_at[wid]
 
     slots = cfg.max_moves - len(moved_at)
-    backlogged = sorted(
-        (s for s in loads if high.get(s, 0) >= cfg.confirm_periods),
-        key=lambda s: -loads[s].drain_s,
-    )
+    def backlogged_now(s: str) -> bool:
+        if high.get(s, 0) >= cfg.confirm_periods:
+            return True
+        return grow.get(s, 0) > cfg.confirm_periods and loads[s].drain_s > cfg.backlog_grow_s
+
+    backlogged = sorted((s for s in loads if backlogged_now(s)), key=lambda s: -loads[s].drain_s)
     for stage in backlogged:
         if slots <= 0:
             break
@@ -400,15 +413,16 @@ def flex_moves(
             MoveWorker(
                 wid, donor_stages, (stage,), False,
                 f"stage {stage!r} backlog {load.depth} msgs at {load.capacity:.1f} req/s "
-                f"= drain {load.drain_s:.2f} s > {cfg.backlog_high_s:g} s for "
-                f"{high[stage]} periods; {wid} idle on {list(donor_stages)}",
+                f"= drain {load.drain_s:.2f} s (> {cfg.backlog_high_s:g} s for {high[stage]} "
+                f"periods, growing for {grow[stage]}); {wid} idle on {list(donor_stages)}",
             )
         )
         taken.add(wid)
         moved_at[wid] = obs.now
         slots -= 1
-        high[stage] = 0
-    return decisions, replace(state, high_streak=high, low_streak=low, moved_at=moved_at)
+        high[stage] = grow[stage] = 0
+    return decisions, replace(state, high_streak=high, low_streak=low, grow_streak=grow,
+                              last_depth=last_depth, moved_at=moved_at)
 
 
 def _is_away(hb: Heartbeat) -> bool:

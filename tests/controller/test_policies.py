@@ -313,3 +313,15 @@ def test_decide_dynamic_combines_the_levers() -> None:
     ds, _ = decide(cfg, o, PolicyState())
     kinds = {type(d) for d in ds}
     assert SetPrefetch in kinds and MoveWorker in kinds
+
+
+def test_a_growing_backlog_is_caught_before_it_is_large() -> None:
+    cfg = PolicyConfig(confirm_periods=2, backlog_high_s=10.0, backlog_grow_s=0.3)
+    # s2 at 50 req/s: 10, 20, 30 messages = 0.2 .. 0.6 s, far under the 10 s threshold;
+    # the third growing period (from 0) with a drain over 0.3 s triggers the move
+    scenes = [backlog_scene(d, now=100.0 + i)[0] for i, d in enumerate((10, 20, 30))]
+    moves, _ = run_flex(cfg, scenes)
+    assert moves[:2] == [[], []]
+    assert moves[2] and "growing for 3" in moves[2][0].reason
+    flat = [backlog_scene(40, now=100.0 + i)[0] for i in range(5)]  # large-ish but steady
+    assert run_flex(cfg, flat)[0] == [[]] * 5
