@@ -246,12 +246,15 @@ class Plan:
         h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
         for s in self.stages:
             path = directory / s.file
-            try:
-                with path.open("rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-            except OSError as exc:
-                raise PlanError(f"stage {s.name!r}: cannot read {path}: {exc}") from exc
+            # a stage's external weights (``<file>.data``, see docs/plan.md) count too
+            data = directory / (s.file + ".data")
+            for part in (path, data) if data.exists() else (path,):
+                try:
+                    with part.open("rb") as f:
+                        while chunk := f.read(1 << 20):
+                            h.update(chunk)
+                except OSError as exc:
+                    raise PlanError(f"stage {s.name!r}: cannot read {part}: {exc}") from exc
         return h.hexdigest()
 
     def save(self, directory: str | os.PathLike[str]) -> Plan:
