@@ -136,3 +136,15 @@ def test_no_cut_inside_a_time_major_stretch(tmp_path: Path) -> None:
     plan = convert(model, tmp_path / "p", by="layer", stages=len(cuts) + 1)
     assert_batched_cuts(plan)
     assert_reproduces(tmp_path / "p", prepare(model))
+
+
+def test_the_plan_hash_covers_external_weights(tmp_path: Path) -> None:
+    from conveyor.errors import PlanError
+
+    plan = convert(graphs.wide(), tmp_path / "p", by="layer", stages=2, external_threshold=1024)
+    data = tmp_path / "p" / (plan.stages[0].file + ".data")
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(PlanError, match="corrupt"):
+        Plan.load(tmp_path / "p")
