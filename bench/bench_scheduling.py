@@ -128,7 +128,7 @@ async def run_policy(kind: str, url: str | None, policy: PolicyKind, phases: lis
                 done_b.append((now, hop[2:]))
         await d.ack()
 
-    await admin.consume(results, on_result, prefetch=2000)
+    results_consumer = await admin.consume(results, on_result, prefetch=2000)
     workers: dict[str, SyntheticWorker] = {}
     agents: list[ControlAgent] = []
     transports: list[Transport] = [admin]
@@ -215,6 +215,7 @@ async def run_policy(kind: str, url: str | None, policy: PolicyKind, phases: lis
         await agent.stop()
     for w in workers.values():
         await w.stop()
+    await results_consumer.cancel()
     with contextlib.suppress(ConveyorError):
         await delete_plan_topology(admin, plan)
         for q in [results, heartbeat_queue(topo), state_queue(topo),

@@ -62,6 +62,9 @@ class PolicyConfig:
     backlog_grow_s: float = 0.3
     confirm_periods: int = 2
     move_dwell_s: float = 3.0
+    #: A moved worker goes back only if the others can carry the stage's current
+    #: throughput at no more than this fraction of their capacity (no flapping).
+    return_headroom: float = 0.8
     #: Flexible workers away from home at once.
     max_moves: int = 1
     #: A shard is overloaded above this utilisation (arrival rate / capacity) ...
@@ -180,6 +183,9 @@ class PolicyState:
     key_moved_at: Mapping[str, float] = field(default_factory=dict)
     #: worker -> its last routing-key counters (for per-partition rates).
     key_counts: Mapping[str, KeyCounts] = field(default_factory=dict)
+    #: worker -> its last per-stage request counters and the rates they gave.
+    stage_counts: Mapping[str, KeyCounts] = field(default_factory=dict)
+    stage_served: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     #: shard queue -> consecutive periods overloaded.
     shard_streak: Mapping[str, int] = field(default_factory=dict)
 
@@ -342,6 +348,7 @@ def flex_moves(
         growing = load.depth > state.last_depth.get(stage, 0)
         grow[stage] = grow.get(stage, 0) + 1 if growing else 0
     last_depth = {stage: load.depth for stage, load in loads.items()}
+    served, stage_counts, stage_served = stage_rates(obs, state)
     moved_at = dict(state.moved_at)
     away = {wid for wid, hb in obs.workers.items() if _is_away(hb)}
     for wid in away:
@@ -365,9 +372,14 @@ def flex_moves(
             continue
         if not all(len(loads[s].consumers) > 1 for s in foreign if s in loads):
             continue  # the stage would be left without a consumer
+        others = {s: loads[s].capacity - worker_capacity(hb, s) for s in foreign if s in loads}
+        if not all(s in served and served[s] <= cfg.return_headroom * others[s]
+                   for s in others):
+            continue  # the others could not carry the stage's load without it
         figures = ", ".join(
             f"{s}: depth {loads[s].depth}, drain {loads[s].drain_s:.2f} s for "
-            f"{low.get(s, 0)} periods" for s in foreign if s in loads
+            f"{low.get(s, 0)} periods, {served[s]:.1f} req/s served, the others' capacity "
+            f"{others[s]:.1f}" for s in others
         )
         home = tuple(s for s in hb.stats.home_stages if s not in current)
         decisions.append(
@@ -422,13 +434,44 @@ def flex_moves(
         slots -= 1
         high[stage] = grow[stage] = 0
     return decisions, replace(state, high_streak=high, low_streak=low, grow_streak=grow,
-                              last_depth=last_depth, moved_at=moved_at)
+                              last_depth=last_depth, moved_at=moved_at,
+                              stage_counts=stage_counts, stage_served=stage_served)
 
 
 def _is_away(hb: Heartbeat) -> bool:
     """True when a worker consumes a stage that is not one of its home stages."""
     home = set(hb.stats.home_stages)
     return any(c.stage not in home for c in hb.stats.consuming)
+
+
+def stage_rates(
+    obs: Observation, state: PolicyState
+) -> tuple[dict[str, float], dict[str, KeyCounts], dict[str, Mapping[str, float]]]:
+    """Requests per second served on each stage, from the deltas of the workers' request
+    counters between heartbeats (a worker without a newer heartbeat keeps its last rates).
+    Returns the stage totals, the new baselines and the rates per worker."""
+    counts: dict[str, KeyCounts] = {}
+    per_worker: dict[str, Mapping[str, float]] = {}
+    for wid, hb in obs.workers.items():
+        now = KeyCounts(hb.incarnation, hb.sent_at, {s.stage: s.requests for s in hb.stats.stages})
+        before = state.stage_counts.get(wid)
+        counts[wid] = now
+        if before is None or before.incarnation != now.incarnation:
+            continue  # a baseline only
+        if now.at <= before.at:
+            counts[wid] = before
+            if wid in state.stage_served:
+                per_worker[wid] = state.stage_served[wid]
+            continue
+        dt = now.at - before.at
+        per_worker[wid] = {
+            st: max(0, n - before.counts.get(st, 0)) / dt for st, n in now.counts.items()
+        }
+    totals: dict[str, float] = {}
+    for rates in per_worker.values():
+        for st, r in rates.items():
+            totals[st] = totals.get(st, 0.0) + r
+    return totals, counts, per_worker
 
 
 def key_rates(

@@ -39,6 +39,7 @@ def hb(
     keys: dict[str, int] | None = None,
     at: float = 0.0,
     incarnation: str = "i1",
+    requests: int = 100,
 ) -> Heartbeat:
     """A heartbeat: consuming = {queue: (stage, prefetch)}, service = {stage: s/request}."""
     stages_on = tuple(dict.fromkeys(s for s, _ in consuming.values()))
@@ -48,7 +49,7 @@ def hb(
             stages_available=can or tuple(service),
             home_stages=home if home is not None else stages_on,
             consuming=tuple(QueueConsumption(q, s, p) for q, (s, p) in consuming.items()),
-            stages=tuple(StageStats(s, 100, 100, service_s_per_request=t)
+            stages=tuple(StageStats(s, requests, requests, service_s_per_request=t)
                          for s, t in service.items()),
             routing_keys=keys or {},
         ),
@@ -151,13 +152,16 @@ def test_static_never_moves_anything() -> None:
 
 
 def backlog_scene(depth_s2: int, flex_on: str = "s1", home: tuple[str, ...] = ("s1",),
-                  now: float = 100.0) -> tuple[Observation, list[Heartbeat]]:
+                  now: float = 100.0, served: float = 10.0) -> tuple[Observation, list[Heartbeat]]:
+    """Three single-stage workers and a flexible one; every worker serves ``served``
+    requests/s on each of its stages (counters grow with ``now``)."""
+    n = int(now * served)
     ws = [
-        hb("w1", {"q.s1": ("s1", 10)}, {"s1": 0.01}),
-        hb("w2", {"q.s2": ("s2", 10)}, {"s2": 0.02}),
-        hb("w3", {"q.s3": ("s3", 10)}, {"s3": 0.01}),
+        hb("w1", {"q.s1": ("s1", 10)}, {"s1": 0.01}, at=now, requests=n),
+        hb("w2", {"q.s2": ("s2", 10)}, {"s2": 0.02}, at=now, requests=n),
+        hb("w3", {"q.s3": ("s3", 10)}, {"s3": 0.01}, at=now, requests=n),
         hb("flex", {f"q.{flex_on}": (flex_on, 10)}, {"s1": 0.01, "s2": 0.02, "s3": 0.01},
-           home=home),
+           home=home, at=now, requests=n),
     ]
     return obs(ws, {"q.s1": 0, "q.s2": depth_s2, "q.s3": 0}, now=now), ws
 
@@ -210,6 +214,17 @@ def test_worker_goes_back_after_the_backlog_clears_and_the_dwell() -> None:
     assert back[:3] == [[], [], []]  # cleared, but the dwell (3 s since 101) is not over
     assert [(m.worker_id, m.from_stages, m.to_stages, m.returning) for m in back[3]] == [
         ("flex", ("s2",), ("s1",), True)]
+
+
+def test_no_return_while_the_others_could_not_carry_the_load() -> None:
+    """s2 drained, but it is served at 2 x 45 req/s and w2 alone has 50: going back would
+    only rebuild the backlog (flapping)."""
+    cfg = PolicyConfig(confirm_periods=1, move_dwell_s=0.0)
+    busy = [backlog_scene(0, flex_on="s2", now=t, served=45.0)[0] for t in (300.0, 301.0, 302.0)]
+    assert run_flex(cfg, busy)[0] == [[], [], []]
+    quiet = [backlog_scene(0, flex_on="s2", now=t, served=15.0)[0] for t in (300.0, 301.0, 302.0)]
+    moves, _ = run_flex(cfg, quiet)
+    assert moves[0] == [] and moves[1][0].returning and "30.0 req/s served" in moves[1][0].reason
 
 
 def test_no_return_while_the_backlog_persists() -> None:
