@@ -92,7 +92,15 @@ from workers.amqp_convert import exchange_arguments, queue_arguments, to_propert
 from workers.amqp_errors import translated
 from workers.amqp_settings import AmqpSettings
 
-__all__ = ["AmqpConsumer", "AmqpDelivery", "AmqpSettings", "AmqpTransport", "Settlement"]
+__all__ = [
+    "AmqpConsumer",
+    "AmqpDelivery",
+    "AmqpSettings",
+    "AmqpTransport",
+    "ConsumerState",
+    "Settlement",
+    "TransportState",
+]
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +223,12 @@ class AmqpTransport:
             await publish.close()
             raise
         transport = cls(settings, publish, consume)
-        # Open the publishing channel now: the first publish should not pay for it.
-        await transport._pub.get("publish")
+        try:
+            # Open the publishing channel now: the first publish should not pay for it.
+            await transport._pub.get("publish")
+        except BaseException:
+            await transport.close(grace=0)
+            raise
         return transport
 
     @property

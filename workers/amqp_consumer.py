@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import aiormq.exceptions as amqp_exc
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from pamqp.commands import Basic
 
 from conveyor.errors import TransportError
 from conveyor.transport import Handler, Message
@@ -170,6 +171,8 @@ class AmqpConsumer:
         self._state = ConsumerState.ACTIVE
         self._lock = asyncio.Lock()
         self._in_flight: set[asyncio.Task[object]] = set()
+        self._ending: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -191,7 +194,9 @@ class AmqpConsumer:
         return len(self._in_flight)
 
     async def start(self) -> None:
+        self._channel.reopen_callbacks.add(self._watch_broker_cancel)
         with translated("consume", queue=self.queue, timeout=self._timeout):
+            await self._watch_broker_cancel()
             await self._set_qos(self._prefetch)
             self._tag = await self._queue.consume(self._on_message, timeout=self._timeout)
 
@@ -249,6 +254,27 @@ class AmqpConsumer:
         if old_tag is not None:
             await self._queue.cancel(old_tag, timeout=self._timeout)
 
+    async def _watch_broker_cancel(self, _sender: object = None) -> None:
+        # The broker cancels a consumer whose queue was deleted. aio-pika would try to
+        # consume again every reconnect interval for ever; this consumer ends instead.
+        # (Called again by aio-pika each time it reopens the channel.)
+        underlay = await self._channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        if frame.consumer_tag != self._tag or self._state is not ConsumerState.ACTIVE:
+            return
+        log.warning(
+            "RabbitMQ cancelled the consumer of queue %r (queue deleted?); it stops", self.queue
+        )
+        self._state = ConsumerState.STOPPED
+        self._tag = None
+        self._ending = asyncio.get_running_loop().create_task(self._end_after_broker_cancel())
+
+    async def _end_after_broker_cancel(self) -> None:
+        await self.cancel_handlers()
+        await self.close_channel()
+
     async def stop(self) -> None:
         """Stop new deliveries (``basic.cancel``); running handlers go on."""
         async with self._lock:
@@ -283,9 +309,15 @@ class AmqpConsumer:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def wait_closed(self) -> None:
+        """Return once the consumer has ended (``cancel``, transport close, or the broker
+        cancelled it because its queue was deleted)."""
+        await self._closed.wait()
+
     async def close_channel(self) -> None:
         """Close the channel: the broker requeues every unsettled delivery."""
         self._state = ConsumerState.CLOSED
+        self._closed.set()
         if self._channel.is_closed:
             return
         try:

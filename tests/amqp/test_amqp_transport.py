@@ -9,10 +9,11 @@ import socket
 
 import pytest
 
-from conveyor.errors import BrokerUnreachable, TransportError
+from conveyor.errors import BrokerUnreachable, TransportClosed, TransportError
 from conveyor.transport import Delivery, ExchangeSpec, ExchangeType, Message, QueueSpec
 from tests.amqp.conftest import Management, Rabbit
 from workers.amqp import AmqpDelivery, AmqpTransport, Settlement
+from workers.amqp_consumer import ConsumerState
 
 WAIT = 10.0  # seconds any single expected event may take on a loaded 2-core machine
 
@@ -276,3 +277,30 @@ async def test_close_lets_handlers_finish_within_grace_and_requeues_the_rest(
     (stuck,) = await again.wait_for(1)
     assert stuck.message.body == b"stuck" and stuck.redelivered
     await stuck.ack()
+
+
+@pytest.mark.rabbitmq
+async def test_consumer_ends_when_its_queue_is_deleted(rabbit: Rabbit) -> None:
+    transport = await rabbit.connect()
+    queue = rabbit.name("q")
+    await transport.declare_queue(QueueSpec(queue))
+    consumer = await transport.consume(queue, Inbox().handler, prefetch=1)
+    await transport.delete_queue(queue)
+    async with asyncio.timeout(WAIT):
+        await consumer.wait_closed()
+    assert consumer.state is ConsumerState.CLOSED
+    # the transport is unaffected
+    await transport.declare_queue(QueueSpec(queue))
+    await transport.publish("", Message(b"x"), queue)
+    assert (await transport.queue_stats(queue)).depth == 1
+
+
+@pytest.mark.rabbitmq
+async def test_operations_after_close_raise_transport_closed(rabbit: Rabbit) -> None:
+    transport = await rabbit.connect()
+    await transport.close(grace=0)
+    with pytest.raises(TransportClosed, match="closed"):
+        await transport.publish("", Message(b"x"), "anything")
+    with pytest.raises(TransportClosed):
+        await transport.declare_queue(QueueSpec(rabbit.name("q")))
+    await transport.close()  # a second close is a no-op
