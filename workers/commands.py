@@ -188,6 +188,8 @@ async def _connect(url: str | None) -> Transport:
 async def _serve(
     plan: Plan, url: str | None, stages: list[str] | None, settings: WorkerSettings
 ) -> int:
+    from conveyor.topology import Topology
+    from workers.control_agent import ControlAgent
     from workers.stage_worker import StageWorker
 
     stop = asyncio.Event()
@@ -199,8 +201,14 @@ async def _serve(
         worker = StageWorker(plan, transport, stages, settings)
         await worker.start()
         _announce(plan, worker, url)
+        # heartbeats out, controller commands in (docs/scheduling.md)
+        agent = ControlAgent(
+            transport, Topology.of(plan), worker, worker.worker_id, durable=settings.durable
+        )
+        await agent.start()
         await stop.wait()
         print(f"conveyor: stopping (grace {settings.grace:g} s)", file=sys.stderr, flush=True)
+        await agent.stop()
         await worker.stop(settings.grace)
     finally:
         await transport.close(grace=1.0)

@@ -5,11 +5,15 @@ still answered correctly (both transports)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conveyor.control import Command, CommandKind, Controllable
 from conveyor.topology import Topology
@@ -101,3 +105,47 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         for w in workers:
             await w.stop(grace=1.0)
         await client.close()
+
+
+@pytest.mark.rabbitmq
+async def test_conveyor_worker_process_reports_and_obeys(
+    rabbitmq_url: str, tmp_path: Path
+) -> None:
+    """``conveyor worker`` runs a control agent: its heartbeats reach the controller and
+    the controller's prefetch reaches its consumer (a separate process on RabbitMQ)."""
+    from workers.amqp import AmqpTransport
+
+    plan = chain_plan(tmp_path, 1, name=f"ctlproc{uuid.uuid4().hex[:8]}")
+    transport = await AmqpTransport.connect(rabbitmq_url)
+    client = await Harness(transport, plan).open()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor", "worker", str(tmp_path), "--stage", "s0",
+        "--broker", rabbitmq_url, "--device", "cpu", env=env,
+    )
+    controller = Controller(transport, plan,
+                            PolicyConfig.from_plan(plan, "dynamic", prefetch_max=40),
+                            period=0.25, report_every=0)
+    await controller.start()
+    try:
+        await until(lambda: len(controller.workers) == 1, limit=30,
+                    what="a heartbeat from the worker process")
+        x = np.ones((1, 4), np.float32)
+        ids = [await client.send({"x": x}) for _ in range(50)]
+        await client.wait_for(ids, within=30)
+
+        def prefetch() -> list[int]:
+            hb = next(iter(controller.workers.values()))
+            return [c.prefetch for c in hb.stats.consuming]
+
+        await until(lambda: prefetch() == [40], limit=15,
+                    what=f"the worker's prefetch to reach 40 (has {prefetch()})")
+        await until(lambda: controller.metrics["commands_acked"] >= 1, limit=10,
+                    what="the worker's acknowledgement")
+    finally:
+        await controller.stop()
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
+        await client.close()
+        await transport.close(grace=1.0)
