@@ -58,6 +58,9 @@ How it maps onto RabbitMQ:
   ``delivery.settlement`` becomes ``STALE``), not an error: the message will be redelivered,
   which at-least-once delivery already expects, and a worker should not fail a request
   whose output was already published.
+* **A deleted queue** makes RabbitMQ cancel its consumers. aio-pika would try to consume
+  again every ``reconnect_interval_s`` for ever; an ``AmqpConsumer`` ends instead
+  (warning logged, handlers cancelled, channel closed, ``wait_closed()`` returns).
 * **delivery_count** is ``x-delivery-count`` + 1 on quorum queues, otherwise 1, or 2 when
   the broker says ``redelivered``.
 * **Handler errors.** A handler that raises without settling gets its delivery rejected
