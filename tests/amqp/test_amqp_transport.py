@@ -145,7 +145,7 @@ async def test_delivery_on_a_dead_channel_is_not_settled_and_comes_back(rabbit: 
     (old,) = await inbox.wait_for(1)
 
     # Kill the consumer's channel from the broker's side: ack a tag it never sent.
-    await old._channel.basic_ack(old._incoming.delivery_tag + 1000)
+    await old._channel.basic_ack((old._incoming.delivery_tag or 0) + 1000)
     again = (await inbox.wait_for(2))[1]  # aio-pika reopened the channel and re-consumed
 
     assert old.stale and not again.stale
