@@ -136,7 +136,6 @@ class Controller:
         self._steps = 0
         self._task: asyncio.Task[None] | None = None
         self._consumer: Consumer | None = None
-        self.stepped = asyncio.Condition()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -317,8 +316,6 @@ class Controller:
         self.metrics["steps"] += 1
         if self.report_every and self._steps % self.report_every == 0:
             self.report(obs)
-        async with self.stepped:
-            self.stepped.notify_all()
         return decisions
 
     def _expire_workers(self, now: float) -> None:
