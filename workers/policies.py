@@ -6,7 +6,7 @@ Three levers (docs/scheduling.md):
 
 * prefetch: each consumer of a queue holds about ``horizon_s`` seconds of its own work, so
   its prefetch is proportional to its measured rate (``1 / service time per request``),
-  clamped to ``[prefetch_min, prefetch_max]``;
+  at least its mean batch size, clamped to ``[prefetch_min, prefetch_max]``;
 * flexible workers: a worker that can run several stages is moved (start consuming the
   backlogged stage, stop its current one) when a stage's backlog would take more than
   ``backlog_high_s`` to drain for ``confirm_periods`` periods in a row (or has grown for
@@ -314,7 +314,10 @@ def proportional_prefetch(
             if rate <= 0:
                 continue  # not measured yet: keep what it has
             lo, hi = cfg.prefetch_bounds(c.stage)
-            target = min(hi, max(lo, math.ceil(rate * cfg.horizon_s)))
+            st = hb.stats.stage(c.stage)
+            batch = math.ceil(st.mean_batch) if st is not None else 1
+            # never below the batches it makes: a smaller prefetch would shrink them
+            target = min(hi, max(lo, batch, math.ceil(rate * cfg.horizon_s)))
             delta = abs(target - c.prefetch)
             in_bounds = lo <= c.prefetch <= hi
             if delta == 0 or (in_bounds and delta < max(2, cfg.prefetch_deadband * c.prefetch)):

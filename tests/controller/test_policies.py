@@ -97,6 +97,15 @@ def test_prefetch_within_bounds() -> None:
     assert {d.prefetch for d in decisions} == {3}
 
 
+def test_prefetch_never_below_the_batches_a_worker_makes() -> None:
+    w = hb("batcher", {"q.s": ("s", 50)}, {"s": 0.05})  # 20 req/s -> 4 ...
+    w = replace(w, stats=replace(w.stats, stages=(
+        StageStats("s", 100, 10, service_s_per_request=0.05, mean_batch=9.3),)))
+    decisions, _ = proportional_prefetch(PolicyConfig(horizon_s=0.2), obs([w], {"q.s": 0}),
+                                         PolicyState())
+    assert [d.prefetch for d in decisions] == [10]  # ... but it batches 9.3 on average
+
+
 def test_hybrid_uses_the_plan_bounds() -> None:
     plan = synthetic_plan(["s"], scheduling=Scheduling(
         default=StageSchedule(prefetch=50, prefetch_min=8, prefetch_max=16)))
