@@ -185,6 +185,8 @@ class ControlAgent:
                 return
             except TransportError as exc:
                 log.warning("control agent %s: heartbeat not sent: %s", self.worker_id, exc)
+            except Exception:  # a snapshot bug must not stop the heartbeats silently
+                log.exception("control agent %s: heartbeat failed", self.worker_id)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.period)

@@ -6,8 +6,8 @@
 
 What it owns and how it survives restarts (docs/scheduling.md):
 
-* Heartbeats arrive on ``<control>.controller`` (bound to ``heartbeat.*``, message TTL a
-  few periods, so a restarted controller finds recent heartbeats at once). Its view of the
+* Heartbeats arrive on ``<control>.controller`` (bound to ``heartbeat.*``, message TTL
+  10 s, so a restarted controller finds recent heartbeats at once). Its view of the
   workers is rebuilt from them, never remembered.
 * The partition map (input routing key -> shard queue) is the one thing the broker cannot
   tell back (the Transport protocol has no "list bindings"). After every move the
@@ -68,6 +68,11 @@ from workers.policies import (
 from workers.topology_setup import stage_queues
 
 log = logging.getLogger(__name__)
+
+
+#: Heartbeats older than this are dropped by the broker. A constant (not a multiple of the
+#: period): RabbitMQ refuses to re-declare a queue with other arguments.
+HEARTBEAT_TTL_MS = 10_000
 
 
 def heartbeat_queue(topology: Topology) -> str:
@@ -143,10 +148,9 @@ class Controller:
             raise TransportClosed(f"controller is {self.state.value}")
         topo = self.topology
         await declare_control_exchange(self.transport, topo, durable=self.durable)
-        ttl_ms = int(max(2.0, 5 * self.period) * 1000)
         await self.transport.declare_queue(
-            QueueSpec(heartbeat_queue(topo), durable=self.durable, message_ttl_ms=ttl_ms,
-                      max_length=10_000, overflow="drop-head")
+            QueueSpec(heartbeat_queue(topo), durable=self.durable,
+                      message_ttl_ms=HEARTBEAT_TTL_MS, max_length=10_000, overflow="drop-head")
         )
         await self.transport.bind_queue(heartbeat_queue(topo), topo.control_exchange, "heartbeat.*")
         await self.transport.declare_queue(
@@ -274,6 +278,9 @@ class Controller:
             except TransportError as exc:
                 self.metrics["step_errors"] += 1
                 log.warning("controller: step failed, retrying next period: %s", exc)
+            except Exception:  # a bug in a policy must not stop scheduling silently
+                self.metrics["step_errors"] += 1
+                log.exception("controller: step failed unexpectedly; retrying next period")
             await asyncio.sleep(max(0.0, self.period - (self.clock() - started)))
 
     async def step(self) -> list[Decision]:
