@@ -42,6 +42,9 @@ class Bounds:
     baseline: int
     lo: int
     hi: int
+    #: The least prefetch the stage works with, whatever the bounds: a join stage holds
+    #: the parts of a batch unacked until all arrive (``max_batch x sources``).
+    floor: int = 1
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,17 @@ class PolicyConfig:
     @classmethod
     def from_plan(cls, plan: Plan, kind: PolicyKind, **overrides: object) -> PolicyConfig:
         sched = plan.scheduling
-        bounds = {
-            s.name: Bounds(
-                baseline=sched.for_stage(s.name).prefetch,
-                lo=sched.for_stage(s.name).prefetch_min,
-                hi=sched.for_stage(s.name).prefetch_max,
+        bounds = {}
+        for s in plan.stages:
+            st = sched.for_stage(s.name)
+            # as the worker sets it up: at least a batch, times the parts a join waits for
+            parts = len({i.source for i in s.inputs}) if s.is_join else 1
+            bounds[s.name] = Bounds(
+                baseline=max(st.prefetch, st.max_batch) * parts,
+                lo=st.prefetch_min,
+                hi=st.prefetch_max,
+                floor=st.max_batch * parts if parts > 1 else 1,
             )
-            for s in plan.stages
-        }
         cfg = cls(kind=kind, bounds=bounds)
         if kind == "hybrid":
             cfg = replace(cfg, max_moves=sched.max_moves)
@@ -94,6 +100,10 @@ class PolicyConfig:
         if self.kind == "hybrid" and b is not None:
             return b.lo, b.hi
         return self.prefetch_min, self.prefetch_max
+
+    def prefetch_floor(self, stage: str) -> int:
+        b = self.bounds.get(stage)
+        return b.floor if b is not None else 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,10 +326,12 @@ def proportional_prefetch(
             lo, hi = cfg.prefetch_bounds(c.stage)
             st = hb.stats.stage(c.stage)
             batch = math.ceil(st.mean_batch) if st is not None else 1
-            # never below the batches it makes: a smaller prefetch would shrink them
+            # never below the batches it makes: a smaller prefetch would shrink them; and
+            # never below what the stage needs to work at all (a join's parts)
             target = min(hi, max(lo, batch, math.ceil(rate * cfg.horizon_s)))
+            target = max(target, cfg.prefetch_floor(c.stage))
             delta = abs(target - c.prefetch)
-            in_bounds = lo <= c.prefetch <= hi
+            in_bounds = lo <= c.prefetch <= hi and c.prefetch >= cfg.prefetch_floor(c.stage)
             if delta == 0 or (in_bounds and delta < max(2, cfg.prefetch_deadband * c.prefetch)):
                 continue
             last = changed.get((wid, c.queue))

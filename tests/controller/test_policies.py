@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from conveyor.control import Heartbeat, QueueConsumption, StageStats, WorkerStats
-from conveyor.plan import Scheduling, StageSchedule
+from conveyor.plan import MODEL_INPUT, Scheduling, StageInput, StageSchedule, TensorSpec
 from conveyor.transport import QueueStats
 from workers.policies import (
     Bounds,
@@ -104,6 +104,24 @@ def test_prefetch_never_below_the_batches_a_worker_makes() -> None:
     decisions, _ = proportional_prefetch(PolicyConfig(horizon_s=0.2), obs([w], {"q.s": 0}),
                                          PolicyState())
     assert [d.prefetch for d in decisions] == [10]  # ... but it batches 9.3 on average
+
+
+def test_a_join_stage_keeps_room_for_every_part_of_a_batch() -> None:
+    """A join holds a batch's parts unacked until all arrive: its prefetch never drops
+    below max_batch x sources, even for a slow worker and under tight hybrid bounds."""
+    base = synthetic_plan(["a", "b"])
+    join = replace(base.stages[1], inputs=(
+        *base.stages[1].inputs,
+        StageInput(TensorSpec("x2", "float32", ("batch", 4)), MODEL_INPUT),
+    ))
+    plan = replace(base, stages=(base.stages[0], join), scheduling=Scheduling(
+        default=StageSchedule(prefetch=8, max_batch=4, prefetch_min=1, prefetch_max=6)))
+    cfg = PolicyConfig.from_plan(plan, "hybrid", horizon_s=0.2)
+    assert cfg.bounds["b"].floor == 8 and cfg.bounds["b"].baseline == 16
+    assert cfg.bounds["a"].floor == 1 and cfg.bounds["a"].baseline == 8
+    slow = [hb("w", {"q.b": ("b", 16)}, {"b": 0.5})]  # 2 req/s -> 1
+    decisions, _ = proportional_prefetch(cfg, obs(slow, {"q.b": 0}), PolicyState())
+    assert [d.prefetch for d in decisions] == [8]
 
 
 def test_hybrid_uses_the_plan_bounds() -> None:
