@@ -293,13 +293,18 @@ def static_prefetch(
                 continue
             applied.add(key)
             b = cfg.bounds.get(c.stage)
-            if b is None or b.baseline == c.prefetch:
+            if b is None:
+                continue
+            target = b.baseline
+            if cfg.kind == "hybrid":  # the baseline inside the plan's bounds
+                target = max(b.floor, min(b.hi, max(b.lo, target)))
+            if target == c.prefetch:
                 continue
             decisions.append(
                 SetPrefetch(
-                    wid, c.queue, c.stage, b.baseline, c.prefetch,
-                    f"static baseline: plan prefetch for stage {c.stage!r} is {b.baseline}, "
-                    f"worker has {c.prefetch}",
+                    wid, c.queue, c.stage, target, c.prefetch,
+                    f"{cfg.kind} baseline: plan prefetch for stage {c.stage!r} is "
+                    f"{b.baseline} (applied {target}), worker has {c.prefetch}",
                 )
             )
     return decisions, replace(state, static_applied=frozenset(applied))

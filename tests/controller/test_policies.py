@@ -367,3 +367,12 @@ def test_a_growing_backlog_is_caught_before_it_is_large() -> None:
     assert moves[2] and "growing for 3" in moves[2][0].reason
     flat = [backlog_scene(40, now=100.0 + i)[0] for i in range(5)]  # large-ish but steady
     assert run_flex(cfg, flat)[0] == [[]] * 5
+
+
+def test_hybrid_baseline_is_applied_inside_the_bounds() -> None:
+    cfg = PolicyConfig(kind="hybrid", bounds={"s": Bounds(baseline=50, lo=2, hi=32)},
+                       horizon_s=0.2)
+    fresh = [hb("new", {"q.s": ("s", 50)}, {"s": 0.0})]  # not measured yet
+    decisions, _ = decide(cfg, obs(fresh, {"q.s": 0}), PolicyState())
+    assert [(d.prefetch, d.previous) for d in decisions if isinstance(d, SetPrefetch)] == [
+        (32, 50)]
