@@ -169,21 +169,49 @@ def leg_baseline(cache: Path, name: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def leg_brokerless(cache: Path, name: str, seconds: float) -> dict[str, Any]:
+def pipeline_batch(plan: Any, max_batch: int | None) -> int:
+    """Batch limit that lets every stage work at once: in flight / stages, unless given.
+
+    With 16 requests in flight and max_batch 16, one batch holds every request and the
+    stages take turns; with 16 / K each stage has a batch of its own to run.
+    """
+    return max_batch or max(1, CONCURRENCY // len(plan.stages))
+
+
+def leg_brokerless(cache: Path, name: str, seconds: float,
+                   max_batch: int | None) -> dict[str, Any]:
     from conveyor.client import connect
     from conveyor.plan import Plan
+    from workers.settings import WorkerSettings
 
     plan = Plan.load(cache / name / "plan")
+    batch = pipeline_batch(plan, max_batch)
+    options = {"settings": WorkerSettings(device="cpu", max_batch=batch)}
 
     async def run() -> dict[str, Any]:
-        async with connect(None, plan=plan, timeout=60.0) as client:
+        async with connect(None, plan=plan, timeout=60.0, worker_options=options) as client:
             result: dict[str, Any] = await drive(client, make_requests(plan), seconds,
                                                  warmup=200 if name == "W1" else 32)
+            result["stages"] = stage_report(client.workers)
         return result
 
     result = asyncio.run(run())
     result["peak_rss_mib"] = {"client + all stages": peak_rss_mib()}
+    result["max_batch"] = batch
     return result
+
+
+def stage_report(workers: Any) -> dict[str, dict[str, float]]:
+    """Mean batch size and session time per request of each in-process stage."""
+    stats = getattr(workers, "stats", None)
+    if stats is None:
+        return {}
+    return {
+        s.stage: {"mean_batch": round(s.mean_batch, 2),
+                  "ms_per_request": round(s.service_ms_per_request, 3),
+                  "batches": s.batches}
+        for s in stats().stages
+    }
 
 
 def isolated_copy(plan: Any, directory: Path) -> Any:
@@ -195,20 +223,22 @@ def isolated_copy(plan: Any, directory: Path) -> Any:
                                hash="").save(directory)
 
 
-def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str) -> dict[str, Any]:
+def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str,
+                 max_batch: int | None) -> dict[str, Any]:
     from conveyor.client import connect
     from conveyor.plan import Plan
 
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
         plan = isolated_copy(Plan.load(cache / name / "plan"), Path(tmp) / "plan")
         threads = max(1, (os.cpu_count() or 1) // len(plan.stages))
+        batch = pipeline_batch(plan, max_batch)
         procs = {}
         for stage in plan.stage_names:
             with (Path(tmp) / f"{stage}.log").open("wb") as log:
                 procs[stage] = subprocess.Popen(
                     [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
                      "--stage", stage, "--broker", url, "--device", "cpu",
-                     "--threads", str(threads)],
+                     "--threads", str(threads), "--max-batch", str(batch)],
                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
                 )
         rss: dict[str, float] = {}
@@ -236,6 +266,7 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str) -> dict[str, 
             asyncio.run(_delete_topology(url, plan))
     result["peak_rss_mib"] = rss
     result["threads_per_worker"] = threads
+    result["max_batch"] = batch
     return result
 
 
@@ -280,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rabbitmq", action="store_true")
     p.add_argument("--only", choices=sorted(WORKLOADS), action="append")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "conveyor-bench")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="stage batch limit (default: 16 in flight / number of stages)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--leg", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -293,13 +326,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.leg == "baseline":
             result = leg_baseline(args.cache, args.workload, args.seconds)
         elif args.leg == "brokerless":
-            result = leg_brokerless(args.cache, args.workload, args.seconds)
+            result = leg_brokerless(args.cache, args.workload, args.seconds, args.max_batch)
         else:
-            result = leg_rabbitmq(args.cache, args.workload, args.seconds, args.broker)
+            result = leg_rabbitmq(args.cache, args.workload, args.seconds, args.broker,
+                                  args.max_batch)
         print(json.dumps(result))
         return 0
 
     common = ["--cache", str(args.cache), "--seconds", str(args.seconds)]
+    if args.max_batch is not None:
+        common += ["--max-batch", str(args.max_batch)]
     t = time.perf_counter()
     run_leg(["--leg", "prepare", *common, *[a for w in workloads for a in ("--only", w)]])
     print(f"models prepared in {time.perf_counter() - t:.0f} s (cache {args.cache})")

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -206,6 +207,35 @@ class WorkerProcesses:
                 p.wait(5)
 
 
+async def wait_until_consumed(url: str, plan: Plan, procs: WorkerProcesses,
+                              timeout: float = 180.0) -> None:  # noqa: ASYNC109
+    """Return once every queue of the plan has a consumer (workers up), or fail.
+
+    Requests published earlier would wait in the queues anyway; waiting keeps worker
+    start-up (seconds on a loaded 2-core machine) out of the requests' deadlines.
+    """
+    from workers.amqp import AmqpTransport
+    from workers.topology_setup import stage_queues
+
+    queues = [q for s in plan.stages for q in stage_queues(plan, s)]
+    admin = await AmqpTransport.connect(url)
+    give_up = time.monotonic() + timeout
+    try:
+        while True:
+            idle = [q for q in queues if (await admin.queue_stats(q)).consumers == 0]
+            if not idle:
+                return
+            dead = {s: p.returncode for s, ps in procs.procs.items() for p in ps
+                    if p.poll() is not None}
+            if dead or time.monotonic() > give_up:
+                raise AssertionError(
+                    f"workers not consuming {idle} (exited: {dead})\n{procs.logs()}"
+                )
+            await asyncio.sleep(0.1)  # polling the broker's consumer counts
+    finally:
+        await admin.close(grace=0.5)
+
+
 async def delete_topology(url: str, plan: Plan) -> None:
     from conveyor.topology import Topology
     from workers.amqp import AmqpTransport
@@ -256,6 +286,7 @@ class Pipeline:
             async with connect(self.url, plan=plan, timeout=timeout) as client:
                 if start_workers:
                     procs.start_all()
+                    await wait_until_consumed(self.url, plan, procs)
                 yield Served(client, plan, procs)
         except BaseException:
             print(procs.logs(), file=sys.stderr)

@@ -7,10 +7,12 @@ functional model split by function (fan-out to parallel stages, join at the end)
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
+from conveyor.transport import Transport
 from tests.e2e.conftest import Case, Pipeline
 
 
@@ -64,3 +66,62 @@ async def test_micro_batching_with_mixed_arrival_times(
         results = await asyncio.gather(*(one(i) for i in range(len(requests))))
     for req, got in zip(requests, results, strict=True):
         case.check(req, got)
+
+
+async def test_requests_published_before_a_branch_worker_starts_are_all_answered(
+    pipeline: Pipeline, branches: Case
+) -> None:
+    """Clients may publish before workers are up (docs/wire.md): nothing waits forever.
+
+    The left branch and the join run first and the right branch's worker starts only once
+    the requests wait for it, so the join receives many left parts (more messages than its
+    prefetch limit) before the first right part arrives.
+    """
+    import workers
+    from conveyor.topology import Topology
+    from tests.e2e.test_faults import side_transport
+
+    plan = branches.plan
+    late = [s.name for s in plan.entry_stages][-1]
+    schedule = plan.scheduling.for_stage(late)
+    # Between stages a message carries a batch (up to max_batch requests): make the left
+    # branch send more messages to the join than the join's prefetch lets it hold.
+    n = schedule.max_batch * (schedule.prefetch + 8)
+    requests = branches.requests(n, seed=9)
+    async with pipeline.serve(branches, start_workers=False, timeout=90.0) as served:
+        in_process = []
+        broker = served.client.broker
+        for stage in served.plan.stage_names:
+            if stage == late:
+                continue
+            if served.workers is not None:
+                served.workers.start(stage)
+            else:
+                assert broker is not None
+                in_process.append(await workers.serve(plan, broker.connect(), [stage],
+                                                      device="cpu"))
+        calls = [asyncio.create_task(served.client.infer(r)) for r in requests]
+        async with side_transport(pipeline, served) as watcher:
+            await wait_for_depth(watcher, Topology.of(served.plan).stage_queue(late),
+                                 -(-n // schedule.max_batch))
+        if served.workers is not None:
+            served.workers.start(late)
+        else:
+            assert broker is not None
+            in_process.append(await workers.serve(plan, broker.connect(), [late], device="cpu"))
+        results = await asyncio.gather(*calls)
+        for worker in in_process:
+            await worker.stop()
+    for request, got in zip(requests, results, strict=True):
+        branches.check(request, got)
+
+
+async def wait_for_depth(transport: Transport, queue: str, depth: int,
+                         limit_s: float = 60.0) -> None:
+    """Poll the broker until ``queue`` holds ``depth`` ready messages (or fail)."""
+    give_up = time.monotonic() + limit_s
+    current = (await transport.queue_stats(queue)).depth
+    while current < depth:
+        assert time.monotonic() < give_up, f"{queue} holds {current} < {depth} messages"
+        await asyncio.sleep(0.05)  # polling the broker's counter, not synchronising
+        current = (await transport.queue_stats(queue)).depth

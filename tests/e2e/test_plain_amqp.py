@@ -33,34 +33,36 @@ class PlainReply:
 
 def pika_request(url: str, exchange: str, body: bytes, headers: dict[str, Any],
                  timeout: float = 30.0) -> tuple[str, PlainReply]:
-    """Publish one request with pika and wait for its reply on a server-named queue."""
+    """docs/wire.md section 4, step by step: publish with pika, wait for our reply."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        reply_queue = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
-        queue_name = reply_queue.method.queue
+        channel.confirm_delivery()
+        reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
         request_id = uuid.uuid4().hex
         channel.basic_publish(
             exchange=exchange,
             routing_key="",
             body=body,
             properties=pika.BasicProperties(
+                content_type="application/msgpack",
                 message_id=request_id,
                 correlation_id=request_id,
-                reply_to=queue_name,
-                content_type="application/msgpack",
+                reply_to=reply_queue,
                 headers=headers,
             ),
+            mandatory=True,
         )
         for method, props, reply_body in channel.consume(
-            queue_name, auto_ack=True, inactivity_timeout=timeout
+            reply_queue, auto_ack=True, inactivity_timeout=timeout
         ):
             assert method is not None, f"no reply within {timeout} s"
-            channel.cancel()
-            return request_id, PlainReply(dict(props.headers or {}), props.correlation_id,
-                                          reply_body)
+            if props.correlation_id == request_id:
+                channel.cancel()
+                return request_id, PlainReply(dict(props.headers or {}), props.correlation_id,
+                                              reply_body)
         raise AssertionError("the consume generator ended without a reply")
     finally:
         connection.close()
@@ -78,7 +80,7 @@ def plain_body(tensors: dict[str, np.ndarray]) -> bytes:
     }
     bins = [np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
             for a in tensors.values()]
-    return msgpack.packb([header, *bins], use_bin_type=True)
+    return msgpack.packb([header, *bins])
 
 
 def plain_decode(body: bytes) -> dict[str, np.ndarray]:
@@ -99,7 +101,8 @@ async def test_plain_client_request_gets_the_right_answer(
     request = mlp.requests(1, seed=5)[0]
     async with Pipeline("rabbitmq", rabbitmq_url, tmp_path).serve(mlp) as served:
         headers = {
-            "x-conveyor-deadline": time.time() + 30,
+            # pika has no float header type: a decimal string keeps the fraction.
+            "x-conveyor-deadline": f"{time.time() + 30.0:.3f}",
             "x-conveyor-plan": served.plan.hash,
             "x-conveyor-attempt": 1,
         }
