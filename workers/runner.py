@@ -118,6 +118,11 @@ class StageRunner:
         return len(self.sources) > 1
 
     @property
+    def pending_parts(self) -> int:
+        """Broker parts held while a join waits for the other parts of their requests."""
+        return sum(len(p.parts) for p in self._broker_joins.values())
+
+    @property
     def busy(self) -> bool:
         """True while any request is waiting or running here."""
         return self.counters.in_flight > 0

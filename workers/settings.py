@@ -42,6 +42,9 @@ class WorkerSettings:
     #: Seconds a join waits for the missing parts of a request (without a sooner deadline)
     #: before it dead-letters the parts it has and answers with an error.
     join_timeout: float = 60.0
+    #: A join queue's prefetch doubles while its window is full of parts waiting for their
+    #: partners (else the partners could never be delivered), up to this many messages.
+    join_prefetch_max: int = 4096
     #: Declare durable queues/exchanges (RabbitMQ deployments); all processes must agree.
     durable: bool = False
 
@@ -59,6 +62,8 @@ class WorkerSettings:
             raise ConfigError(f"shard must be >= 0, got {self.shard}")
         if self.grace < 0:
             raise ConfigError(f"grace must be >= 0, got {self.grace}")
+        if self.join_prefetch_max < 1:
+            raise ConfigError(f"join_prefetch_max must be at least 1, got {self.join_prefetch_max}")
         if self.join_timeout <= 0:
             raise ConfigError(f"join_timeout must be > 0, got {self.join_timeout}")
 

@@ -98,6 +98,9 @@ class _ConsumerRecord:
     #: The runner that takes its deliveries (``MODEL_INPUT`` = the ingress).
     runner: str
     prefetch: int
+    #: The prefetch asked for (plan, settings or controller); ``prefetch`` may be raised
+    #: above it for a while when a join's window fills with waiting parts.
+    base_prefetch: int = 0
     consumer: Consumer | None = None
     consuming: bool = False
     lots: set[Lot] = field(default_factory=set)
@@ -255,6 +258,10 @@ class StageWorker:
         record = self._record(queue)
         if prefetch < 1:
             raise ConfigError(f"prefetch must be at least 1, got {prefetch}")
+        record.base_prefetch = prefetch
+        await self._apply_prefetch(record, prefetch)
+
+    async def _apply_prefetch(self, record: _ConsumerRecord, prefetch: int) -> None:
         record.prefetch = prefetch
         if record.consumer is not None:
             await record.consumer.set_prefetch(prefetch)
@@ -515,6 +522,28 @@ class StageWorker:
                 await self.fail(request, exc, Outcome.FAILED)
                 continue
             await runner.submit_part(msg.source, Item(request, dict(piece)))
+        if runner.is_join:
+            await self._fit_join_window(record, runner)
+
+    async def _fit_join_window(self, record: _ConsumerRecord, runner: StageRunner) -> None:
+        """Parts stay unacked until their join runs, so a window full of parts waiting for
+        partners queued behind them would never move: widen it (doubling, up to
+        ``join_prefetch_max``); narrow it back once no part waits."""
+        waiting = runner.pending_parts
+        if waiting and len(record.lots) >= record.prefetch:
+            wider = min(record.prefetch * 2, self.settings.join_prefetch_max)
+            if wider > record.prefetch:
+                log.info(
+                    "join %s: %d parts wait for partners; prefetch of %s %d -> %d",
+                    runner.name,
+                    waiting,
+                    record.queue,
+                    record.prefetch,
+                    wider,
+                )
+                await self._apply_prefetch(record, wider)
+        elif not waiting and record.prefetch > record.base_prefetch:
+            await self._apply_prefetch(record, record.base_prefetch)
 
     def _admission_error(
         self, meta: RequestMeta, plan_hash: str | None = None
@@ -661,7 +690,7 @@ class StageWorker:
             # Parts stay unacked until the join runs: room for every part of a batch.
             prefetch *= len(stage_sources(spec))
         runner = MODEL_INPUT if spec.name == self.plan.stages[0].name else spec.name
-        return _ConsumerRecord(queue, spec.name, runner, prefetch)
+        return _ConsumerRecord(queue, spec.name, runner, prefetch, base_prefetch=prefetch)
 
     def _record(self, queue: str) -> _ConsumerRecord:
         try:

@@ -360,3 +360,32 @@ async def test_stage_message_from_a_stage_it_does_not_read_is_refused(
     await client.wait_for(["stray"], dead=1)
     error = client.one("stray")
     assert isinstance(error, PlanError) and "does not read from 's2'" in str(error)
+
+
+async def test_join_widens_its_window_when_it_fills_with_waiting_parts(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    from conveyor.envelope import RequestMeta
+    from conveyor.topology import Topology
+    from workers.messages import encode_stage_message
+
+    plan = Plan.load(join_plan(tmp_path, name=unique).directory)
+    exchange = Topology.of(plan).stage_exchange("join")
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([["join"]], settings=WorkerSettings(prefetch=8, max_batch=4))
+    window = p.workers[0].stats().consumers[0].prefetch
+    n = 3 * window  # every left part first: more than the window can hold
+    metas = [RequestMeta(f"q{i}", reply_to=client.reply_queue) for i in range(n)]
+    xs = [rand() for _ in range(n)]
+    for side, scale in (("left", 3), ("right", 4)):
+        for meta, x in zip(metas, xs, strict=True):
+            h = np.maximum(2 * x + 1, 0)
+            part = {side[0]: np.maximum(scale * h + 1, 0)}
+            message = encode_stage_message(plan.hash, side, [(meta, 1)], part)
+            await client.transport.publish(exchange, message, meta.request_id)
+    await client.wait_for([m.request_id for m in metas])
+    for meta, x in zip(metas, xs, strict=True):
+        result = client.one(meta.request_id)
+        assert not isinstance(result, Exception), result
+        np.testing.assert_allclose(result["y"], join_expected(x), rtol=1e-5)
+    assert await p.workers[0].wait_settled(5.0)
