@@ -304,3 +304,19 @@ async def test_operations_after_close_raise_transport_closed(rabbit: Rabbit) -> 
     with pytest.raises(TransportClosed):
         await transport.declare_queue(QueueSpec(rabbit.name("q")))
     await transport.close()  # a second close is a no-op
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("kind", ["classic", "declared-elsewhere"])
+async def test_prefetch_from_unlimited_to_a_limit(rabbit: Rabbit, kind: str) -> None:
+    transport = await rabbit.connect()
+    owner = await rabbit.connect() if kind == "declared-elsewhere" else transport
+    queue = rabbit.name("q")
+    await owner.declare_queue(QueueSpec(queue))
+    inbox = Inbox()
+    consumer = await transport.consume(queue, inbox.handler, prefetch=0)  # 0 = unlimited
+    await consumer.set_prefetch(3)
+    for i in range(30):
+        await transport.publish("", Message(str(i).encode()), queue)
+    await inbox.wait_for(3)
+    assert (await transport.queue_stats(queue)).depth == 27
