@@ -22,16 +22,12 @@ import numpy as np
 from conveyor.errors import ConfigError
 
 T = TypeVar("T")
-ShapeKey = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 
-def shape_key(tensors: Mapping[str, np.ndarray]) -> ShapeKey:
+def shape_key(tensors: Mapping[str, np.ndarray]) -> Hashable:
     """What must match for two requests to share a batch: per input, dtype and dims 1..n."""
-    return tuple(
-        sorted(
-            (name, str(a.dtype), tuple(int(d) for d in a.shape[1:])) for name, a in tensors.items()
-        )
-    )
+    key = tuple((name, a.dtype, a.shape[1:]) for name, a in tensors.items())
+    return key if len(key) == 1 else tuple(sorted(key, key=lambda k: k[0]))
 
 
 def batch_rows(tensors: Mapping[str, np.ndarray]) -> int:
