@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from conveyor.errors import ConfigError
 
@@ -71,10 +71,6 @@ class WorkerSettings:
         if self.intra_op_threads is not None:
             return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // max(1, hosted_stages))
-
-    def with_overrides(self, **changes: object) -> WorkerSettings:
-        """A copy with the non-``None`` entries of ``changes`` applied."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:

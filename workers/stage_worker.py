@@ -18,10 +18,13 @@ and confirmed (``workers.settlement``); a request that fails decoding, validatio
 inference is rejected to the dead-letter exchange and answered with an error reply; an
 expired one is answered with ``DeadlineExceeded`` and acked, not run.
 
-Control (for the controller): ``set_prefetch(queue, n)``, ``stop_consuming(queue)``,
-``start_consuming(queue)``, ``stats()``. Shutdown: ``stop(grace)`` stops taking new
-deliveries, lets work in flight finish for up to ``grace`` seconds, cancels the rest
-(those messages are redelivered) and cancels its consumers. The transport belongs to the
+Control (``conveyor.control.Controllable``, driven by ``workers.control_agent``):
+``snapshot()``, ``set_prefetch(queue, n)``, ``start_consuming(stage, queue=None)``,
+``stop_consuming(stage, queue=None)``; ``stats()`` is the fuller local view.
+
+Shutdown: ``stop(grace)`` stops taking new deliveries, lets work in flight finish for up
+to ``grace`` seconds, cancels the rest (those messages are redelivered) and cancels its
+consumers. The transport belongs to the
 caller and stays open.
 """
 

@@ -66,3 +66,20 @@ def test_threads_default_to_cores_divided_among_stages() -> None:
     assert s.threads_per_stage(1) >= s.threads_per_stage(2) >= 1
     assert WorkerSettings(intra_op_threads=3).threads_per_stage(8) == 3
     assert ort.get_device() in ("CPU", "GPU")
+
+
+def test_settings_from_env() -> None:
+    s = WorkerSettings.from_env(
+        {
+            "CONVEYOR_DEVICE": "cpu",
+            "CONVEYOR_MAX_BATCH": "32",
+            "CONVEYOR_MAX_DELAY_MS": "1.5",
+            "CONVEYOR_GRACE": "3",
+        }
+    )
+    assert (s.device, s.max_batch, s.max_delay_ms, s.grace) == ("cpu", 32, 1.5, 3.0)
+    assert WorkerSettings.from_env({}).device == "auto"
+    with pytest.raises(ConfigError, match="CONVEYOR_THREADS"):
+        WorkerSettings.from_env({"CONVEYOR_THREADS": "many"})
+    with pytest.raises(ConfigError, match="max_batch"):
+        WorkerSettings(max_batch=0)
