@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Coroutine, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -47,7 +47,7 @@ import numpy as np
 
 from conveyor import wire
 from conveyor.control import QueueConsumption
-from conveyor.envelope import RequestMeta, reply_error, reply_ok
+from conveyor.envelope import RequestMeta
 from conveyor.errors import (
     CodecError,
     ConfigError,
@@ -56,13 +56,13 @@ from conveyor.errors import (
     PlanError,
     PlanHashMismatch,
     TransportError,
-    UnroutableError,
 )
 from conveyor.plan import MODEL_INPUT, Plan, StageSpec, TensorSpec
 from conveyor.topology import Topology
 from conveyor.transport import Consumer, Delivery, Message, Transport
-from workers.batching import batch_rows, split
-from workers.messages import decode_stage_message, encode_stage_message
+from workers.batching import batch_rows
+from workers.messages import decode_stage_message
+from workers.outbox import Outbox
 from workers.runner import Batch, Item, Request, StageRunner, deadline_error, stage_sources
 from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
@@ -151,7 +151,7 @@ class StageWorker:
         self._routes: dict[str, list[Destination]] = {}
         self._replies: dict[str, tuple[str, ...]] = {}
         self._records: dict[str, _ConsumerRecord] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.outbox = Outbox(transport, self.topology, plan.hash)
         self._batch_ids = itertools.count()
         self._open_lots = 0
         self._settled = asyncio.Event()
@@ -350,95 +350,17 @@ class StageWorker:
                     source, Batch(batch.requests, part, batch.batch_id)
                 )
             else:
-                self._spawn(self._publish_stage(dest, source, batch.requests, part))
+                self.outbox.spawn(
+                    self.outbox.to_stage(dest.stage, dest.join, source, batch.requests, part)
+                )
         if reply_names:
-            self._spawn(self._reply(batch.requests, {n: outputs[n] for n in reply_names}))
+            replies = {n: outputs[n] for n in reply_names}
+            self.outbox.spawn(self.outbox.replies(batch.requests, replies))
 
     async def fail(
         self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
     ) -> None:
-        if reply:
-            await self._send_error(request.meta, error)
-        await request.token.done(outcome)
-
-    # -- outputs --------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        # Publish-then-settle runs as its own task: cancelling whoever routed it cannot
-        # lose a result that is out (STYLE point 6); shutdown waits for these tasks.
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _publish_stage(
-        self, dest: Destination, source: str, requests: list[Request], part: Mapping[str, Tensor]
-    ) -> None:
-        host = {k: StageSession.to_host(v) for k, v in part.items()}
-        exchange = self.topology.stage_exchange(dest.stage)
-        if not dest.join:
-            message = encode_stage_message(
-                self.plan.hash, source, [(r.meta, r.rows) for r in requests], host
-            )
-            outcome = await self._publish(exchange, message, dest.stage)
-            for request in requests:
-                await request.token.done(outcome)
-            return
-        pieces = split(host, [r.rows for r in requests])
-
-        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
-            message = encode_stage_message(
-                self.plan.hash, source, [(request.meta, request.rows)], tensors
-            )
-            outcome = await self._publish(exchange, message, request.meta.request_id)
-            await request.token.done(outcome)
-
-        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
-
-    async def _publish(self, exchange: str, message: Message, routing_key: str) -> Outcome:
-        try:
-            await self.transport.publish(exchange, message, routing_key)
-        except TransportError as exc:
-            log.warning("publish to %s failed (%s); the input will be redelivered", exchange, exc)
-            return Outcome.RETRY
-        return Outcome.OK
-
-    async def _reply(self, requests: list[Request], outputs: Mapping[str, Tensor]) -> None:
-        host = {k: StageSession.to_host(v) for k, v in outputs.items()}
-        try:
-            pieces = split(host, [r.rows for r in requests])
-        except ValueError as exc:
-            error = ConveyorError(f"cannot split the batch outputs per request: {exc}")
-            for request in requests:
-                await self.fail(request, error, Outcome.FAILED)
-            return
-
-        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
-            outcome = Outcome.OK
-            if request.meta.reply_to is not None:
-                message = reply_ok(request.meta, wire.encode(tensors))
-                outcome = await self._send_reply(request.meta, message)
-            await request.token.done(outcome)
-
-        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
-
-    async def _send_reply(self, meta: RequestMeta, message: Message) -> Outcome:
-        assert meta.reply_to is not None
-        try:
-            await self.transport.publish("", message, meta.reply_to)
-        except UnroutableError:
-            log.info(
-                "reply to %s for %s: no such queue (client gone)", meta.reply_to, meta.request_id
-            )
-        except TransportError as exc:
-            log.warning(
-                "reply for %s failed (%s); the input will be redelivered", meta.request_id, exc
-            )
-            return Outcome.RETRY
-        return Outcome.OK
-
-    async def _send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
-        log.info("request %s failed: %s", meta.request_id, error)
-        if meta.reply_to is not None:
-            await self._send_reply(meta, reply_error(meta, error))
+        await self.outbox.fail(request, error, outcome, reply=reply)
 
     # -- intake ---------------------------------------------------------------------------
     def _handler(self, record: _ConsumerRecord) -> Any:
@@ -575,7 +497,7 @@ class StageWorker:
             with contextlib.suppress(CodecError):
                 meta = RequestMeta(message.message_id, reply_to=message.reply_to)
         if meta is not None:
-            await self._send_error(meta, error)
+            await self.outbox.send_error(meta, error)
         else:
             log.warning("dead-lettering an unreadable message: %s", error)
         await lot.done(Outcome.FAILED)
@@ -706,11 +628,7 @@ class StageWorker:
     async def _teardown(self) -> None:
         for runner in self._runners.values():
             await runner.cancel()
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=SETTLE_GRACE)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self.outbox.drain(SETTLE_GRACE)
         for record in self._records.values():
             record.consuming = False
             record.parked.clear()

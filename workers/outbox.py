@@ -1,0 +1,138 @@
+"""Everything a worker sends: stage messages, replies and error replies.
+
+Each send that settles inputs (publish, then mark the requests' branches done, which may
+ack their deliveries) runs as a task of its own (``spawn``): cancelling whoever routed the
+batch cannot lose a result that is already out (STYLE point 6). ``drain`` is the
+shutdown step that lets them finish. A failed publish marks the branch ``RETRY``, so the
+input is requeued and runs again; a reply to a queue that no longer exists (the client
+left) counts as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import numpy as np
+
+from conveyor import wire
+from conveyor.envelope import RequestMeta, reply_error, reply_ok
+from conveyor.errors import ConveyorError, TransportError, UnroutableError
+from conveyor.topology import Topology
+from conveyor.transport import Message, Transport
+from workers.batching import split
+from workers.messages import encode_stage_message
+from workers.runner import Request
+from workers.session import StageSession, Tensor
+from workers.settlement import Outcome
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(self, transport: Transport, topology: Topology, plan_hash: str) -> None:
+        self.transport = transport
+        self.topology = topology
+        self.plan_hash = plan_hash
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, within: float) -> None:
+        """Let sends under way finish for up to ``within`` seconds, then cancel them."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=within)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def fail(
+        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+    ) -> None:
+        """End one branch of ``request`` with ``outcome``, answering the client first."""
+        if reply:
+            await self.send_error(request.meta, error)
+        await request.token.done(outcome)
+
+    async def to_stage(
+        self,
+        stage: str,
+        join: bool,
+        source: str,
+        requests: list[Request],
+        part: Mapping[str, Tensor],
+    ) -> None:
+        """Publish ``source``'s tensors for ``stage``: one message for the whole batch, or
+        one per request to a join (routed by consistent hash on the request id)."""
+        host = {k: StageSession.to_host(v) for k, v in part.items()}
+        exchange = self.topology.stage_exchange(stage)
+        if not join:
+            batch = [(r.meta, r.rows) for r in requests]
+            message = encode_stage_message(self.plan_hash, source, batch, host)
+            outcome = await self._publish(exchange, message, stage)
+            for request in requests:
+                await request.token.done(outcome)
+            return
+        pieces = split(host, [r.rows for r in requests])
+
+        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
+            single = [(request.meta, request.rows)]
+            message = encode_stage_message(self.plan_hash, source, single, tensors)
+            outcome = await self._publish(exchange, message, request.meta.request_id)
+            await request.token.done(outcome)
+
+        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
+
+    async def replies(self, requests: list[Request], outputs: Mapping[str, Tensor]) -> None:
+        """Send each request its rows of the model outputs."""
+        host = {k: StageSession.to_host(v) for k, v in outputs.items()}
+        try:
+            pieces = split(host, [r.rows for r in requests])
+        except ValueError as exc:
+            error = ConveyorError(f"cannot split the batch outputs per request: {exc}")
+            for request in requests:
+                await self.fail(request, error, Outcome.FAILED)
+            return
+
+        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
+            outcome = Outcome.OK
+            if request.meta.reply_to is not None:
+                message = reply_ok(request.meta, wire.encode(tensors))
+                outcome = await self._send_reply(request.meta, message)
+            await request.token.done(outcome)
+
+        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
+
+    async def send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
+        log.info("request %s failed: %s", meta.request_id, error)
+        if meta.reply_to is not None:
+            await self._send_reply(meta, reply_error(meta, error))
+
+    async def _publish(self, exchange: str, message: Message, routing_key: str) -> Outcome:
+        try:
+            await self.transport.publish(exchange, message, routing_key)
+        except TransportError as exc:
+            log.warning("publish to %s failed (%s); the input will be redelivered", exchange, exc)
+            return Outcome.RETRY
+        return Outcome.OK
+
+    async def _send_reply(self, meta: RequestMeta, message: Message) -> Outcome:
+        assert meta.reply_to is not None
+        try:
+            await self.transport.publish("", message, meta.reply_to)
+        except UnroutableError:
+            log.info(
+                "reply to %s for %s: no such queue (client gone)", meta.reply_to, meta.request_id
+            )
+        except TransportError as exc:
+            log.warning(
+                "reply for %s failed (%s); the input will be redelivered", meta.request_id, exc
+            )
+            return Outcome.RETRY
+        return Outcome.OK
