@@ -20,6 +20,7 @@ cancelled) is acknowledged and dropped: that is how duplicates on the wire are r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import itertools
 import logging
@@ -35,13 +36,15 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, overload
 
 import numpy as np
 
+from conveyor.envelope import HEADER_DEADLINE, RequestMeta, read_reply
 from conveyor.errors import CodecError, ConfigError, ConveyorError, DeadlineExceeded
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
+from conveyor.wire import check_tensor, encode
 
 if TYPE_CHECKING:
     from brokerless import Broker
-    from conveyor.transport import Consumer, Delivery, Transport
+    from conveyor.transport import Consumer, Delivery, Message, Transport
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +228,6 @@ class Client:
 
     def _explain(self, inputs: Inputs) -> NoReturn:
         """Raise the CodecError naming what is wrong with ``inputs`` (the slow path)."""
-        from conveyor.wire import check_tensor
-
         expected = {t.name: t for t in self.plan.inputs}
         unknown = sorted(set(inputs) - set(expected))
         if unknown:
@@ -262,9 +263,6 @@ class Client:
         ``InferenceError`` (the worker's message), ``CodecError``, ``TransportError``.
         Cancelling the call abandons the request: a late reply is dropped.
         """
-        from conveyor.envelope import RequestMeta
-        from conveyor.wire import encode
-
         transport = self._require_open()
         wait = self.default_timeout if timeout is None else timeout
         if wait <= 0:
@@ -287,7 +285,7 @@ class Client:
         expiry = loop.call_later(wait, _expire, future, request_id, wait)
         try:
             await transport.publish(
-                self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
+                self.topology.input_exchange, _request_message(meta, encode(arrays)), routing_key
             )
             self._sent += 1
             return await future
@@ -366,8 +364,6 @@ class Client:
 
     # -- replies ------------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
-        from conveyor.envelope import read_reply
-
         message = delivery.message
         request_id = message.correlation_id or message.message_id
         future = self._pending.pop(request_id, None) if request_id else None
@@ -447,6 +443,22 @@ async def _start_local_workers(
 
     handle: _LocalWorkers = await workers.serve(plan, transport, **options)
     return handle
+
+
+def _request_message(meta: RequestMeta, body: bytes) -> Message:
+    """``meta.to_message`` with the deadline as a decimal string (docs/wire.md, section 2).
+
+    AMQP clients lose a float header's precision: pamqp (under aio-pika) writes a Python
+    float as a 32-bit float, which rounds a unix time by up to 64 s, and an AMQP decimal
+    holds only a 32-bit mantissa. The string (``repr``: exact round trip) survives every
+    client, and ``RequestMeta.from_message`` reads it back as a number.
+    """
+    message = meta.to_message(body)
+    if meta.deadline is None:
+        return message
+    headers = dict(message.headers)
+    headers[HEADER_DEADLINE] = repr(meta.deadline)
+    return dataclasses.replace(message, headers=headers)
 
 
 def _expire(future: asyncio.Future[Outputs], request_id: str, wait: float) -> None:

@@ -280,3 +280,38 @@ async def test_hash_partitioning_needs_a_key(tmp_path: Path, plan: Plan) -> None
     async with connect(None, plan=hashed, local_workers=False) as c:
         with pytest.raises(ConfigError, match="needs a request key"):
             await c.infer(row(1))
+
+
+async def test_full_queue_raises_backpressure_error(tmp_path: Path, plan: Plan) -> None:
+    """A queue on the request's route that is full (reject-publish) refuses the publish."""
+    from conveyor.errors import BackpressureError
+    from conveyor.plan import Partitioning
+    from conveyor.topology import partition_routing_key
+    from conveyor.transport import QueueSpec
+
+    (tmp_path / "s0.onnx").write_bytes(b"the client never reads stage files")
+    hashed = plan.with_settings(partitioning=Partitioning(kind="hash", shards=1)).save(tmp_path)
+    async with connect(None, plan=hashed, local_workers=False, timeout=5.0) as c:
+        assert c.broker is not None
+        admin = c.broker.connect()
+        await admin.declare_queue(QueueSpec("full", max_length=1, overflow="reject-publish"))
+        await admin.bind_queue("full", c.topology.input_exchange,
+                               partition_routing_key(hashed.partitioning, "k"))
+        first = asyncio.create_task(c.infer(row(1), key="k"))  # fills "full"
+        await wait_until(lambda: c.stats().sent == 1)
+        with pytest.raises(BackpressureError):
+            await c.infer(row(2), key="k")
+        assert c.stats().in_flight == 1  # only the first one still waits
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert c.stats().in_flight == 0
+
+
+async def wait_until(condition: Callable[[], bool], steps: int = 1000) -> None:
+    """Let the event loop run until ``condition`` holds (no wall-clock sleeps)."""
+    for _ in range(steps):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")

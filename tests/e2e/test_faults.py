@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -62,7 +63,12 @@ async def raw_request(transport: Transport, plan: Plan, message_of: RequestMeta,
     await transport.declare_queue(QueueSpec(queue, auto_delete=True, exclusive=True))
     consumer = await transport.consume(queue, on_reply, prefetch=10)
     try:
-        await transport.publish(Topology.of(plan).input_exchange, message_of.to_message(body), "")
+        message = message_of.to_message(body)
+        if message_of.deadline is not None:
+            # As docs/wire.md says: a decimal string, since AMQP float headers lose precision.
+            headers = {**message.headers, "x-conveyor-deadline": repr(message_of.deadline)}
+            message = dataclasses.replace(message, headers=headers)
+        await transport.publish(Topology.of(plan).input_exchange, message, "")
         return await asyncio.wait_for(replies.get(), timeout)
     finally:
         await consumer.cancel()
