@@ -1,6 +1,6 @@
 """End-to-end serving benchmark: W1 (MLP split in 3) and W2 (MobileNetV2 split in 2).
 
-    python -m bench.bench_pipeline [--seconds 8] [--broker URL | --no-rabbitmq] [--only W1]
+    python -m bench.bench_pipeline [--seconds 6] [--rounds 2] [--broker URL | --no-rabbitmq] [--only W1]
 
 Batch-1 requests, 16 in flight, through the client SDK. Each measurement runs in a process
 of its own (so peak memory belongs to it, and TensorFlow, needed only to build the
@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", default=os.environ.get("CONVEYOR_AMQP_URL",
                                                       "amqp://guest:guest@127.0.0.1:5672/"))
     p.add_argument("--no-rabbitmq", action="store_true")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="pipeline runs per leg, each between baselines (2)")
     p.add_argument("--only", choices=sorted(WORKLOADS), action="append")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "conveyor-bench")
     p.add_argument("--max-batch", type=int, default=None,
@@ -352,25 +354,32 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     run_leg(["--leg", "prepare", *common, *[a for w in workloads for a in ("--only", w)]])
     print(f"models prepared in {time.perf_counter() - t:.0f} s (cache {args.cache})")
-    # The machine is shared: the baseline runs before and after the pipeline legs of each
-    # workload, and the ratio uses their mean.
-    legs = ["baseline", "brokerless"] + ([] if args.no_rabbitmq else ["rabbitmq"]) + [
-        "baseline-after"
-    ]
+    # The machine is shared and its load swings: each workload runs its legs in rounds
+    # (baseline, brokerless, rabbitmq, ..., baseline), and the table shows medians.
+    pipeline_legs = ["brokerless"] + ([] if args.no_rabbitmq else ["rabbitmq"])
     results: dict[str, dict[str, Any]] = {}
     for w in workloads:
-        for leg in legs:
+        runs: dict[str, list[dict[str, Any]]] = {}
+        order = [*(["baseline", *pipeline_legs] * args.rounds), "baseline"]
+        for leg in order:
             extra = ["--broker", args.broker] if leg == "rabbitmq" else []
-            kind = leg.removesuffix("-after")
-            results[f"{w}/{leg}"] = run_leg(["--leg", kind, "--workload", w, *common, *extra])
-            print(f"  {w} {leg}: {results[f'{w}/{leg}']['throughput']:,.0f} req/s", flush=True)
-        before, after = results[f"{w}/baseline"], results.pop(f"{w}/baseline-after")
-        before["throughput_runs"] = [before["throughput"], after["throughput"]]
-        before["throughput"] = (before["throughput"] + after["throughput"]) / 2
+            r = run_leg(["--leg", leg, "--workload", w, *common, *extra])
+            runs.setdefault(leg, []).append(r)
+            print(f"  {w} {leg}: {r['throughput']:,.0f} req/s", flush=True)
+        for leg, rs in runs.items():
+            results[f"{w}/{leg}"] = median_run(rs)
     print_table(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput, with every run's throughput attached."""
+    ordered = sorted(runs, key=lambda r: r["throughput"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["throughput_runs"] = [r["throughput"] for r in runs]
+    return chosen
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
