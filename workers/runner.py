@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from workers.stats import StageCounters
 
 log = logging.getLogger(__name__)
 
+#: How many joined request ids a join remembers to recognise late duplicate parts.
+JOINED_MEMORY = 65_536
 #: Batches whose recent service time is below this run on the event loop's thread.
 INLINE_BELOW_MS = 0.5
 
@@ -108,6 +111,8 @@ class StageRunner:
         self.batcher: MicroBatcher[Item] = MicroBatcher(max_batch, max_delay_ms)
         self._ready: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
         self._broker_joins: dict[str, _PartialJoin] = {}
+        #: Request ids this join ran lately, to ack late duplicates of their parts.
+        self._joined: OrderedDict[str, None] = OrderedDict()
         self._local_joins: dict[int, dict[str, Batch]] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,6 +164,10 @@ class StageRunner:
             self.submit(item)
             return
         rid = item.request.meta.request_id
+        if rid in self._joined:
+            # A late duplicate (redelivered upstream) of a request this join already ran.
+            await item.request.token.done(Outcome.OK)
+            return
         partial = self._broker_joins.setdefault(rid, _PartialJoin(time.monotonic()))
         if source in partial.parts:
             # A redelivered duplicate of a part we hold: its own token is done as is.
@@ -168,6 +177,9 @@ class StageRunner:
         if len(partial.parts) < len(self.sources):
             return
         del self._broker_joins[rid]
+        self._joined[rid] = None
+        if len(self._joined) > JOINED_MEMORY:
+            self._joined.popitem(last=False)
         parts = list(partial.parts.values())
         token = Obligation([p.request.token for p in parts])
         tensors: dict[str, np.ndarray] = {}

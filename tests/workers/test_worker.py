@@ -389,3 +389,29 @@ async def test_join_widens_its_window_when_it_fills_with_waiting_parts(
         assert not isinstance(result, Exception), result
         np.testing.assert_allclose(result["y"], join_expected(x), rtol=1e-5)
     assert await p.workers[0].wait_settled(5.0)
+
+
+async def test_a_late_duplicate_part_of_a_joined_request_is_acked(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    from conveyor.envelope import RequestMeta
+    from conveyor.topology import Topology
+    from workers.messages import encode_stage_message
+
+    plan = Plan.load(join_plan(tmp_path, name=unique).directory)
+    exchange = Topology.of(plan).stage_exchange("join")
+    pipeline_of.append(p := Pipeline(broker, plan))
+    spy = HandedOver(await broker.connect())
+    client = await p.start([["join"]], transport=spy)  # type: ignore[arg-type]
+    meta = RequestMeta("dup", reply_to=client.reply_queue)
+    left = encode_stage_message(plan.hash, "left", [(meta, 1)], {"l": rand()})
+    right = encode_stage_message(plan.hash, "right", [(meta, 1)], {"r": rand()})
+    for message in (left, right):
+        await client.transport.publish(exchange, message, "dup")
+    await client.wait_for(["dup"])
+    assert await p.workers[0].wait_settled(5.0)
+    spy.handled.clear()
+    await client.transport.publish(exchange, left, "dup")  # as if redelivered upstream
+    await asyncio.wait_for(spy.handled.wait(), 10)
+    assert await p.workers[0].wait_settled(5.0)  # acked at once, not held for a partner
+    assert len(client.replies["dup"]) == 1 and client.dead == []
