@@ -141,13 +141,13 @@ class Reference:
 class ProgressBar:
     """A plain ``[#####.....] 420/1000`` bar on a terminal stream; silent when not a TTY."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 40) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 40) -> None:
         self.total = max(total, 1)
-        self.stream = stream
+        self.stream = sys.stderr if stream is None else stream
         self.width = width
         self.done = 0
         self._shown = -1
-        self.enabled = stream.isatty()
+        self.enabled = self.stream.isatty()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -261,8 +261,10 @@ def run_demo(
     seed: int = 0,
     workdir: Path | None = None,
     progress: bool = True,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> DemoResult:
+    """Build, convert, serve and check; print the report on ``out`` (default stdout)."""
+    out = sys.stdout if out is None else out
     if requests < 1:
         raise ConfigError(f"requests must be at least 1, got {requests}")
     with tempfile.TemporaryDirectory(prefix="conveyor-demo-") as tmp:
