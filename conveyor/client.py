@@ -32,7 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterab
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from conveyor.wire import check_tensor, encode
 if TYPE_CHECKING:
     from brokerless import Broker
     from conveyor.transport import Consumer, Delivery, Message, Transport
+    from workers.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ class ClientStats:
     in_flight: int
     #: Replies that arrived for no awaited request: duplicates, late or abandoned ones.
     dropped_replies: int
-
-
-class _LocalWorkers(Protocol):
-    """What the in-process pipeline gives back: something to stop."""
-
-    async def stop(self) -> None: ...
 
 
 class Client:
@@ -117,7 +112,7 @@ class Client:
         self._transport: Transport | None = None
         self._broker: Broker | None = None
         self._consumer: Consumer | None = None
-        self._workers: _LocalWorkers | None = None
+        self._workers: StageWorker | None = None
         self._closers: list[Transport] = []
         self._sent = self._answered = self._failed = self._dropped = 0
 
@@ -395,8 +390,9 @@ class Client:
         )
 
     @property
-    def workers(self) -> object | None:
-        """The in-process pipeline when ``local_workers`` is on (workers.serve's handle)."""
+    def workers(self) -> StageWorker | None:
+        """The in-process workers when ``local_workers`` is on (``workers.serve``'s handle:
+        ``stats()``, ``providers``)."""
         return self._workers
 
     @property
@@ -438,11 +434,11 @@ def connect(
 
 async def _start_local_workers(
     plan: Plan, transport: Transport, options: Mapping[str, Any]
-) -> _LocalWorkers:
+) -> StageWorker:
     import workers
 
-    handle: _LocalWorkers = await workers.serve(plan, transport, **options)
-    return handle
+    worker: StageWorker = await workers.serve(plan, transport, **options)
+    return worker
 
 
 def _request_message(meta: RequestMeta, body: bytes) -> Message:

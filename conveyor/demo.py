@@ -195,19 +195,11 @@ async def send_all(
 
 
 def served_providers(client: Client) -> tuple[str, ...]:
-    """Execution providers the in-process workers' sessions use (as they report them)."""
+    """Execution providers the in-process workers' sessions got (as they report them)."""
     workers = client.workers
-    providers = getattr(workers, "providers", None)
-    if callable(providers):
-        providers = providers()
-    if isinstance(providers, dict):
-        flat: list[str] = []
-        for value in providers.values():
-            flat.extend([value] if isinstance(value, str) else list(value))
-        providers = flat
-    if isinstance(providers, list | tuple):
-        return tuple(dict.fromkeys(str(p) for p in providers))
-    return ()
+    if workers is None:
+        return ()
+    return tuple(dict.fromkeys(p for p in workers.providers.values() if p))
 
 
 async def serve_and_check(

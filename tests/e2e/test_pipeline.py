@@ -51,7 +51,7 @@ async def test_two_branches_split_by_function(pipeline: Pipeline, branches: Case
 async def test_micro_batching_with_mixed_arrival_times(
     pipeline: Pipeline, case_name: str, request: pytest.FixtureRequest
 ) -> None:
-    """Bursts and gaps: batches of every size form, and each request gets its own rows."""
+    """Bursts and gaps: batches of mixed sizes form, and each request gets its own rows."""
     case: Case = request.getfixturevalue(case_name)
     rng = np.random.default_rng(7)
     requests = case.requests(120, seed=3)
@@ -64,6 +64,10 @@ async def test_micro_batching_with_mixed_arrival_times(
             return await served.client.infer(requests[i])
 
         results = await asyncio.gather(*(one(i) for i in range(len(requests))))
+        workers = served.client.workers
+        if workers is not None:  # in-process workers report their batches
+            stages = workers.stats().stages
+            assert any(1 < s.mean_batch < s.max_batch for s in stages), stages
     for req, got in zip(requests, results, strict=True):
         case.check(req, got)
 
