@@ -315,3 +315,13 @@ async def wait_until(condition: Callable[[], bool], steps: int = 1000) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition not reached")
+
+
+async def test_unreachable_broker_raises_a_transport_error(plan: Plan) -> None:
+    from conveyor.errors import TransportError
+
+    client = connect("amqp://guest:guest@127.0.0.1:1/", plan=plan)
+    with pytest.raises(TransportError):
+        async with client:
+            pass
+    assert client.state.value == "closed"
