@@ -20,7 +20,6 @@ cancelled) is acknowledged and dropped: that is how duplicates on the wire are r
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import itertools
 import logging
@@ -36,15 +35,16 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
-from conveyor.envelope import HEADER_DEADLINE, RequestMeta, read_reply
+from conveyor.envelope import CONTENT_TYPE, HEADER_DEADLINE, RequestMeta, read_reply
 from conveyor.errors import CodecError, ConfigError, ConveyorError, DeadlineExceeded
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
+from conveyor.transport import Message
 from conveyor.wire import check_tensor, encode
 
 if TYPE_CHECKING:
     from brokerless import Broker
-    from conveyor.transport import Consumer, Delivery, Message, Transport
+    from conveyor.transport import Consumer, Delivery, Transport
     from workers.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
@@ -442,19 +442,24 @@ async def _start_local_workers(
 
 
 def _request_message(meta: RequestMeta, body: bytes) -> Message:
-    """``meta.to_message`` with the deadline as a decimal string (docs/wire.md, section 2).
+    """``meta.to_message(body)`` but with the deadline as a decimal string (docs/wire.md, 2).
 
     AMQP clients lose a float header's precision: pamqp (under aio-pika) writes a Python
     float as a 32-bit float, which rounds a unix time by up to 64 s, and an AMQP decimal
     holds only a 32-bit mantissa. The string (``repr``: exact round trip) survives every
     client, and ``RequestMeta.from_message`` reads it back as a number.
     """
-    message = meta.to_message(body)
-    if meta.deadline is None:
-        return message
-    headers = dict(message.headers)
-    headers[HEADER_DEADLINE] = repr(meta.deadline)
-    return dataclasses.replace(message, headers=headers)
+    headers = meta.headers()
+    if meta.deadline is not None:
+        headers[HEADER_DEADLINE] = repr(meta.deadline)
+    return Message(
+        body=body,
+        headers=headers,
+        content_type=CONTENT_TYPE,
+        message_id=meta.request_id,
+        correlation_id=meta.request_id,
+        reply_to=meta.reply_to,
+    )
 
 
 def _expire(future: asyncio.Future[Outputs], request_id: str, wait: float) -> None:

@@ -56,6 +56,7 @@ class Responder:
         self.transport = transport
         self.reply = reply
         self.seen: list[RequestMeta] = []
+        self.raw: list[Message] = []
         self.held: list[tuple[RequestMeta, dict[str, np.ndarray]]] = []
         self.arrived = asyncio.Condition()
         self.max_outstanding = 0
@@ -63,6 +64,7 @@ class Responder:
 
     async def handle(self, delivery: Delivery) -> None:
         meta = RequestMeta.from_message(delivery.message)
+        self.raw.append(delivery.message)
         inputs = {k: np.array(v) for k, v in decode(delivery.message.body).tensors.items()}
         if self.client is not None:
             self.max_outstanding = max(self.max_outstanding, self.client.stats().in_flight)
@@ -117,6 +119,8 @@ async def test_request_carries_the_envelope(client: Client, plan: Plan) -> None:
     assert meta.plan_hash == plan.hash
     assert meta.trace_id == "trace-1"
     assert meta.deadline is not None and before + 7.0 <= meta.deadline <= time.time() + 7.0
+    # A decimal string: AMQP clients turn float headers into 32-bit floats (+-64 s).
+    assert isinstance(responder.raw[0].headers["x-conveyor-deadline"], str)
 
 
 async def test_duplicate_replies_are_dropped(client: Client) -> None:
