@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CONCURRENCY = 16
+#: Requests in flight (the issue fixes 16; the variable exists for diagnosis only).
+CONCURRENCY = int(os.environ.get("CONVEYOR_BENCH_CONCURRENCY", "16"))
 WORKLOADS = {
     # name: (model, split stages, input shape without batch)
     "W1": ("mlp", 3, (784,)),
