@@ -157,21 +157,22 @@ async def test_inference_error_is_dead_lettered_and_answered(
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.parametrize("victim_index", [0, 1, 2], ids=["ingress", "victim_stage", "last"])
 async def test_worker_sigterm_mid_stream_loses_nothing(
-    rabbitmq_url: str, tmp_path: Path, mlp: Case
+    rabbitmq_url: str, tmp_path: Path, mlp: Case, victim_index: int
 ) -> None:
     pipeline = Pipeline("rabbitmq", rabbitmq_url, tmp_path)
     requests = mlp.requests(400, seed=11)
-    middle = mlp.plan.stages[1].name
+    victim_stage = mlp.plan.stages[victim_index].name
     results = []
     async with pipeline.serve(mlp) as served:
         assert served.workers is not None
-        victim = served.workers.procs[middle][0]
+        victim = served.workers.procs[victim_stage][0]
         async for out in served.client.infer_many(requests, concurrency=16):
             results.append(out)
             if len(results) == 100:
                 victim.terminate()  # SIGTERM: stop consuming, finish in flight, close
-                served.workers.start(middle)
+                served.workers.start(victim_stage)
         code = await asyncio.to_thread(victim.wait, 30)
         assert code == 0, f"worker exited with {code} after SIGTERM"
     assert len(results) == len(requests)
