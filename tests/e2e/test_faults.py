@@ -157,7 +157,7 @@ async def test_inference_error_is_dead_lettered_and_answered(
 
 
 @pytest.mark.rabbitmq
-@pytest.mark.parametrize("victim_index", [0, 1, 2], ids=["ingress", "victim_stage", "last"])
+@pytest.mark.parametrize("victim_index", [0, 1, 2], ids=["ingress", "middle", "last"])
 async def test_worker_sigterm_mid_stream_loses_nothing(
     rabbitmq_url: str, tmp_path: Path, mlp: Case, victim_index: int
 ) -> None:
