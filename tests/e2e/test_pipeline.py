@@ -7,7 +7,9 @@ functional model split by function (fan-out to parallel stages, join at the end)
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +131,24 @@ async def wait_for_depth(transport: Transport, queue: str, depth: int,
         assert time.monotonic() < give_up, f"{queue} holds {current} < {depth} messages"
         await asyncio.sleep(0.05)  # polling the broker's counter, not synchronising
         current = (await transport.queue_stats(queue)).depth
+
+
+@pytest.mark.rabbitmq
+async def test_conveyor_infer_command_over_rabbitmq(
+    rabbitmq_url: str, tmp_path: Path, mlp: Case
+) -> None:
+    """``conveyor infer PLAN x.npy --broker URL --out y.npz`` against worker processes."""
+    request = mlp.requests(1, seed=21)[0]
+    np.save(tmp_path / "x.npy", next(iter(request.values())))
+    async with Pipeline("rabbitmq", rabbitmq_url, tmp_path).serve(mlp) as served:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "conveyor", "infer", str(served.plan.directory),
+            str(tmp_path / "x.npy"), "--broker", rabbitmq_url, "--out", str(tmp_path / "y.npz"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    output = mlp.plan.outputs[0]
+    assert f"{output.name}: shape [1, 10] float32" in out.decode()
+    with np.load(tmp_path / "y.npz") as saved:
+        mlp.check(request, {name: saved[name] for name in saved.files})
