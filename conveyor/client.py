@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 import numpy as np
 
 from conveyor.envelope import CONTENT_TYPE, HEADER_DEADLINE, RequestMeta, read_reply
-from conveyor.errors import CodecError, ConfigError, ConveyorError, DeadlineExceeded
+from conveyor.errors import (
+    CodecError,
+    ConfigError,
+    ConveyorError,
+    DeadlineExceeded,
+    TransportClosed,
+)
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.transport import Message
@@ -176,9 +182,11 @@ class Client:
         await self._teardown()
 
     async def _teardown(self) -> None:
-        for fut in self._pending.values():
+        for request_id, fut in self._pending.items():
             if not fut.done():
-                fut.set_exception(ConfigError("client closed before the reply arrived"))
+                fut.set_exception(
+                    TransportClosed(f"client closed before the reply to {request_id} arrived")
+                )
                 # Nobody may be awaiting it any more; do not log "never retrieved".
                 fut.exception()
         self._pending.clear()
@@ -255,8 +263,9 @@ class Client:
         deadline, carried in the message so workers drop it unrun once it has passed.
         ``key`` is the partition key (hash or range partitioning). Raises
         ``DeadlineExceeded``, ``BackpressureError`` (the input queue is full),
-        ``InferenceError`` (the worker's message), ``CodecError``, ``TransportError``.
-        Cancelling the call abandons the request: a late reply is dropped.
+        ``InferenceError`` (the worker's message), ``CodecError``, ``TransportError``
+        (``TransportClosed`` when the client closes first). Cancelling the call abandons
+        the request: a late reply is dropped.
         """
         transport = self._require_open()
         wait = self.default_timeout if timeout is None else timeout
@@ -401,6 +410,8 @@ class Client:
         return self._broker
 
     def _require_open(self) -> Transport:
+        if self._state is ClientState.CLOSED:
+            raise TransportClosed("client is closed; open a new one with conveyor.connect")
         if self._state is not ClientState.OPEN or self._transport is None:
             raise ConfigError(f"client is {self._state.value}; use it inside 'async with'")
         return self._transport

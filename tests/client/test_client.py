@@ -18,7 +18,13 @@ import pytest
 
 from conveyor.client import Client, connect
 from conveyor.envelope import RequestMeta, reply_error, reply_ok
-from conveyor.errors import CodecError, ConfigError, DeadlineExceeded, InferenceError
+from conveyor.errors import (
+    CodecError,
+    ConfigError,
+    DeadlineExceeded,
+    InferenceError,
+    TransportClosed,
+)
 from conveyor.plan import MODEL_INPUT, Plan, StageInput, StageOutput, StageSpec, TensorSpec
 from conveyor.transport import Delivery, Message, Transport
 from conveyor.wire import decode, encode
@@ -271,8 +277,17 @@ async def test_client_used_outside_its_context_raises(plan: Plan) -> None:
         await c.infer(row(1))
     async with c:
         pass
-    with pytest.raises(ConfigError, match="closed"):
+    with pytest.raises(TransportClosed, match="closed"):
         await c.infer(row(1))
+
+
+async def test_closing_fails_requests_still_awaited(client: Client) -> None:
+    responder = await attach(client, lambda meta, inputs: [])
+    task = asyncio.create_task(client.infer(row(1)))
+    await responder.wait_for(1)
+    await client.close()
+    with pytest.raises(TransportClosed, match="closed before the reply"):
+        await task
 
 
 async def test_hash_partitioning_needs_a_key(tmp_path: Path, plan: Plan) -> None:
