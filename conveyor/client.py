@@ -92,6 +92,7 @@ class Client:
         local_workers: bool | None = None,
         reply_prefetch: int = 1024,
         worker_options: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> None:
         if not plan.hash:
             raise ConfigError(f"plan {plan.name!r} has no hash; load it with Plan.load")
@@ -112,6 +113,7 @@ class Client:
             for t in plan.inputs
         ]
         self._reply_prefetch = reply_prefetch
+        self._durable = durable
         self._worker_options = dict(worker_options or {})
         self._state = ClientState.NEW
         self._pending: dict[str, asyncio.Future[Outputs]] = {}
@@ -166,7 +168,7 @@ class Client:
                     self.plan, transport, self._worker_options
                 )
         self._transport = transport
-        await declare_plan_topology(transport, self.plan)
+        await declare_plan_topology(transport, self.plan, durable=self._durable)
         await transport.declare_queue(
             QueueSpec(self.reply_queue, durable=False, auto_delete=True, exclusive=True)
         )
@@ -425,12 +427,14 @@ def connect(
     local_workers: bool | None = None,
     reply_prefetch: int = 1024,
     worker_options: Mapping[str, Any] | None = None,
+    durable: bool = False,
 ) -> Client:
     """A client for ``plan`` on the broker at ``url`` (``None``: embedded brokerless).
 
     Use it as ``async with connect(...) as client``. ``local_workers`` (default: true
     exactly when ``url`` is None) runs the plan's workers in this process;
-    ``worker_options`` are passed to them (``workers.serve``).
+    ``worker_options`` are passed to them (``workers.serve``). ``durable`` must match the
+    workers' ``--durable`` (RabbitMQ refuses a queue re-declared with other flags).
     """
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
     return Client(
@@ -440,6 +444,7 @@ def connect(
         local_workers=local_workers,
         reply_prefetch=reply_prefetch,
         worker_options=worker_options,
+        durable=durable,
     )
 
 

@@ -32,6 +32,8 @@ def add_infer_parser(sub: Any) -> None:
     p.add_argument("--key", default=None, help="partition key (hash / range partitioning)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds (30)")
     p.add_argument("--out", type=Path, default=None, metavar="OUT.npz", help="save outputs")
+    p.add_argument("--durable", action="store_true",
+                   help="the workers declared durable queues (conveyor worker --durable)")
     p.set_defaults(func=cmd_infer)
 
 
@@ -80,7 +82,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     inputs = load_inputs(args.input, [t.name for t in plan.inputs])
 
     async def one() -> dict[str, np.ndarray]:
-        async with connect(args.broker, plan=plan, timeout=args.timeout) as client:
+        async with connect(
+            args.broker, plan=plan, timeout=args.timeout, durable=args.durable
+        ) as client:
             return await client.infer(inputs, key=args.key)
 
     outputs = asyncio.run(one())

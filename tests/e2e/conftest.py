@@ -166,10 +166,11 @@ def isolated_copy(plan: Plan, directory: Path) -> Plan:
 class WorkerProcesses:
     """``python -m conveyor worker`` subprocesses on RabbitMQ, one or more per stage."""
 
-    def __init__(self, plan: Plan, url: str, log_dir: Path) -> None:
+    def __init__(self, plan: Plan, url: str, log_dir: Path, *extra_args: str) -> None:
         self.plan = plan
         self.url = url
         self.log_dir = log_dir
+        self.extra_args = extra_args
         self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
 
     def start(self, stage: str) -> subprocess.Popen[bytes]:
@@ -178,7 +179,7 @@ class WorkerProcesses:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "conveyor", "worker", str(self.plan.directory),
-             "--stage", stage, "--broker", self.url, "--device", "cpu"],
+             "--stage", stage, "--broker", self.url, "--device", "cpu", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
         )
         log.close()
@@ -222,7 +223,7 @@ async def wait_until_consumed(url: str, plan: Plan, procs: WorkerProcesses,
     give_up = time.monotonic() + timeout
     try:
         while True:
-            idle = [q for q in queues if (await admin.queue_stats(q)).consumers == 0]
+            idle = [q for q in queues if await consumers(admin, q) == 0]
             if not idle:
                 return
             dead = {s: p.returncode for s, ps in procs.procs.items() for p in ps
@@ -234,6 +235,16 @@ async def wait_until_consumed(url: str, plan: Plan, procs: WorkerProcesses,
             await asyncio.sleep(0.1)  # polling the broker's consumer counts
     finally:
         await admin.close(grace=0.5)
+
+
+async def consumers(admin: Any, queue: str) -> int:
+    """Consumers of ``queue``; 0 while it is not declared yet."""
+    from conveyor.errors import TransportError
+
+    try:
+        return int((await admin.queue_stats(queue)).consumers)
+    except TransportError:
+        return 0
 
 
 async def delete_topology(url: str, plan: Plan) -> None:

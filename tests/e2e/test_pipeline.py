@@ -152,3 +152,33 @@ async def test_conveyor_infer_command_over_rabbitmq(
     assert f"{output.name}: shape [1, 10] float32" in out.decode()
     with np.load(tmp_path / "y.npz") as saved:
         mlp.check(request, {name: saved[name] for name in saved.files})
+
+
+@pytest.mark.rabbitmq
+async def test_durable_deployment_needs_a_durable_client(
+    rabbitmq_url: str, tmp_path: Path, mlp: Case
+) -> None:
+    """Workers started with ``--durable``: a durable client is served, a plain one refused."""
+    from conveyor.client import connect
+    from conveyor.errors import TransportError
+    from tests.e2e.conftest import (
+        WorkerProcesses,
+        delete_topology,
+        isolated_copy,
+        wait_until_consumed,
+    )
+
+    plan = isolated_copy(mlp.plan, tmp_path / "plan")
+    procs = WorkerProcesses(plan, rabbitmq_url, tmp_path, "--durable")
+    try:
+        procs.start_all()
+        await wait_until_consumed(rabbitmq_url, plan, procs)
+        with pytest.raises(TransportError):
+            async with connect(rabbitmq_url, plan=plan):
+                pass
+        request = mlp.requests(1)[0]
+        async with connect(rabbitmq_url, plan=plan, durable=True) as client:
+            mlp.check(request, await client.infer(request))
+    finally:
+        await asyncio.to_thread(procs.stop_all)
+        await delete_topology(rabbitmq_url, plan)
