@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
-from conveyor.envelope import CONTENT_TYPE, HEADER_DEADLINE, RequestMeta, read_reply
+from conveyor.envelope import RequestMeta, read_reply
 from conveyor.errors import (
     CodecError,
     ConfigError,
@@ -45,7 +45,6 @@ from conveyor.errors import (
 )
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
-from conveyor.transport import Message
 from conveyor.wire import check_tensor, encode
 
 if TYPE_CHECKING:
@@ -291,7 +290,7 @@ class Client:
         expiry = loop.call_later(wait, _expire, future, request_id, wait)
         try:
             await transport.publish(
-                self.topology.input_exchange, _request_message(meta, encode(arrays)), routing_key
+                self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
             )
             self._sent += 1
             return await future
@@ -455,27 +454,6 @@ async def _start_local_workers(
 
     worker: StageWorker = await workers.serve(plan, transport, **options)
     return worker
-
-
-def _request_message(meta: RequestMeta, body: bytes) -> Message:
-    """``meta.to_message(body)`` but with the deadline as a decimal string (docs/wire.md, 2).
-
-    AMQP clients lose a float header's precision: pamqp (under aio-pika) writes a Python
-    float as a 32-bit float, which rounds a unix time by up to 64 s, and an AMQP decimal
-    holds only a 32-bit mantissa. The string (``repr``: exact round trip) survives every
-    client, and ``RequestMeta.from_message`` reads it back as a number.
-    """
-    headers = meta.headers()
-    if meta.deadline is not None:
-        headers[HEADER_DEADLINE] = repr(meta.deadline)
-    return Message(
-        body=body,
-        headers=headers,
-        content_type=CONTENT_TYPE,
-        message_id=meta.request_id,
-        correlation_id=meta.request_id,
-        reply_to=meta.reply_to,
-    )
 
 
 def _expire(future: asyncio.Future[Outputs], request_id: str, wait: float) -> None:

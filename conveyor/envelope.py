@@ -10,7 +10,8 @@ language can publish a request:
 ``request_id``         ``message_id``               str, 1..255 UTF-8 bytes (also the reply's
                        (and ``correlation_id``)     ``correlation_id``)
 ``reply_to``           ``reply_to``                 queue name; replies go to exchange ``""``
-``deadline``           ``x-conveyor-deadline``      unix time in seconds (float)
+``deadline``           ``x-conveyor-deadline``      unix time in seconds, sent as a decimal
+                                                    string (e.g. ``"1795733439.25"``)
 ``plan_hash``          ``x-conveyor-plan``          ``Plan.hash``: lowercase hex, 1..64 chars
 ``attempt``            ``x-conveyor-attempt``       int >= 1 (always sent)
 ``trace_id``           ``x-conveyor-trace``         str, 1..255 UTF-8 bytes
@@ -103,7 +104,10 @@ class RequestMeta:
         """The ``x-conveyor-*`` headers of this request (unset fields are left out)."""
         h: dict[str, HeaderValue] = {HEADER_ATTEMPT: self.attempt}
         if self.deadline is not None:
-            h[HEADER_DEADLINE] = self.deadline
+            # A string, not a float: pamqp (under aio-pika) writes a Python float as a 32-bit
+            # float, which rounds a unix time by up to 64 s; pika cannot send a float at
+            # all. repr() round-trips exactly and from_message reads it back as a number.
+            h[HEADER_DEADLINE] = repr(self.deadline)
         if self.plan_hash is not None:
             h[HEADER_PLAN] = self.plan_hash
         if self.trace_id is not None:

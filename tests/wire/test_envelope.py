@@ -44,7 +44,7 @@ def test_header_names_are_the_documented_contract() -> None:
     # Clients in other languages set these literally (docs/wire.md); they must not drift.
     msg = FULL.to_message(b"")
     assert dict(msg.headers) == {
-        "x-conveyor-deadline": FULL.deadline,
+        "x-conveyor-deadline": repr(FULL.deadline),
         "x-conveyor-plan": PLAN,
         "x-conveyor-attempt": 3,
         "x-conveyor-trace": "trace-9",
