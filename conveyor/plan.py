@@ -288,7 +288,8 @@ class Plan:
         return plan
 
     def validate(self) -> None:
-        """Check the DAG: unique names, known sources and consumers, allowed dtypes."""
+        """Check the DAG: unique names, known sources and consumers, allowed dtypes, and one
+        stage producing the model outputs."""
         names = self.stage_names
         if not names:
             raise PlanError(f"plan {self.name!r} has no stages")
@@ -306,6 +307,17 @@ class Plan:
             for t in _tensors_of(s):
                 if t.dtype not in ALLOWED_DTYPES:
                     raise PlanError(f"stage {s.name!r}: tensor {t.name!r} has dtype {t.dtype!r}")
+        # workers reply from one place: one stage (a chain's last, or a gather/join) makes
+        # every model output
+        sinks = [s.name for s in self.stages if any(o.model_output for o in s.outputs)]
+        if len(sinks) > 1:
+            raise PlanError(
+                f"plan {self.name!r}: model outputs come from {len(sinks)} stages {sinks}; "
+                "one stage must produce all of them (the converter's function split adds a "
+                "gather stage for this)"
+            )
+        if not sinks:
+            raise PlanError(f"plan {self.name!r}: no stage produces a model output")
         p = self.partitioning
         if p.shards < 1:
             raise PlanError(f"partitioning needs at least one shard, got {p.shards}")
