@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from converter.costs import CostModel, estimate_costs, profile_costs
 from converter.export import load_model, sanitize
-from converter.extract import wire_chain, wire_dag
+from converter.extract import WiredStage, wire_chain, wire_dag
 from converter.graph import Analysis, analyze
 from converter.plan_writer import check_target, write_plan
 from converter.split_function import parse_groups, split_by_function
@@ -21,6 +22,14 @@ from conveyor.plan import Partitioning, Plan, Scheduling, SplitInfo
 log = logging.getLogger(__name__)
 
 SplitBy = Literal["layer", "function"]
+
+#: Stages of a layer split when ``stages`` is not given.
+DEFAULT_LAYER_STAGES = 2
+#: Most stages of a function split when ``stages`` is not given. Every stage boundary is a
+#: trip through the broker and every stage wants its own worker; past a handful of stages
+#: that overhead outweighs the parallelism, so the model's structure (often 30 to 120
+#: segments for CNNs) is merged, cheapest neighbours first, down to this many.
+DEFAULT_FUNCTION_STAGES = 8
 
 
 def convert(
@@ -43,9 +52,11 @@ def convert(
     ``model``: a Keras model, an ``onnx.ModelProto`` or a path (.onnx, .keras, .h5,
     SavedModel directory). ``by="layer"`` makes a chain of ``stages`` (default 2) stages;
     ``by="function"`` a DAG of stages by function key (``groups``: ``NAME=REGEX``), merged
-    down to at most ``stages`` when given. ``profile`` balances measured onnxruntime time
-    instead of FLOP estimates. ``external_threshold`` forces weights of at least that many
-    bytes into external data files. Raises ``ConversionError`` subclasses or ``ConfigError``.
+    down to at most ``stages`` (default ``DEFAULT_FUNCTION_STAGES``, 8), a gather stage for
+    model outputs made in several places included. ``profile`` balances measured
+    onnxruntime time instead of FLOP estimates. ``external_threshold`` forces weights of
+    at least that many bytes into external data files. Raises ``ConversionError``
+    subclasses or ``ConfigError``.
     """
     out = Path(out_dir)
     if by not in ("layer", "function"):
@@ -62,11 +73,10 @@ def convert(
     analysis = analyze(proto)
     costs = profile_costs(analysis) if profile else estimate_costs(analysis)
     if by == "layer":
-        split = split_by_layer(analysis, costs, stages or 2)
+        split = split_by_layer(analysis, costs, stages or DEFAULT_LAYER_STAGES)
         wired = wire_chain(analysis, split.ranges(analysis.n))
     else:
-        drafts = split_by_function(analysis, costs, groups=compiled, max_stages=stages)
-        wired = wire_dag(analysis, drafts)
+        wired = function_stages(analysis, costs, compiled, stages or DEFAULT_FUNCTION_STAGES)
     return write_plan(
         analysis, costs, wired, out,
         name=name or _default_name(model, proto),
@@ -76,6 +86,22 @@ def convert(
         external_threshold=external_threshold,
         overwrite=overwrite,
     )
+
+
+def function_stages(analysis: Analysis, costs: CostModel,
+                    groups: Sequence[tuple[str, re.Pattern[str]]],
+                    max_stages: int) -> list[WiredStage]:
+    """The function split wired as a DAG, at most ``max_stages`` stages in all.
+
+    When the model outputs end up in several stages, ``wire_dag`` appends a gather stage;
+    should that pass ``max_stages``, the split is merged one stage further first.
+    """
+    drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages)
+    wired = wire_dag(analysis, drafts)
+    if len(wired) > max_stages:
+        drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages - 1)
+        wired = wire_dag(analysis, drafts)
+    return wired
 
 
 def analyze_model(model: Any, *, opset: int | None = None,

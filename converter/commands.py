@@ -20,7 +20,9 @@ def add_parsers(sub: Any) -> None:
     conv.add_argument("--out", required=True, type=Path, metavar="PLAN_DIR")
     conv.add_argument("--by", choices=("layer", "function"), default="layer")
     conv.add_argument("--stages", type=int, metavar="K",
-                      help="layer: number of stages (default 2); function: at most K stages")
+                      help="layer: number of stages (default 2); function: at most K stages "
+                      "(default 8; the model's structure is merged, cheapest neighbours "
+                      "first, and a gather stage for outputs made by several stages counts)")
     conv.add_argument("--group", action="append", default=[], metavar="NAME=REGEX",
                       help="function split: nodes whose name matches REGEX form group NAME")
     conv.add_argument("--profile", action="store_true",

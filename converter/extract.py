@@ -1,17 +1,22 @@
 """Wire stage drafts into a DAG and build each stage's ModelProto.
 
 ``wire_chain`` / ``wire_dag`` decide what every stage reads (and from where) and what it
-sends (and to whom). ``StageExtractor.extract`` is the pure proto step, in the manner of
-``onnx.utils.Extractor``: the stage's nodes, a copy of every initializer they read
-(shared ones duplicated), the value_info of its inner tensors, the opset imports and
-local functions of the model. ``save_stage`` writes one, with external data when asked
+sends (and to whom). Either way exactly one stage produces the model outputs (workers
+reply from one place): a chain's last stage, or for a DAG whose outputs are made by
+several stages, a *gather* stage appended by ``wire_dag`` that reads each output from the
+stage making it and passes it on unchanged.
+
+``StageExtractor.extract`` is the pure proto step, in the manner of
+``onnx.utils.Extractor``: the stage's nodes, a copy of every initializer they read (shared
+ones duplicated), the value_info of its inner tensors, the opset imports and local
+functions of the model. ``save_stage`` writes one, with external data when asked
 or when the proto would pass protobuf's 2 GB limit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -24,6 +29,8 @@ from conveyor.plan import BATCH, MODEL_INPUT
 
 #: Protobuf cannot serialise a message of 2 GiB or more.
 PROTO_LIMIT = 2**31 - 2**24
+#: Group (and stage name suffix) of the stage that gathers model outputs made by several stages.
+GATHER = "gather"
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,37 @@ def wire_dag(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[WiredStag
         out.append(WiredStage(d.name, d.nodes, d.group, inputs, tuple(outputs)))
     for x in model_outputs - set(analysis.producer):
         raise SplitError(f"model output {x!r} is not computed by any node")
-    return out
+    return gather_outputs(analysis, out)
+
+
+def output_stages(stages: Sequence[WiredStage]) -> set[str]:
+    """Names of the stages that produce model outputs."""
+    return {s.name for s in stages if any(mo for _, _, mo in s.outputs)}
+
+
+def gather_outputs(analysis: Analysis, stages: Sequence[WiredStage]) -> list[WiredStage]:
+    """``stages``, plus a gather stage when model outputs leave from more than one of them.
+
+    The gather stage has no nodes: its graph outputs are its graph inputs (one per model
+    output, same names, model order), so the caller sees the model's output names. The
+    stages that made them send them to it as ordinary tensors: for the workers it is one
+    more join, gathering a request's parts by request id.
+    """
+    if len(output_stages(stages)) <= 1:
+        return list(stages)
+    name = f"stage{len(stages)}_{GATHER}"
+    producer = {t: s.name for s in stages for t, _, mo in s.outputs if mo}
+    rewired = [
+        replace(s, outputs=tuple((t, (*cons, name) if mo else cons, False)
+                                 for t, cons, mo in s.outputs))
+        for s in stages
+    ]
+    gather = WiredStage(
+        name, (), GATHER,
+        inputs=tuple((t, producer[t]) for t in analysis.outputs),
+        outputs=tuple((t, (), True) for t in analysis.outputs),
+    )
+    return [*rewired, gather]
 
 
 def value_info(name: str, info: TensorInfo) -> onnx.ValueInfoProto:

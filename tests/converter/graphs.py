@@ -172,3 +172,49 @@ def time_major() -> onnx.ModelProto:
                               [helper.make_tensor_value_info("x", F, ["B", "T", 4])],
                               [helper.make_tensor_value_info("y", F, ["B", "T", 4])])
     return _model(graph)
+
+
+def two_heads() -> onnx.ModelProto:
+    """Two branches from one input, each ending in its own model output, and no join.
+
+    Node names are scoped like a Keras export (``net/left/...``), so a function split makes
+    one stage per branch; the outputs are listed right first, against the node order.
+    """
+    def n(op: str, ins: list[str], outs: list[str], name: str) -> onnx.NodeProto:
+        return helper.make_node(op, ins, outs, name=f"net/{name}")
+
+    nodes = [
+        n("MatMul", ["x", "WL"], ["l1"], "left/matmul"),
+        n("Relu", ["l1"], ["left_out"], "left/relu"),
+        n("MatMul", ["x", "WR1"], ["r1"], "right/matmul1"),
+        n("Tanh", ["r1"], ["r2"], "right/tanh"),
+        n("MatMul", ["r2", "WR2"], ["right_out"], "right/matmul2"),
+    ]
+    inits = [_weights("WL", (6, 4), 20), _weights("WR1", (6, 5), 21), _weights("WR2", (5, 3), 22)]
+    graph = helper.make_graph(
+        nodes, "two_heads", [helper.make_tensor_value_info("x", F, ["B", 6])],
+        [helper.make_tensor_value_info("right_out", F, ["B", 3]),
+         helper.make_tensor_value_info("left_out", F, ["B", 4])],
+        inits,
+    )
+    return _model(graph)
+
+
+def early_output() -> onnx.ModelProto:
+    """A chain whose first half's result is a model output and also feeds the second half."""
+    def n(op: str, ins: list[str], outs: list[str], name: str) -> onnx.NodeProto:
+        return helper.make_node(op, ins, outs, name=f"net/{name}")
+
+    nodes = [
+        n("MatMul", ["x", "W1"], ["m1"], "first/matmul"),
+        n("Relu", ["m1"], ["mid"], "first/relu"),
+        n("MatMul", ["mid", "W2"], ["m2"], "second/matmul"),
+        n("Tanh", ["m2"], ["final"], "second/tanh"),
+    ]
+    graph = helper.make_graph(
+        nodes, "early_output", [helper.make_tensor_value_info("x", F, ["B", 6])],
+        [helper.make_tensor_value_info("mid", F, ["B", 5]),
+         helper.make_tensor_value_info("final", F, ["B", 3])],
+        [_weights("W1", (6, 5), 30), _weights("W2", (5, 3), 31)],
+    )
+    return _model(graph)
