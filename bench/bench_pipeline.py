@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -188,16 +189,17 @@ def pipeline_batch(plan: Any, max_batch: int | None, workload: str) -> int:
     return int(plan.scheduling.default.max_batch)
 
 
-def leg_brokerless(cache: Path, name: str, seconds: float,
-                   max_batch: int | None, max_delay_ms: float | None) -> dict[str, Any]:
+def leg_brokerless(cache: Path, name: str, seconds: float, max_batch: int | None,
+                   max_delay_ms: float | None, batch_wait: str | None = None) -> dict[str, Any]:
     from conveyor.client import connect
     from conveyor.plan import Plan
     from workers.settings import WorkerSettings
 
     plan = Plan.load(cache / name / "plan")
     batch = pipeline_batch(plan, max_batch, name)
+    wait: dict[str, Any] = {} if batch_wait is None else {"batch_wait": batch_wait}
     options = {"settings": WorkerSettings(device="cpu", max_batch=batch,
-                                          max_delay_ms=max_delay_ms)}
+                                          max_delay_ms=max_delay_ms, **wait)}
 
     async def run() -> dict[str, Any]:
         async with connect(None, plan=plan, timeout=60.0, worker_options=options) as client:
@@ -234,8 +236,8 @@ def isolated_copy(plan: Any, directory: Path) -> Any:
                                hash="").save(directory)
 
 
-def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str,
-                 max_batch: int | None, max_delay_ms: float | None) -> dict[str, Any]:
+def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: int | None,
+                 max_delay_ms: float | None, batch_wait: str | None = None) -> dict[str, Any]:
     from conveyor.client import connect
     from conveyor.plan import Plan
 
@@ -250,7 +252,8 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str,
                     [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
                      "--stage", stage, "--broker", url, "--device", "cpu",
                      "--threads", str(threads), "--max-batch", str(batch),
-                     *(["--max-delay-ms", str(max_delay_ms)] if max_delay_ms is not None else [])],
+                     *(["--max-delay-ms", str(max_delay_ms)] if max_delay_ms is not None else []),
+                     *(["--batch-wait", batch_wait] if batch_wait is not None else [])],
                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
                 )
         rss: dict[str, float] = {}
@@ -276,10 +279,24 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str,
             for proc in procs.values():
                 proc.wait(30)
             asyncio.run(_delete_topology(url, plan))
+            batches = worker_batches(Path(tmp), plan.stage_names)
     result["peak_rss_mib"] = rss
+    result["stages"] = batches
     result["threads_per_worker"] = threads
     result["max_batch"] = batch
     return result
+
+
+def worker_batches(logs: Path, stages: list[str]) -> dict[str, dict[str, float]]:
+    """Mean batch per stage from the workers' exit lines (``conveyor: stage S: ...``)."""
+    found: dict[str, dict[str, float]] = {}
+    for stage in stages:
+        for line in (logs / f"{stage}.log").read_text(errors="replace").splitlines():
+            m = re.match(r"conveyor: stage (\S+): (\d+) requests in (\d+) batches", line)
+            if m and int(m.group(3)):
+                found[m.group(1)] = {"mean_batch": round(int(m.group(2)) / int(m.group(3)), 2),
+                                     "batches": int(m.group(3))}
+    return found
 
 
 async def _delete_topology(url: str, plan: Any) -> None:
@@ -329,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage batch limit (default: 16 in flight / number of stages)")
     p.add_argument("--max-delay-ms", type=float, default=None,
                    help="stage batching delay (default: the plan's schedule, 2 ms)")
+    p.add_argument("--batch-wait", choices=["idle", "window"], default=None,
+                   help="the workers' batch wait policy (default: theirs, idle)")
     p.add_argument("--cost", choices=["profile", "flops"], default="profile",
                    help="the converter's cost model for the split (profile)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -345,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             result = leg_baseline(args.cache, args.workload, args.seconds)
         elif args.leg == "brokerless":
             result = leg_brokerless(args.cache, args.workload, args.seconds, args.max_batch,
-                                    args.max_delay_ms)
+                                    args.max_delay_ms, args.batch_wait)
         else:
             result = leg_rabbitmq(args.cache, args.workload, args.seconds, args.broker,
-                                  args.max_batch, args.max_delay_ms)
+                                  args.max_batch, args.max_delay_ms, args.batch_wait)
         print(json.dumps(result))
         return 0
 
@@ -358,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--max-batch", str(args.max_batch)]
     if args.max_delay_ms is not None:
         common += ["--max-delay-ms", str(args.max_delay_ms)]
+    if args.batch_wait is not None:
+        common += ["--batch-wait", args.batch_wait]
     t = time.perf_counter()
     run_leg(["--leg", "prepare", *common, *[a for w in workloads for a in ("--only", w)]])
     print(f"models prepared in {time.perf_counter() - t:.0f} s (cache {args.cache})")
@@ -407,6 +428,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         rss = ", ".join(f"{k} {v:.0f}" for k, v in r.get("peak_rss_mib", {}).items())
         if "max_batch" in r:
             rss += f"  [max_batch {r['max_batch']}]"
+        if r.get("stages"):
+            rss += "  [mean batch " + " / ".join(
+                f"{k} {v['mean_batch']:.1f}" for k, v in r["stages"].items()) + "]"
         if "throughput_runs" in r:
             rss += "  [runs " + " / ".join(f"{t:,.0f}" for t in r["throughput_runs"]) + "]"
         print(f"{w:9} {leg:11} {r['throughput']:9,.0f} {ratio:8.0%} {r['p50_ms']:8.2f} "

@@ -1,27 +1,48 @@
-"""Micro-batching: Triton's dynamic batcher / Ray Serve's ``@serve.batch`` for one stage.
+"""Micro-batching: a dynamic batcher for one stage (Triton's, with its queue delay as a cap).
 
 Requests wait in groups of compatible shape (same dtype and non-batch dims for every
-input). A group is released as one batch when it holds ``max_batch`` rows, or when
-``max_delay_ms`` has passed since its first request arrived; the oldest due group goes
-first. A request that alone has more than ``max_batch`` rows runs alone. ``concat`` and
-``split`` join a batch's tensors along axis 0 and cut outputs back per request by rows.
+input). A group holding ``max_batch`` rows is released at once. When a group goes
+otherwise depends on the wait policy:
+
+* ``"idle"`` (the default): a partial group goes as soon as the stage can run it (its
+  ``can_run`` says the session is free), unless more requests are arriving: it waits
+  while each turn of the event loop brings more (a burst being read off the socket) and
+  while requests have lately come often enough that the next is due before
+  ``max_delay_ms`` after the group's first request (an average of recent gaps between
+  arrivals); never longer than that. At low load a request never waits for a window;
+  under load batches grow by themselves, since whatever arrives while the session runs
+  forms the next batch.
+* ``"window"``: a partial group waits ``max_delay_ms`` after its first request even when
+  the stage is idle (Ray Serve's ``batch_wait_timeout_s``): bigger batches at low load,
+  for a latency of up to one window per stage.
+
+The oldest group goes first. A request that alone has more than ``max_batch`` rows runs
+alone. ``concat`` and ``split`` join a batch's tensors along axis 0 and cut outputs back
+per request by rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
 from conveyor.errors import ConfigError
 
 T = TypeVar("T")
+
+#: Weight of the newest gap in the moving average of gaps between arrivals.
+GAP_WEIGHT = 0.2
+
+WaitPolicy = Literal["idle", "window"]
+WAIT_POLICIES: tuple[WaitPolicy, ...] = ("idle", "window")
 
 
 def shape_key(tensors: Mapping[str, np.ndarray]) -> Hashable:
@@ -68,20 +89,40 @@ class _Group(Generic[T]):
 
 
 class MicroBatcher(Generic[T]):
-    """Collect items into batches of compatible shape; ``next_batch`` awaits the next one."""
+    """Collect items into batches of compatible shape; ``next_batch`` awaits the next one.
 
-    def __init__(self, max_batch: int, max_delay_ms: float) -> None:
+    ``can_run`` tells whether the stage could start a batch now (``"idle"`` policy);
+    whoever makes it true calls ``poke`` so that a waiting ``next_batch`` looks again.
+    """
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_delay_ms: float,
+        *,
+        policy: WaitPolicy = "idle",
+        can_run: Callable[[], bool] | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         if max_delay_ms < 0:
             raise ConfigError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if policy not in WAIT_POLICIES:
+            raise ConfigError(f"batch wait policy must be one of {WAIT_POLICIES}, got {policy!r}")
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
+        self.policy = policy
+        self._can_run = can_run or _always
         # Insertion order = order of first arrival, so the first due group is found first.
         self._groups: OrderedDict[Hashable, _Group[T]] = OrderedDict()
-        self._ready: list[list[T]] = []
+        self._ready: deque[list[T]] = deque()
         self._changed = asyncio.Event()
         self._closed = False
+        #: Items put so far: tells ``next_batch`` whether a turn of the loop brought more.
+        self._arrivals = 0
+        self._last_arrival = -math.inf
+        #: Moving average of the gaps between arrivals (seconds).
+        self._gap = math.inf
 
     def __len__(self) -> int:
         return sum(len(g.items) for g in self._groups.values()) + sum(map(len, self._ready))
@@ -91,13 +132,22 @@ class MicroBatcher(Generic[T]):
         if group is not None and group.rows + rows > self.max_batch:
             self._release(key)
             group = None
+        now = time.monotonic()
+        gap = now - self._last_arrival
+        self._gap = gap if self._gap == math.inf else self._gap + GAP_WEIGHT * (gap - self._gap)
+        self._last_arrival = now
         if group is None:
-            group = _Group(time.monotonic())
+            group = _Group(now)
             self._groups[key] = group
         group.items.append(item)
         group.rows += rows
+        self._arrivals += 1
         if group.rows >= self.max_batch:
             self._release(key)
+        self._changed.set()
+
+    def poke(self) -> None:
+        """The stage may be able to run now: let a waiting ``next_batch`` look again."""
         self._changed.set()
 
     def _release(self, key: Hashable) -> None:
@@ -105,27 +155,48 @@ class MicroBatcher(Generic[T]):
 
     async def next_batch(self) -> list[T]:
         """The next batch; an empty list once the batcher is closed and drained."""
+        seen = -1
         while True:
             if self._ready:
-                return self._ready.pop(0)
+                return self._ready.popleft()
             if self._closed:
                 return self.drain_one()
             timeout: float | None = None
             if self._groups:
                 key, group = next(iter(self._groups.items()))
-                wait = group.first_arrival + self.max_delay - time.monotonic()
-                if wait <= 0:
-                    self._release(key)
-                    continue
-                timeout = wait
+                due = group.first_arrival + self.max_delay
+                if self.policy == "window":
+                    timeout = due - time.monotonic()
+                    if timeout <= 0:
+                        self._release(key)
+                        continue
+                elif self._can_run():
+                    now = time.monotonic()
+                    if now >= due:
+                        self._release(key)
+                        continue
+                    if self._arrivals != seen:
+                        # More arrived since we last looked: let the rest of the burst land.
+                        seen = self._arrivals
+                        await asyncio.sleep(0)
+                        continue
+                    expected = self._last_arrival + self._gap
+                    if expected >= due or now - self._last_arrival > 2 * self._gap:
+                        self._release(key)
+                        continue
+                    # Requests come often: wait for the next one (at most until ``due``).
+                    timeout = min(due, self._last_arrival + 2 * self._gap) - now
             self._changed.clear()
+            if timeout is None:
+                await self._changed.wait()
+                continue
             # On timeout the oldest group is due; the next turn of the loop releases it.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
     def drain_one(self) -> list[T]:
         if self._ready:
-            return self._ready.pop(0)
+            return self._ready.popleft()
         if self._groups:
             key = next(iter(self._groups))
             return self._groups.pop(key).items
@@ -143,3 +214,7 @@ class MicroBatcher(Generic[T]):
         self._ready.clear()
         self._groups.clear()
         return items
+
+
+def _always() -> bool:
+    return True

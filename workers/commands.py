@@ -59,6 +59,14 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         help="longest wait to fill a batch (the plan's schedule)",
     )
     p.add_argument(
+        "--batch-wait",
+        choices=["idle", "window"],
+        default="idle",
+        help="when a partial batch runs: as soon as the stage is free, waiting up to "
+        "--max-delay-ms only while a burst is still arriving (idle, default); or always "
+        "after --max-delay-ms (window)",
+    )
+    p.add_argument(
         "--prefetch",
         type=int,
         default=None,
@@ -150,6 +158,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         grace=args.grace,
         join_timeout=args.join_timeout,
         durable=args.durable,
+        batch_wait=args.batch_wait,
     )
 
 
@@ -210,6 +219,13 @@ async def _serve(
         print(f"conveyor: stopping (grace {settings.grace:g} s)", file=sys.stderr, flush=True)
         await agent.stop()
         await worker.stop(settings.grace)
+        for st in worker.stats().stages:
+            print(
+                f"conveyor: stage {st.stage}: {st.requests} requests in {st.batches} batches "
+                f"(mean {st.mean_batch:.2f})",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         await transport.close(grace=1.0)
     return 0

@@ -9,8 +9,12 @@ Work reaches a runner two ways:
 
 A join runner first gathers a request's parts from all its sources (by request id for
 broker parts, by batch id for local ones). Batches wait in a one-slot queue for the
-session, so while the session is busy the batcher keeps filling the next batch. The
-session runs in a thread of its own; its outputs go to ``Router.route``.
+session, so while the session is busy the batcher keeps filling the next batch. With the
+``"idle"`` wait policy (``workers.batching``) the batcher releases a partial batch as soon
+as the runner ``can_start`` one: nothing running, nothing in the slot (for the ingress:
+the same of the local stages it hands its batches to). The session runs in a thread of
+its own (inline when batches are quicker than the hop); its outputs go to
+``Router.route``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from conveyor.envelope import RequestMeta
 from conveyor.errors import ConveyorError, DeadlineExceeded, InferenceError
 from conveyor.plan import StageSpec
-from workers.batching import MicroBatcher, concat, shape_key
+from workers.batching import MicroBatcher, WaitPolicy, concat, shape_key
 from workers.session import StageSession, Tensor
 from workers.settlement import Obligation, Outcome
 from workers.stats import StageCounters
@@ -98,6 +102,7 @@ class StageRunner:
         max_delay_ms: float,
         sources: tuple[str, ...],
         join_timeout: float = 60.0,
+        batch_wait: WaitPolicy = "idle",
     ) -> None:
         self.name = name
         self.spec = spec
@@ -108,7 +113,15 @@ class StageRunner:
         self.counters = StageCounters(
             name, session.provider if session else "", max_batch, max_delay_ms
         )
-        self.batcher: MicroBatcher[Item] = MicroBatcher(max_batch, max_delay_ms)
+        self.batcher: MicroBatcher[Item] = MicroBatcher(
+            max_batch, max_delay_ms, policy=batch_wait, can_run=self.can_start
+        )
+        #: Local runners this one hands every batch to (set for the ingress): it can start
+        #: a batch only when they can.
+        self.hands_to: list[StageRunner] = []
+        #: Runners whose ``can_start`` depends on this one (told when it frees up).
+        self.fed_by: list[StageRunner] = []
+        self._executing = False
         self._ready: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
         self._broker_joins: dict[str, _PartialJoin] = {}
         #: Request ids this join ran lately, to ack late duplicates of their parts.
@@ -126,6 +139,18 @@ class StageRunner:
     def pending_parts(self) -> int:
         """Broker parts held while a join waits for the other parts of their requests."""
         return sum(len(p.parts) for p in self._broker_joins.values())
+
+    def can_start(self) -> bool:
+        """True when a batch released now would start at once: nothing runs or waits here
+        (nor in the stages this one hands its batches to)."""
+        if self._executing or not self._ready.empty():
+            return False
+        return all(r.can_start() for r in self.hands_to)
+
+    def _freed(self) -> None:
+        self.batcher.poke()
+        for runner in self.fed_by:
+            runner._freed()
 
     @property
     def busy(self) -> bool:
@@ -234,10 +259,13 @@ class StageRunner:
     async def _execute(self) -> None:
         while True:
             batch = await self._ready.get()
+            self._executing = True
             try:
                 await self._run_batch(batch)
             finally:
+                self._executing = False
                 self.counters.in_flight -= len(batch.requests)
+                self._freed()
 
     async def _run_batch(self, batch: Batch) -> None:
         rows = sum(r.rows for r in batch.requests)

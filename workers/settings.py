@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from conveyor.errors import ConfigError
+from workers.batching import WAIT_POLICIES, WaitPolicy
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -28,7 +29,10 @@ class WorkerSettings:
     ``None`` divides ``os.cpu_count()`` evenly among the stages hosted in the process.
     ``max_batch`` / ``max_delay_ms`` / ``prefetch``: ``None`` takes the plan's schedule
     for each stage. ``shard``: only this input (stage 0) or join shard; ``None`` = all.
-    ``grace``: seconds a shutdown waits for batches in flight.
+    ``grace``: seconds a shutdown waits for batches in flight. ``batch_wait``: when a
+    partial batch goes (``workers.batching``): ``"idle"`` = as soon as the stage is free
+    (``max_delay_ms`` caps the wait for a burst still arriving), ``"window"`` = after
+    ``max_delay_ms`` even when the stage is idle.
     """
 
     device: str = "auto"
@@ -47,6 +51,7 @@ class WorkerSettings:
     join_prefetch_max: int = 4096
     #: Declare durable queues/exchanges (RabbitMQ deployments); all processes must agree.
     durable: bool = False
+    batch_wait: WaitPolicy = "idle"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", parse_device(self.device))
@@ -58,6 +63,8 @@ class WorkerSettings:
             raise ConfigError(f"inter_op_threads must be at least 1, got {self.inter_op_threads}")
         if self.max_delay_ms is not None and self.max_delay_ms < 0:
             raise ConfigError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.batch_wait not in WAIT_POLICIES:
+            raise ConfigError(f"batch_wait must be one of {WAIT_POLICIES}, got {self.batch_wait!r}")
         if self.shard is not None and self.shard < 0:
             raise ConfigError(f"shard must be >= 0, got {self.shard}")
         if self.grace < 0:

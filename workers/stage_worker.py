@@ -208,6 +208,7 @@ class StageWorker:
                 )
             await self._build_runners()
             self._build_routes()
+            self._link_runners()
             for runner in self._runners.values():
                 runner.start()
             self._plan_consumers()
@@ -532,6 +533,7 @@ class StageWorker:
                 max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
                 sources=stage_sources(spec),
                 join_timeout=s.join_timeout,
+                batch_wait=s.batch_wait,
             )
         if self.hosts_ingress:
             sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)
@@ -543,6 +545,7 @@ class StageWorker:
                 max_batch=s.max_batch or sched.max_batch,
                 max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
                 sources=(),
+                batch_wait=s.batch_wait,
             )
 
     def _local(self, spec: StageSpec) -> bool:
@@ -573,6 +576,17 @@ class StageWorker:
             if source != MODEL_INPUT:
                 spec = self.plan.stage(source)
                 self._replies[source] = tuple(o.tensor.name for o in spec.outputs if o.model_output)
+
+    def _link_runners(self) -> None:
+        """The ingress can start a batch only when the local stages it feeds can."""
+        ingress = self._runners.get(MODEL_INPUT)
+        if ingress is None:
+            return
+        for dest in self._routes.get(MODEL_INPUT, []):
+            if dest.local:
+                runner = self._runners[dest.stage]
+                ingress.hands_to.append(runner)
+                runner.fed_by.append(ingress)
 
     def _plan_consumers(self) -> None:
         for name in self.home:

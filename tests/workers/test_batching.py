@@ -1,4 +1,4 @@
-"""Micro-batching: size and delay limits, shape compatibility, per-request split."""
+"""Micro-batching: size limit, wait policies, shape compatibility, per-request split."""
 
 from __future__ import annotations
 
@@ -25,14 +25,55 @@ async def test_full_batch_is_released_without_waiting_for_the_delay() -> None:
     assert len(b) == 2
 
 
-async def test_partial_batch_waits_for_max_delay_from_the_first_request() -> None:
-    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=50)
+async def test_window_policy_waits_for_max_delay_from_the_first_request() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=50, policy="window")
     started = time.monotonic()
     b.put(1, "k")
     b.put(2, "k")
     batch = await asyncio.wait_for(b.next_batch(), 2.0)
     assert batch == [1, 2]
     assert time.monotonic() - started >= 0.045
+
+
+async def test_idle_stage_takes_a_partial_batch_without_waiting_for_the_window() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=60_000)
+    b.put(1, "k")
+    b.put(2, "k")
+    assert await asyncio.wait_for(b.next_batch(), 1.0) == [1, 2]
+
+
+async def test_idle_stage_takes_the_rest_of_a_burst_that_is_still_arriving() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=60_000)
+
+    async def burst() -> None:
+        for i in range(5):  # one request per turn of the event loop
+            b.put(i, "k")
+            await asyncio.sleep(0)
+
+    sender = asyncio.create_task(burst())
+    batch = await asyncio.wait_for(b.next_batch(), 1.0)
+    await sender
+    assert batch == [0, 1, 2, 3, 4]
+
+
+async def test_busy_stage_keeps_filling_until_it_can_run() -> None:
+    free = asyncio.Event()
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=0, can_run=free.is_set)
+    taker = asyncio.create_task(b.next_batch())
+    for i in range(3):
+        b.put(i, "k")
+        await asyncio.sleep(0)
+    assert not taker.done()
+    free.set()
+    b.poke()
+    assert await asyncio.wait_for(taker, 1.0) == [0, 1, 2]
+
+
+async def test_busy_stage_still_gets_full_batches() -> None:
+    b: MicroBatcher[int] = MicroBatcher(max_batch=2, max_delay_ms=0, can_run=lambda: False)
+    for i in range(3):
+        b.put(i, "k")
+    assert await asyncio.wait_for(b.next_batch(), 1.0) == [0, 1]
 
 
 async def test_zero_delay_releases_at_once() -> None:
@@ -42,7 +83,7 @@ async def test_zero_delay_releases_at_once() -> None:
 
 
 async def test_incompatible_shapes_never_share_a_batch() -> None:
-    b: MicroBatcher[str] = MicroBatcher(max_batch=3, max_delay_ms=20)
+    b: MicroBatcher[str] = MicroBatcher(max_batch=3, max_delay_ms=20, policy="window")
     for name, t in [("a", x(1)), ("b", x(1, width=5)), ("c", x(1)), ("d", x(1, dtype="float64"))]:
         b.put(name, shape_key(t))
     batches = [await asyncio.wait_for(b.next_batch(), 1.0) for _ in range(3)]
@@ -93,3 +134,5 @@ def test_limits_are_checked() -> None:
         MicroBatcher(0, 1.0)
     with pytest.raises(ConfigError):
         MicroBatcher(1, -1.0)
+    with pytest.raises(ConfigError):
+        MicroBatcher(1, 1.0, policy="sometimes")  # type: ignore[arg-type]

@@ -147,10 +147,10 @@ async def test_entry_stages_get_model_inputs_forwarded_by_the_first_worker(
 async def test_batches_fill_to_max_batch_and_split_back_by_rows(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
-    # A delay far beyond the test: batches leave only when they hold max_batch rows.
+    # A window far beyond the test: batches leave only when they hold max_batch rows.
     plan = Plan.load(chain_plan(tmp_path, name=unique, max_batch=4, max_delay_ms=60_000).directory)
     pipeline_of.append(p := Pipeline(broker, plan))
-    client = await p.start([None])
+    client = await p.start([None], WorkerSettings(device="cpu", batch_wait="window"))
     xs = [rand(2), rand(1), rand(1), rand(3), rand(1)]  # 2+1+1 = 4, then 3+1 = 4
     ids = [await client.send({"x": x}) for x in xs]
     await client.wait_for(ids)
@@ -161,6 +161,27 @@ async def test_batches_fill_to_max_batch_and_split_back_by_rows(
         np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
     s0 = stats_of(p.workers[0], "s0")
     assert (s0.batches, s0.requests, s0.rows) == (2, 5, 8)
+
+
+@pytest.mark.parametrize("layout", [[None], [["s0"], ["s1"], ["s2"]]])
+async def test_a_lone_request_does_not_wait_for_the_batching_window(
+    broker: BrokerHandle,
+    pipeline_of: list[Pipeline],
+    tmp_path: Path,
+    unique: str,
+    layout: list[list[str] | None],
+) -> None:
+    # The default "idle" policy: a stage with nothing to do runs what it has at once, so a
+    # window far longer than the test never delays a request that arrives alone.
+    plan = Plan.load(chain_plan(tmp_path, name=unique, max_batch=8, max_delay_ms=60_000).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start(layout)
+    x = rand()
+    rid = await client.send({"x": x})
+    await client.wait_for([rid], within=10.0)
+    result = client.one(rid)
+    assert not isinstance(result, Exception), result
+    np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
 
 
 async def test_bad_requests_are_dead_lettered_and_answered(
