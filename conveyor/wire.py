@@ -57,6 +57,14 @@ _BYTES_LIKE = (bytes, bytearray, memoryview)
 #: The header is read from a prefix this long first; a longer header gets a second try.
 _FIRST_READ = 4096
 _BIN32_MAX = 2**32 - 1
+#: Headers without meta (requests, replies) repeat message after message: the encoder
+#: keeps the packed header per (name, dtype, shape) signature (cleared when full) and the
+#: decoder the parsed tensor lists of the last few headers; both for the default limits.
+_CACHE_SIZE = 64
+_encoded_headers: dict[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], bytes] = {}
+#: (header bytes, parsed tensor list) of the last few meta-less headers decoded.
+_decoded_headers: list[tuple[bytes, list[tuple[str, np.dtype[Any], tuple[int, ...]]]]] = []
+_DECODED_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,17 @@ def encode(
     Raises ``CodecError`` for a dtype outside the allow-list, a name or meta that is not
     a string-keyed msgpack value, or a message beyond ``limits``.
     """
+    signature = _signature(tensors) if not meta and limits is DEFAULT_LIMITS else None
+    if signature is not None:
+        cached = _encoded_headers.get(signature)
+        if cached is not None:
+            # Same names, dtypes and shapes as a message already checked against these
+            # limits: only the arrays' bytes differ.
+            parts: list[bytes | memoryview] = [_array_header(len(tensors) + 1), cached]
+            for array in tensors.values():
+                parts.append(_bin_header(array.nbytes))
+                parts.append(_little_endian_c_order(array).data)
+            return b"".join(parts)
     if len(tensors) > limits.max_tensors:
         raise CodecError(f"{len(tensors)} tensors; the limit is {limits.max_tensors}")
     arrays: list[np.ndarray] = []
@@ -136,13 +155,31 @@ def encode(
     if total > limits.max_message_bytes:
         raise CodecError(f"message would be {total} bytes; the limit is "
                          f"{limits.max_message_bytes}")
+    if signature is not None:
+        if len(_encoded_headers) >= _CACHE_SIZE:
+            _encoded_headers.clear()
+        _encoded_headers[signature] = header
     # Everything is checked: only now convert the inputs that are not wire-ready.
-    parts: list[bytes | memoryview] = [array_header, header]
+    parts = [array_header, header]
     for bin_header, array in zip(bin_headers, arrays, strict=True):
         parts.append(bin_header)
         parts.append(_little_endian_c_order(array).data)
     # The one copy of each tensor's bytes: join reads every array's buffer directly.
     return b"".join(parts)
+
+
+def _signature(
+    tensors: Mapping[str, np.ndarray],
+) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] | None:
+    """The (name, dtype, shape) of each tensor; None unless all are plain numpy arrays."""
+    if len(tensors) > 8:
+        return None
+    signature = []
+    for name, value in tensors.items():
+        if type(value) is not np.ndarray or type(name) is not str:
+            return None
+        signature.append((name, value.dtype, value.shape))
+    return tuple(signature)
 
 
 def _checked_array(name: str, value: object, limits: Limits) -> tuple[np.ndarray, str]:
@@ -234,8 +271,17 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
         raise CodecError(f"message declares {count - 1} tensors; the limit is "
                          f"{limits.max_tensors}")
     start = pos
-    header, pos = _unpack_header(view, pos, limits)
-    meta, entries = _parse_header(header, count - 1, pos - start, limits)
+    known = _known_header(view, pos, count - 1) if limits is DEFAULT_LIMITS else None
+    if known is not None:
+        meta: dict[str, MetaValue] = {}
+        pos += known[0]
+        entries = known[1]
+    else:
+        header, pos = _unpack_header(view, pos, limits)
+        meta, entries = _parse_header(header, count - 1, pos - start, limits)
+        if not meta and limits is DEFAULT_LIMITS:
+            _decoded_headers.insert(0, (bytes(view[start:pos]), entries))
+            del _decoded_headers[_DECODED_KEPT:]
     # (name, dtype, shape, element count, offset): all validated before any view is made.
     layouts: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] = []
     for index, (name, dtype, shape) in enumerate(entries):
@@ -262,6 +308,17 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits) -> Decoded:
         array.flags.writeable = False
         tensors[name] = array
     return Decoded(tensors=tensors, meta=meta)
+
+
+def _known_header(
+    view: memoryview, pos: int, n_bins: int
+) -> tuple[int, list[tuple[str, np.dtype[Any], tuple[int, ...]]]] | None:
+    """(length, parsed tensor list) when the header at ``pos`` is one decoded lately (a
+    msgpack object is prefix-free: the same bytes there are that same header)."""
+    for raw, entries in _decoded_headers:
+        if view[pos : pos + len(raw)] == raw and len(entries) == n_bins:
+            return len(raw), entries
+    return None
 
 
 def _byte_view(body: object) -> memoryview:
