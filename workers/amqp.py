@@ -94,6 +94,7 @@ from workers.amqp_consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Set
 from workers.amqp_convert import exchange_arguments, queue_arguments, to_properties
 from workers.amqp_errors import translated
 from workers.amqp_settings import AmqpSettings
+from workers.amqp_writer import CoalescingConnection
 
 __all__ = [
     "AmqpConsumer",
@@ -123,6 +124,8 @@ async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustC
             reconnect_interval=settings.reconnect_interval_s,
             fail_fast=True,
             client_properties={"connection_name": f"{settings.connection_name}-{role}"},
+            # one socket write per loop turn instead of one per frame (workers.amqp_writer)
+            connection_class=CoalescingConnection,
         )
     except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
         cause = str(exc) or type(exc).__name__
