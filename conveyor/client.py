@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
-from conveyor.envelope import RequestMeta, read_reply
+from conveyor.envelope import (
+    CONTENT_TYPE,
+    HEADER_ATTEMPT,
+    HEADER_DEADLINE,
+    HEADER_PLAN,
+    RequestMeta,
+    read_reply,
+)
 from conveyor.errors import (
     CodecError,
     ConfigError,
@@ -45,6 +52,7 @@ from conveyor.errors import (
 )
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
+from conveyor.transport import Message
 from conveyor.wire import check_tensor, encode
 
 if TYPE_CHECKING:
@@ -59,6 +67,8 @@ Outputs = dict[str, np.ndarray]
 
 #: Seconds a request may take when neither ``infer`` nor ``connect`` says otherwise.
 DEFAULT_TIMEOUT = 30.0
+#: Waits from this long on (or not finite) go through RequestMeta's checks.
+_NO_DEADLINE = 1e9
 
 
 class ClientState(enum.Enum):
@@ -105,6 +115,10 @@ class Client:
         self.reply_queue = f"{self.topology.base}.reply.{uuid.uuid4().hex}"
         # Request ids: a random per-client prefix and a counter (unique, and cheap).
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        # The envelope fields every request shares, checked once here (CodecError if not
+        # valid); ``infer`` builds the message of a request without key or trace directly.
+        RequestMeta(self._id_prefix, reply_to=self.reply_queue, plan_hash=plan.hash)
+        self._random_partitions = plan.partitioning.kind == "random"
         self._ids = itertools.count(1)
         self._input_checks = [
             (t.name, np.dtype(t.dtype), len(t.shape),
@@ -273,25 +287,41 @@ class Client:
         if wait <= 0:
             raise ConfigError(f"timeout must be positive, got {wait}")
         arrays = self.validate(inputs)
-        routing_key = partition_routing_key(self.plan.partitioning, key)
         request_id = f"{self._id_prefix}{next(self._ids):x}"
-        meta = RequestMeta(
-            request_id=request_id,
-            reply_to=self.reply_queue,
-            deadline=time.time() + wait,
-            plan_hash=self.plan.hash,
-            trace_id=trace_id,
-            key=key,
-        )
+        deadline = time.time() + wait
+        if key is None and trace_id is None and self._random_partitions and wait < _NO_DEADLINE:
+            # What RequestMeta(...).to_message gives, without re-checking fixed fields.
+            routing_key = ""
+            message = Message(
+                body=encode(arrays),
+                headers={
+                    HEADER_ATTEMPT: 1,
+                    HEADER_DEADLINE: repr(deadline),
+                    HEADER_PLAN: self.plan.hash,
+                },
+                content_type=CONTENT_TYPE,
+                message_id=request_id,
+                correlation_id=request_id,
+                reply_to=self.reply_queue,
+            )
+        else:
+            routing_key = partition_routing_key(self.plan.partitioning, key)
+            meta = RequestMeta(
+                request_id=request_id,
+                reply_to=self.reply_queue,
+                deadline=deadline,
+                plan_hash=self.plan.hash,
+                trace_id=trace_id,
+                key=key,
+            )
+            message = meta.to_message(encode(arrays))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         self._pending[request_id] = future
         # A timer instead of asyncio.wait_for: one callback, no extra task per request.
         expiry = loop.call_later(wait, _expire, future, request_id, wait)
         try:
-            await transport.publish(
-                self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
-            )
+            await transport.publish(self.topology.input_exchange, message, routing_key)
             self._sent += 1
             return await future
         except ConveyorError:

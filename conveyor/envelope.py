@@ -138,19 +138,27 @@ class RequestMeta:
         attempt = _header(h, HEADER_ATTEMPT)
         trace = _header(h, HEADER_TRACE)
         key = _header(h, HEADER_KEY)
-        return cls(
-            request_id=_short_str("message_id", raw_id, allow_empty=False),
-            reply_to=(
+        # Each field is checked as it is read: build without __post_init__'s second pass.
+        meta = object.__new__(cls)
+        for name, value in (
+            ("request_id", _short_str("message_id", raw_id, allow_empty=False)),
+            (
+                "reply_to",
                 None
                 if message.reply_to is None
-                else _short_str("reply_to", message.reply_to, allow_empty=False)
+                else _short_str("reply_to", message.reply_to, allow_empty=False),
             ),
-            deadline=None if deadline is None else _number(HEADER_DEADLINE, deadline),
-            plan_hash=None if plan is None else _plan_hash(HEADER_PLAN, plan),
-            attempt=1 if attempt is None else _attempt(HEADER_ATTEMPT, attempt),
-            trace_id=None if trace is None else _short_str(HEADER_TRACE, trace, allow_empty=False),
-            key=None if key is None else _short_str(HEADER_KEY, key, allow_empty=True),
-        )
+            ("deadline", None if deadline is None else _number(HEADER_DEADLINE, deadline)),
+            ("plan_hash", None if plan is None else _plan_hash(HEADER_PLAN, plan)),
+            ("attempt", 1 if attempt is None else _attempt(HEADER_ATTEMPT, attempt)),
+            (
+                "trace_id",
+                None if trace is None else _short_str(HEADER_TRACE, trace, allow_empty=False),
+            ),
+            ("key", None if key is None else _short_str(HEADER_KEY, key, allow_empty=True)),
+        ):
+            object.__setattr__(meta, name, value)
+        return meta
 
     def expired(self, now: float | None = None) -> bool:
         """True when the deadline has passed (never for a request without one)."""

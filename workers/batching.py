@@ -74,11 +74,13 @@ def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[s
             raise ValueError(
                 f"output {name!r} has shape {a.shape}; expected {total} rows to split per request"
             )
-    cuts = np.cumsum([0, *rows])
-    return [
-        {name: a[int(cuts[i]) : int(cuts[i + 1])] for name, a in outputs.items()}
-        for i in range(len(rows))
-    ]
+    pieces = []
+    start = 0
+    for n in rows:
+        end = start + n
+        pieces.append({name: a[start:end] for name, a in outputs.items()})
+        start = end
+    return pieces
 
 
 @dataclass

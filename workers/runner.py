@@ -239,8 +239,9 @@ class StageRunner:
         while True:
             items = await self.batcher.next_batch()
             live: list[Item] = []
+            now = time.time()
             for item in items:
-                if item.request.meta.expired():
+                if item.request.meta.expired(now):
                     self.counters.expired += 1
                     self.counters.in_flight -= 1
                     error = deadline_error(item.request.meta, f"stage {self.name!r}")

@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -107,6 +107,8 @@ class _ConsumerRecord:
     consumer: Consumer | None = None
     consuming: bool = False
     lots: set[Lot] = field(default_factory=set)
+    #: Called by each of its lots once settled (made once, not per delivery).
+    on_settled: Callable[[Lot], None] | None = None
     parked: list[Delivery] = field(default_factory=list)
     #: Set while no delivery of this queue is unsettled.
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -152,6 +154,8 @@ class StageWorker:
         self._replies: dict[str, tuple[str, ...]] = {}
         self._records: dict[str, _ConsumerRecord] = {}
         self.outbox = Outbox(transport, self.topology, plan.hash)
+        self._input_specs = {t.name: t for t in plan.inputs}
+        self._input_check = _TensorCheck(self._input_specs)
         self._batch_ids = itertools.count()
         self._open_lots = 0
         self._settled = asyncio.Event()
@@ -377,7 +381,7 @@ class StageWorker:
 
         return handle
 
-    def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
+    def _settled_callback(self, record: _ConsumerRecord) -> Callable[[Lot], None]:
         def settled(lot: Lot) -> None:
             record.lots.discard(lot)
             if not record.lots:
@@ -386,7 +390,12 @@ class StageWorker:
             if self._open_lots == 0:
                 self._settled.set()
 
-        lot = Lot(delivery, requests, settled)
+        return settled
+
+    def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
+        if record.on_settled is None:
+            record.on_settled = self._settled_callback(record)
+        lot = Lot(delivery, requests, record.on_settled)
         record.lots.add(lot)
         record.idle.clear()
         self._open_lots += 1
@@ -430,24 +439,38 @@ class StageWorker:
             return
         lot = self._lot(record, delivery, len(msg.requests))
         specs = {i.tensor.name: i.tensor for i in runner.spec.inputs if i.source == msg.source}
+        what = f"stage {runner.name!r} input from {msg.source!r}"
+        # The requests' rows share the message's dtypes and dims 1..n: check those once
+        # (per request only when a spec fixes the batch dimension itself).
+        per_request = any(_fixed(spec.shape[0]) for spec in specs.values() if spec.shape)
+        bad: CodecError | None = None
+        if not per_request:
+            try:
+                _check_tensors(msg.tensors, specs, what)
+            except CodecError as exc:
+                bad = exc
+        known_source = msg.source in runner.sources
         offset = 0
         for meta, rows in msg.requests:
             request = Request(meta, rows, lot.request())
             piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
             offset += rows
             error = self._admission_error(meta, msg.plan_hash)
-            if error is None and msg.source not in runner.sources:
+            if error is None and not known_source:
                 error = PlanError(f"stage {runner.name!r} does not read from {msg.source!r}")
             if error is not None:
                 await self._refuse(runner, request, error)
                 continue
             try:
-                _check_tensors(piece, specs, f"stage {runner.name!r} input from {msg.source!r}")
+                if bad is not None:
+                    raise bad
+                if per_request:
+                    _check_tensors(piece, specs, what)
             except CodecError as exc:
                 runner.counters.errors += 1
                 await self.fail(request, exc, Outcome.FAILED)
                 continue
-            await runner.submit_part(msg.source, Item(request, dict(piece)))
+            await runner.submit_part(msg.source, Item(request, piece))
         if runner.is_join:
             await self._fit_join_window(record, runner)
 
@@ -503,10 +526,10 @@ class StageWorker:
             log.warning("dead-lettering an unreadable message: %s", error)
         await lot.done(Outcome.FAILED)
 
-    def _model_inputs(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        specs = {t.name: t for t in self.plan.inputs}
-        _check_tensors(tensors, specs, "request")
-        return dict(tensors)
+    def _model_inputs(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._input_check.passes(tensors):
+            _check_tensors(tensors, self._input_specs, "request")  # raises, naming why
+        return tensors
 
     # -- building -------------------------------------------------------------------------
     async def _build_runners(self) -> None:
@@ -679,6 +702,38 @@ def _check_tensors(
         raise CodecError(f"{what} has unknown tensor(s) {extra}; expected {sorted(specs)}")
     for name, array in tensors.items():
         wire.check_tensor(name, array, specs[name])
+
+
+def _fixed(dim: int | str) -> bool:
+    return isinstance(dim, int) and dim >= 0
+
+
+class _TensorCheck:
+    """The common case of ``_check_tensors`` in a few comparisons (True: all match)."""
+
+    def __init__(self, specs: Mapping[str, TensorSpec]) -> None:
+        self._names = set(specs)
+        self._checks = [
+            (
+                name,
+                np.dtype(spec.dtype),
+                len(spec.shape),
+                [(axis, d) for axis, d in enumerate(spec.shape) if _fixed(d)],
+            )
+            for name, spec in specs.items()
+        ]
+
+    def passes(self, tensors: Mapping[str, np.ndarray]) -> bool:
+        if tensors.keys() != self._names:
+            return False
+        for name, dtype, rank, fixed in self._checks:
+            array = tensors[name]
+            if array.dtype != dtype or array.ndim != rank:
+                return False
+            for axis, size in fixed:
+                if array.shape[axis] != size:
+                    return False
+        return True
 
 
 def _rows(tensors: Mapping[str, np.ndarray]) -> int:
