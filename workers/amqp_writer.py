@@ -19,6 +19,8 @@ from aio_pika import RobustConnection
 from aiormq.connection import TCPTransportFactory
 from yarl import URL
 
+#: Writes at least this large go out at once (after what is pending), without a copy.
+DIRECT_WRITE_BYTES = 16 * 1024
 #: The StreamReader buffer limit asyncio.open_connection uses.
 _READ_LIMIT = 2**16
 
@@ -38,6 +40,11 @@ class CoalescingWriter(asyncio.StreamWriter):
         self._loop_ref = loop
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) >= DIRECT_WRITE_BYTES:
+            # Large frames (tensors) gain nothing from joining and would cost a copy.
+            self.flush()
+            super().write(data)
+            return
         if not self._pending:
             self._loop_ref.call_soon(self.flush)
         self._pending.append(bytes(data))
