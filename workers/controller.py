@@ -50,7 +50,7 @@ from conveyor.control import (
     encode_partition_map,
 )
 from conveyor.errors import ConfigError, ConveyorError, TransportClosed, TransportError
-from conveyor.plan import Plan
+from conveyor.plan import MODEL_INPUT, Plan
 from conveyor.topology import Topology, initial_bindings
 from conveyor.transport import Consumer, Delivery, Message, QueueSpec, QueueStats, Transport
 from workers.control_agent import declare_control_exchange
@@ -63,6 +63,7 @@ from workers.policies import (
     PolicyState,
     SetPrefetch,
     decide,
+    message_rows,
     stage_loads,
 )
 from workers.topology_setup import stage_queues
@@ -135,6 +136,7 @@ class Controller:
         self.decisions: list[LoggedDecision] = []
         self.queue_stats: dict[str, QueueStats] = {}
         self._policy_state = PolicyState()
+        self._feeds = self._stage_feeds()
         self._initial = self._initial_partitions()
         self.partitions: dict[str, str] = dict(self._initial)
         self.epoch = 0
@@ -258,6 +260,20 @@ class Controller:
             for key in keys
         }
 
+    def _stage_feeds(self) -> dict[str, tuple[str, ...]]:
+        """Stage -> the stages whose batches its queue messages carry (a worker publishes a
+        whole batch in one message; the model input reaches a later stage in the batches
+        of the first stage's ingress). The first stage reads single requests."""
+        first = self.plan.stages[0].name
+        feeds: dict[str, tuple[str, ...]] = {}
+        for spec in self.plan.stages:
+            if spec.name == first:
+                continue
+            srcs = dict.fromkeys(first if i.source == MODEL_INPUT else i.source
+                                 for i in spec.inputs)
+            feeds[spec.name] = tuple(srcs)
+        return feeds
+
     def queue_stages(self) -> dict[str, str]:
         """Every queue the plan's stages read, with the stage it feeds."""
         out = {q: s.name for s in self.plan.stages for q in stage_queues(self.plan, s)}
@@ -316,6 +332,7 @@ class Controller:
             ),
             partitions=dict(self.partitions),
             busy_workers=frozenset(p.command.worker_id for p in self.pending.values()),
+            rows_per_message=message_rows(self.workers, queue_stage, self._feeds),
         )
         decisions, self._policy_state = decide(self.policy, obs, self._policy_state)
         for d in decisions:

@@ -126,6 +126,9 @@ class Observation:
     partitions: Mapping[str, str] = field(default_factory=dict)
     #: Workers with commands sent but not yet acknowledged: left alone this period.
     busy_workers: frozenset[str] = frozenset()
+    #: queue -> requests one of its messages carries (a stage publishes a whole batch in
+    #: one message to the next stage; ``message_rows``); 1 for a queue not listed.
+    rows_per_message: Mapping[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,10 +210,13 @@ class PolicyState:
 @dataclass(frozen=True)
 class StageLoad:
     stage: str
+    #: Requests waiting in its queues (messages x the requests each carries).
     depth: int
     consumers: tuple[str, ...]
     #: Sum of the measured capacities (requests/s) of its consumers.
     capacity: float
+    #: Messages waiting in its queues (what the broker counts).
+    messages: int = 0
 
     @property
     def drain_s(self) -> float:
@@ -241,7 +247,9 @@ def stage_loads(obs: Observation) -> dict[str, StageLoad]:
         stages.setdefault(s, []).append(q)
     loads = {}
     for stage, queues in stages.items():
-        depth = sum(obs.queues[q].depth for q in queues if q in obs.queues)
+        messages = sum(obs.queues[q].depth for q in queues if q in obs.queues)
+        depth = round(sum(obs.queues[q].depth * obs.rows_per_message.get(q, 1.0)
+                          for q in queues if q in obs.queues))
         workers = sorted(
             {
                 wid
@@ -250,8 +258,38 @@ def stage_loads(obs: Observation) -> dict[str, StageLoad]:
             }
         )
         capacity = sum(worker_capacity(obs.workers[w], stage) for w in workers)
-        loads[stage] = StageLoad(stage, depth, tuple(workers), capacity)
+        loads[stage] = StageLoad(stage, depth, tuple(workers), capacity, messages)
     return loads
+
+
+def message_rows(
+    workers: Mapping[str, Heartbeat],
+    queue_stage: Mapping[str, str],
+    feeds: Mapping[str, tuple[str, ...]],
+) -> dict[str, float]:
+    """Requests per message of each queue, for queues whose messages carry batches.
+
+    ``feeds`` maps a stage to the stages whose batches its queue messages carry (empty
+    for a stage fed one request per message: the input shards). A producer's batch size
+    is the mean over the workers running it (``rows / batches``); a join queue gets one
+    message per batch from each of its producers, so it carries ``1 / sum(1 / b)``
+    requests per message. A producer nobody reports on counts as 1 request a message.
+    """
+    batch: dict[str, float] = {}
+    for stage in {p for ps in feeds.values() for p in ps}:
+        rows = batches = 0.0
+        for hb in workers.values():
+            st = hb.stats.stage(stage)
+            if st is not None and st.batches > 0 and st.mean_batch > 0:
+                rows += st.mean_batch * st.batches
+                batches += st.batches
+        batch[stage] = max(1.0, rows / batches) if batches else 1.0
+    out = {}
+    for q, stage in queue_stage.items():
+        producers = feeds.get(stage, ())
+        if producers:
+            out[q] = 1.0 / sum(1.0 / batch[p] for p in producers)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,10 +368,13 @@ def proportional_prefetch(
                 continue  # not measured yet: keep what it has
             lo, hi = cfg.prefetch_bounds(c.stage)
             st = hb.stats.stage(c.stage)
-            batch = math.ceil(st.mean_batch) if st is not None else 1
+            # prefetch counts messages; a stage queue's message carries a whole batch (a
+            # join queue's request comes in one message per source: less than 1)
+            rows = obs.rows_per_message.get(c.queue, 1.0) or 1.0
+            batch = math.ceil(st.mean_batch / rows) if st is not None else 1
             # never below the batches it makes: a smaller prefetch would shrink them; and
             # never below what the stage needs to work at all (a join's parts)
-            target = min(hi, max(lo, batch, math.ceil(rate * cfg.horizon_s)))
+            target = min(hi, max(lo, batch, math.ceil(rate * cfg.horizon_s / rows)))
             target = max(target, cfg.prefetch_floor(c.stage))
             delta = abs(target - c.prefetch)
             in_bounds = lo <= c.prefetch <= hi and c.prefetch >= cfg.prefetch_floor(c.stage)
@@ -346,8 +387,9 @@ def proportional_prefetch(
             decisions.append(
                 SetPrefetch(
                     wid, c.queue, c.stage, target, c.prefetch,
-                    f"rate {rate:.1f} req/s x horizon {cfg.horizon_s:g} s -> {target} "
-                    f"(bounds [{lo}, {hi}], was {c.prefetch})",
+                    f"rate {rate:.1f} req/s x horizon {cfg.horizon_s:g} s"
+                    + (f" / {rows:.1f} requests per message" if rows != 1.0 else "")
+                    + f" -> {target} (bounds [{lo}, {hi}], was {c.prefetch})",
                 )
             )
     return decisions, replace(state, prefetch_changed=changed)
@@ -444,7 +486,8 @@ def flex_moves(
         decisions.append(
             MoveWorker(
                 wid, donor_stages, (stage,), False,
-                f"stage {stage!r} backlog {load.depth} msgs at {load.capacity:.1f} req/s "
+                f"stage {stage!r} backlog {load.depth} requests ({load.messages} msgs) at "
+                f"{load.capacity:.1f} req/s "
                 f"= drain {load.drain_s:.2f} s (> {cfg.backlog_high_s:g} s for {high[stage]} "
                 f"periods, growing for {grow[stage]}); {wid} idle on {list(donor_stages)}",
             )

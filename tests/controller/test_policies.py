@@ -21,6 +21,7 @@ from workers.policies import (
     decide,
     flex_moves,
     key_rates,
+    message_rows,
     partition_moves,
     proportional_prefetch,
     stage_loads,
@@ -276,6 +277,50 @@ def test_stage_loads_figures() -> None:
     assert s2.drain_s == pytest.approx(2.0)
     empty = replace(o, workers={})
     assert math.isinf(stage_loads(empty)["s2"].drain_s)
+
+
+def batched(h: Heartbeat, stage: str, mean_batch: float) -> Heartbeat:
+    """``h`` with its figures on ``stage`` made of batches of ``mean_batch`` rows."""
+    stages = tuple(replace(st, mean_batch=mean_batch) if st.stage == stage else st
+                   for st in h.stats.stages)
+    return replace(h, stats=replace(h.stats, stages=stages))
+
+
+def test_a_stage_queue_message_carries_a_batch_of_requests() -> None:
+    """Real workers publish one message per batch to the next stage: 30 messages of 8
+    requests are 240 requests (4.8 s at 50 req/s), a backlog; counted as 30 requests
+    (0.6 s) it was not."""
+    o, ws = backlog_scene(30)
+    ws = [batched(w, "s1", 8.0) if w.worker_id in ("w1", "flex") else w for w in ws]
+    feeds = {"s2": ("s1",), "s3": ("s2",)}
+    rows = message_rows({w.worker_id: w for w in ws}, o.queue_stage, feeds)
+    assert rows["q.s2"] == pytest.approx(8.0) and rows["q.s3"] == pytest.approx(1.0)
+    assert "q.s1" not in rows  # the first stage reads one request per message
+    o = replace(o, workers={w.worker_id: w for w in ws}, rows_per_message=rows)
+    s2 = stage_loads(o)["s2"]
+    assert (s2.depth, s2.messages) == (240, 30) and s2.drain_s == pytest.approx(4.8)
+    cfg = PolicyConfig(confirm_periods=1)
+    moves = run_flex(cfg, [o])[0][0]
+    assert [(m.worker_id, m.to_stages) for m in moves] == [("flex", ("s2",))]
+    assert "240 requests (30 msgs)" in moves[0].reason
+    assert run_flex(cfg, [replace(o, rows_per_message={})])[0] == [[]]
+
+
+def test_a_join_queue_carries_one_message_per_producer_batch() -> None:
+    ws = {"a": batched(hb("a", {"q.a": ("a", 10)}, {"a": 0.01}), "a", 8.0),
+          "b": batched(hb("b", {"q.b": ("b", 10)}, {"b": 0.01}), "b", 2.0)}
+    rows = message_rows(ws, {"q.j": "j"}, {"j": ("a", "b")})
+    assert rows == {"q.j": pytest.approx(1 / (1 / 8 + 1 / 2))}
+    assert message_rows({}, {"q.j": "j"}, {"j": ("a", "b")}) == {"q.j": pytest.approx(0.5)}
+
+
+def test_prefetch_counts_messages_of_batches() -> None:
+    """A consumer of 100 req/s holds 0.2 s of work: 20 requests, 3 messages of 8."""
+    w = batched(hb("w", {"q.s": ("s", 40)}, {"s": 0.01}), "s", 8.0)
+    o = obs([w], {"q.s": 0}, rows_per_message={"q.s": 8.0})
+    ds, _ = proportional_prefetch(PolicyConfig(horizon_s=0.2), o, PolicyState())
+    assert [(d.prefetch, d.previous) for d in ds if isinstance(d, SetPrefetch)] == [(3, 40)]
+    assert "8.0 requests per message" in ds[0].reason
 
 
 # -- partitions -------------------------------------------------------------------------
