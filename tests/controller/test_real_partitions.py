@@ -128,7 +128,7 @@ async def test_real_hot_partition_moves_to_the_lighter_shard(
 
         # same key -> one shard at any moment: in publish order, a key's shard changes
         # once per move of its partition and never goes back
-        shard_of = {}
+        shard_of: dict[str, str] = {}
         for s in pool.seen:
             if s.queue in (q0, q1):
                 shard_of.setdefault(s.request_id, s.queue)
