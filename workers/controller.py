@@ -114,6 +114,7 @@ class Controller:
         reconcile_every: int = 10,
         report_every: int = 10,
         clock: Callable[[], float] = time.time,
+        clock_skew_s: float = 1.0,
     ) -> None:
         if period <= 0:
             raise ConfigError(f"controller period must be > 0, got {period}")
@@ -126,6 +127,8 @@ class Controller:
         self.reconcile_every = reconcile_every
         self.report_every = report_every
         self.clock = clock
+        #: How far a worker's clock may lag the controller's before its heartbeats look old.
+        self.clock_skew_s = clock_skew_s
         self.state = ControllerState.NEW
         self.metrics: Counter[str] = Counter()
         #: Latest heartbeat and its arrival time per worker (live ones only after a step).
@@ -207,12 +210,26 @@ class Controller:
             log.warning("controller: dropped an unreadable heartbeat: %s", exc)
             await delivery.reject()
             return
+        now = self.clock()
+        # A heartbeat's age by its own timestamp: the queue keeps heartbeats for a while,
+        # so a restarted controller reads those of workers that died before it started.
+        age = max(0.0, now - hb.sent_at - self.clock_skew_s)
+        if age > self.expiry_s(hb):
+            self.metrics["heartbeats_stale"] += 1
+            log.debug("controller: ignored a heartbeat of %s sent %.1f s ago", hb.worker_id,
+                      now - hb.sent_at)
+            await delivery.ack()
+            return
         old = self.workers.get(hb.worker_id)
         if old is None or old.incarnation != hb.incarnation or hb.seq > old.seq:
             self.workers[hb.worker_id] = hb
-            self._seen_at[hb.worker_id] = self.clock()
+            self._seen_at[hb.worker_id] = now - age
         self.metrics["heartbeats"] += 1
         await delivery.ack()
+
+    def expiry_s(self, hb: Heartbeat) -> float:
+        """A worker silent this long is gone (three of its periods, or of ours)."""
+        return 3 * max(hb.period_s, self.period)
 
     async def _load_partition_map(self) -> None:
         """Read the retained map back (without consuming it: the delivery is never settled
@@ -345,7 +362,7 @@ class Controller:
     def _expire_workers(self, now: float) -> None:
         for wid in list(self.workers):
             hb = self.workers[wid]
-            if now - self._seen_at[wid] > 3 * max(hb.period_s, self.period):
+            if now - self._seen_at[wid] > self.expiry_s(hb):
                 log.info("controller: worker %s is gone (no heartbeat for %.1f s)",
                          wid, now - self._seen_at[wid])
                 self.metrics["workers_lost"] += 1
