@@ -13,7 +13,11 @@ command redelivered after a reconnect is recognised by its id and not applied tw
 
 The command queue is not exclusive so that it survives a reconnect of the worker's
 connection; it has a message TTL so that orders for a worker that is gone expire, and the
-agent deletes it when it stops in order.
+agent deletes it when it stops in order. A worker that crashes leaves it behind: the
+controller deletes the command queue of a worker it declares lost once the queue has no
+consumer. Should that happen to a worker that was only cut off for a while (or should
+anyone delete the queue), the agent notices within ``queue_check_every`` periods and
+declares, binds and consumes it again.
 """
 
 from __future__ import annotations
@@ -36,7 +40,13 @@ from conveyor.control import (
     decode_command,
     encode_heartbeat,
 )
-from conveyor.errors import ConfigError, ConveyorError, TransportClosed, TransportError
+from conveyor.errors import (
+    ChannelBroken,
+    ConfigError,
+    ConveyorError,
+    TransportClosed,
+    TransportError,
+)
 from conveyor.topology import Topology
 from conveyor.transport import (
     Consumer,
@@ -54,6 +64,8 @@ log = logging.getLogger(__name__)
 ACK_WINDOW = 64
 #: Commands older than this are dropped by the broker (a worker that is gone).
 COMMAND_TTL_MS = 60_000
+#: Every this many heartbeats the agent checks that its command queue still exists.
+QUEUE_CHECK_EVERY = 5
 
 
 def command_queue(topology: Topology, worker_id: str) -> str:
@@ -85,9 +97,12 @@ class ControlAgent:
         period: float = 1.0,
         *,
         durable: bool = False,
+        queue_check_every: int = QUEUE_CHECK_EVERY,
     ) -> None:
         if period <= 0:
             raise ConfigError(f"heartbeat period must be > 0, got {period}")
+        if queue_check_every < 1:
+            raise ConfigError(f"queue_check_every must be at least 1, got {queue_check_every}")
         self.transport = transport
         self.topology = topology
         self.worker = worker
@@ -97,6 +112,9 @@ class ControlAgent:
         self.incarnation = uuid.uuid4().hex[:12]
         self.state = AgentState.NEW
         self.heartbeats_sent = 0
+        self.queue_check_every = queue_check_every
+        #: Times the command queue was found gone and made again.
+        self.queue_recreated = 0
         self._seq = 0
         self._results: deque[CommandResult] = deque(maxlen=ACK_WINDOW)
         self._applied: set[str] = set()
@@ -117,6 +135,11 @@ class ControlAgent:
         if self.state is not AgentState.NEW:
             raise TransportClosed(f"control agent of {self.worker_id} is {self.state.value}")
         await declare_control_exchange(self.transport, self.topology, durable=self.durable)
+        await self._open_queue()
+        self.state = AgentState.RUNNING
+        self._task = asyncio.create_task(self._beat(), name=f"heartbeat-{self.worker_id}")
+
+    async def _open_queue(self) -> None:
         await self.transport.declare_queue(
             QueueSpec(self.queue, durable=self.durable, message_ttl_ms=COMMAND_TTL_MS)
         )
@@ -124,8 +147,26 @@ class ControlAgent:
             self.queue, self.topology.control_exchange, self.topology.command_key(self.worker_id)
         )
         self._consumer = await self.transport.consume(self.queue, self._on_command, prefetch=16)
-        self.state = AgentState.RUNNING
-        self._task = asyncio.create_task(self._beat(), name=f"heartbeat-{self.worker_id}")
+
+    async def ensure_queue(self) -> bool:
+        """Make the command queue and its consumer again if the queue is gone (deleted by
+        a controller that took this worker for lost while its connection was down, or by
+        hand). True when it had to. A connection that is down is left to reconnect."""
+        try:
+            await self.transport.queue_stats(self.queue)
+            return False
+        except (TransportClosed, ChannelBroken):
+            return False
+        except TransportError as exc:
+            log.warning("control agent %s: command queue %s is gone (%s); declaring it again",
+                        self.worker_id, self.queue, exc)
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            with contextlib.suppress(TransportError):
+                await old.cancel()
+        await self._open_queue()
+        self.queue_recreated += 1
+        return True
 
     async def stop(self, *, delete_queue: bool = True) -> None:
         """Stop heartbeats and commands; the worker keeps its last settings."""
@@ -180,6 +221,8 @@ class ControlAgent:
         while self.state is AgentState.RUNNING:
             try:
                 await self.send_heartbeat()
+                if self.heartbeats_sent % self.queue_check_every == 0:
+                    await self.ensure_queue()
             except TransportClosed:
                 log.info("control agent %s: transport closed, heartbeats stop", self.worker_id)
                 return

@@ -53,7 +53,7 @@ from conveyor.errors import ConfigError, ConveyorError, TransportClosed, Transpo
 from conveyor.plan import MODEL_INPUT, Plan
 from conveyor.topology import Topology, initial_bindings
 from conveyor.transport import Consumer, Delivery, Message, QueueSpec, QueueStats, Transport
-from workers.control_agent import declare_control_exchange
+from workers.control_agent import command_queue, declare_control_exchange
 from workers.policies import (
     Decision,
     MovePartition,
@@ -319,7 +319,8 @@ class Controller:
     async def step(self) -> list[Decision]:
         """One period: observe, decide, apply. Returns the decisions taken."""
         now = self.clock()
-        self._expire_workers(now)
+        for wid in self._expire_workers(now):
+            await self.delete_command_queue(wid)
         self._check_acks(now)
         new = {(w, hb.incarnation) for w, hb in self.workers.items()} - self._incarnations
         self._incarnations |= new
@@ -359,7 +360,9 @@ class Controller:
             self.report(obs)
         return decisions
 
-    def _expire_workers(self, now: float) -> None:
+    def _expire_workers(self, now: float) -> list[str]:
+        """Forget the workers silent for longer than ``expiry_s``; returns them."""
+        lost = []
         for wid in list(self.workers):
             hb = self.workers[wid]
             if now - self._seen_at[wid] > self.expiry_s(hb):
@@ -367,6 +370,26 @@ class Controller:
                          wid, now - self._seen_at[wid])
                 self.metrics["workers_lost"] += 1
                 del self.workers[wid], self._seen_at[wid]
+                lost.append(wid)
+        return lost
+
+    async def delete_command_queue(self, worker_id: str) -> bool:
+        """Delete a lost worker's command queue if nobody consumes it (a crashed worker
+        leaves it behind). A worker that was only cut off declares it again when it finds
+        it gone (``ControlAgent.ensure_queue``). True when deleted."""
+        queue = command_queue(self.topology, worker_id)
+        try:
+            if (await self.transport.queue_stats(queue)).consumers > 0:
+                return False
+            await self.transport.delete_queue(queue)
+        except TransportClosed:
+            raise
+        except TransportError as exc:  # already gone, or the broker is unreachable now
+            log.debug("controller: command queue %s not deleted: %s", queue, exc)
+            return False
+        self.metrics["command_queues_deleted"] += 1
+        log.info("controller: deleted the command queue of lost worker %s", worker_id)
+        return True
 
     def _check_acks(self, now: float) -> None:
         for wid, hb in self.workers.items():
