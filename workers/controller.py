@@ -8,7 +8,10 @@ What it owns and how it survives restarts (docs/scheduling.md):
 
 * Heartbeats arrive on ``<control>.controller`` (bound to ``heartbeat.*``, message TTL
   10 s, so a restarted controller finds recent heartbeats at once). Its view of the
-  workers is rebuilt from them, never remembered.
+  workers is rebuilt from them, never remembered. A heartbeat's age is judged by its own
+  timestamp (``clock_skew_s`` forgiven), so a dead worker's leftovers do not look alive.
+* A worker silent for three periods is dropped, and its command queue deleted if nobody
+  consumes it (a crash leaves it behind; a live agent declares it again).
 * The partition map (input routing key -> shard queue) is the one thing the broker cannot
   tell back (the Transport protocol has no "list bindings"). After every move the
   controller publishes the whole map on the control exchange (``partitions``) into the

@@ -18,10 +18,12 @@ from tests.controller.test_partitions import keys_on
 from tests.transport.conftest import BrokerHandle
 from workers.policies import MovePartition
 
-#: One stage that lifts each row to 1024 columns and multiplies it 60 times by an identity:
-#: about 10 ms a request. Batches of one, so a request costs the same on a busy shard
-#: (full batches) and on a quiet one, and the measured capacities compare.
-HEAVY = {0: (1024, 60)}
+#: One stage that lifts each row to 1024 columns and multiplies it 200 times by an identity:
+#: about 35 ms a request, so a shard serves ~30 req/s, a load the test's one event loop
+#: generates and serves with room to spare on a busy machine. Batches of one, so a
+#: request costs the same on a busy shard (full batches) and on a quiet one, and the
+#: measured capacities compare.
+HEAVY = {0: (1024, 200)}
 
 
 async def steady(pool: RealPool, rates: dict[str, float], stop: asyncio.Event,
@@ -91,7 +93,7 @@ async def test_real_hot_partition_moves_to_the_lighter_shard(
         load = asyncio.create_task(steady(pool, rates, stop, xs, 2))
 
         async def ramp() -> None:
-            while c.metrics["partition_moves"] == 0 and rates[hot[0]] < 2 * cap:
+            while c.metrics["partition_moves"] == 0 and rates[hot[0]] < 2 * max(capacities()):
                 await asyncio.sleep(0.5)  # load generation pace, not synchronisation
                 for k in hot:
                     rates[k] *= 1.2

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conveyor.control import Command, CommandKind, Controllable
+from conveyor.errors import ConveyorError
 from conveyor.topology import Topology
 from tests.transport.conftest import BrokerHandle
 from tests.workers.harness import Harness
@@ -61,7 +62,9 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         ids = [await client.send({"x": x}) for x in xs]
         await client.wait_for(ids, within=30)
         for rid, x in zip(ids, xs, strict=True):
-            np.testing.assert_allclose(client.one(rid)["y"], chain_expected(x), rtol=1e-5)
+            got = client.one(rid)
+            assert not isinstance(got, ConveyorError), got
+            np.testing.assert_allclose(got["y"], chain_expected(x), rtol=1e-5)
 
         # heartbeats carry the real worker's figures
         c = controller
