@@ -129,7 +129,8 @@ async def test_real_hot_partition_moves_to_the_lighter_shard(
         assert pool.client.dead == []
 
         # same key -> one shard at any moment: in publish order, a key's shard changes
-        # once per move of its partition and never goes back
+        # once per move of its partition and never goes back (a move made after the key's
+        # last request shows in no path: a prefix of the moves is what a key can show)
         shard_of: dict[str, str] = {}
         for s in pool.seen:
             if s.queue in (q0, q1):
@@ -141,9 +142,11 @@ async def test_real_hot_partition_moves_to_the_lighter_shard(
                               key=lambda i: pool.sent[i][1])
             shards = [shard_of[i] for i in in_order]
             path = [q for q, _ in itertools.groupby(shards)]
-            key_moves = [m for m in moves if m.routing_key == rk]
-            assert path == [q0 if key in hot else q1] + [m.to_queue for m in key_moves], (
-                key, path)
+            planned = [q0 if key in hot else q1] + [m.to_queue for m in moves
+                                                     if m.routing_key == rk]
+            assert path == planned[: len(path)], (key, path, planned)
+            if rk == first.routing_key:  # 60 requests went out after the first move
+                assert path[-1] == q1, (key, path)
         print(f"\n[{broker.kind}] real shards: capacity {cap:.0f} req/s; {first.routing_key} "
               f"moved: {first.reason}; {len(ids)} requests, {pool.unroutable_retries} "
               f"publishes retried in the move gap; {c.metrics_line()}")
