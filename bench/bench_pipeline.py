@@ -12,6 +12,9 @@ models, is never loaded in a measured process):
 * rabbitmq: one ``python -m conveyor worker`` process per stage (threads split so the
   total matches the baseline) and the client in the measuring process.
 
+"vs base" is the median over rounds of each run's throughput divided by the mean of
+the two baselines measured just before and after it (the machine is shared).
+
 Targets (issue 4): W2 >= 90% of the baseline on brokerless, >= 80% on RabbitMQ;
 W1 >= 10,000 requests/s on brokerless, >= 2,000 on RabbitMQ.
 """
@@ -49,6 +52,8 @@ TARGETS = {
     ("W1", "rabbitmq"): ("req/s", 2_000.0),
     ("W2", "brokerless"): ("of baseline", 0.90),
     ("W2", "rabbitmq"): ("of baseline", 0.80),
+    ("W1", "rabbitmq-1proc"): ("req/s", 2_000.0),
+    ("W2", "rabbitmq-1proc"): ("of baseline", 0.80),
 }
 
 
@@ -103,9 +108,30 @@ def make_requests(plan: Any, n: int = 64) -> list[dict[str, np.ndarray]]:
     return [{spec.name: rng.random((1, *shape), dtype=np.float32)} for _ in range(n)]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/<pid>/stat``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid() -> int | None:
+    """RabbitMQ's Erlang VM on this machine, if any (its CPU counts for the pipeline)."""
+    out = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True,
+                         check=False).stdout.split()
+    return int(out[0]) if out else None
+
+
 async def drive(client: Any, requests: list[dict[str, np.ndarray]], seconds: float,
-                warmup: int) -> dict[str, float]:
-    """``CONCURRENCY`` lanes of batch-1 requests for ``seconds`` after ``warmup`` requests."""
+                warmup: int, pids: dict[str, int] | None = None) -> dict[str, Any]:
+    """``CONCURRENCY`` lanes of batch-1 requests for ``seconds`` after ``warmup`` requests.
+
+    Also the CPU milliseconds per request of this process and of ``pids`` during the
+    measured seconds: unlike throughput, it hardly depends on what else the machine runs.
+    """
     async def lanes(until: float | None, count: int | None, lat: list[float]) -> None:
         sent = 0
 
@@ -126,10 +152,13 @@ async def drive(client: Any, requests: list[dict[str, np.ndarray]], seconds: flo
         del tasks
 
     await lanes(None, warmup, [])
+    watched = {"this process": os.getpid(), **(pids or {})}
+    cpu_before = {k: cpu_seconds(p) for k, p in watched.items()}
     latencies: list[float] = []
     start = time.perf_counter()
     await lanes(start + seconds, None, latencies)
     elapsed = time.perf_counter() - start
+    cpu = {k: cpu_seconds(p) - cpu_before[k] for k, p in watched.items()}
     lat = np.array(latencies)
     return {
         "requests": float(len(lat)),
@@ -137,6 +166,7 @@ async def drive(client: Any, requests: list[dict[str, np.ndarray]], seconds: flo
         "throughput": len(lat) / elapsed,
         "p50_ms": float(np.percentile(lat, 50) * 1e3),
         "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "cpu_ms_per_request": {k: round(v * 1e3 / len(lat), 3) for k, v in cpu.items()},
     }
 
 
@@ -158,6 +188,7 @@ def leg_baseline(cache: Path, name: str, seconds: float) -> dict[str, Any]:
         session.run(None, feed)
     batches = 0
     lat: list[float] = []
+    cpu_start = cpu_seconds(os.getpid())
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
@@ -165,8 +196,10 @@ def leg_baseline(cache: Path, name: str, seconds: float) -> dict[str, Any]:
         lat.append(time.perf_counter() - t)
         batches += 1
     elapsed = time.perf_counter() - start
+    cpu_ms = (cpu_seconds(os.getpid()) - cpu_start) * 1e3 / (batches * CONCURRENCY)
     return {
         "throughput": batches * CONCURRENCY / elapsed,
+        "cpu_ms_per_request": {"this process": round(cpu_ms, 3)},
         "p50_ms": float(np.percentile(lat, 50) * 1e3),
         "p99_ms": float(np.percentile(lat, 99) * 1e3),
         "threads": threads,
@@ -237,7 +270,8 @@ def isolated_copy(plan: Any, directory: Path) -> Any:
 
 
 def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: int | None,
-                 max_delay_ms: float | None, batch_wait: str | None = None) -> dict[str, Any]:
+                 max_delay_ms: float | None, batch_wait: str | None = None,
+                 one_process: bool = False) -> dict[str, Any]:
     from conveyor.client import connect
     from conveyor.plan import Plan
 
@@ -245,12 +279,17 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
         plan = isolated_copy(Plan.load(cache / name / "plan"), Path(tmp) / "plan")
         threads = max(1, (os.cpu_count() or 1) // len(plan.stages))
         batch = pipeline_batch(plan, max_batch, name)
+        # One worker process per stage, or (one_process) one hosting them all, which hands
+        # batches between its stages in memory: only requests and replies cross RabbitMQ.
+        groups = ({"all": plan.stage_names} if one_process
+                  else {stage: [stage] for stage in plan.stage_names})
         procs = {}
-        for stage in plan.stage_names:
+        for stage, hosted in groups.items():
             with (Path(tmp) / f"{stage}.log").open("wb") as log:
                 procs[stage] = subprocess.Popen(
                     [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
-                     "--stage", stage, "--broker", url, "--device", "cpu",
+                     *[a for h in hosted for a in ("--stage", h)],
+                     "--broker", url, "--device", "cpu",
                      "--threads", str(threads), "--max-batch", str(batch),
                      *(["--max-delay-ms", str(max_delay_ms)] if max_delay_ms is not None else []),
                      *(["--batch-wait", batch_wait] if batch_wait is not None else [])],
@@ -259,9 +298,14 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
         rss: dict[str, float] = {}
         try:
             async def run() -> dict[str, Any]:
+                pids = {f"worker {k}": p.pid for k, p in procs.items()}
+                broker = broker_pid()
+                if broker is not None:
+                    pids["rabbitmq"] = broker
                 async with connect(url, plan=plan, timeout=60.0) as client:
                     result: dict[str, Any] = await drive(
-                        client, make_requests(plan), seconds, warmup=200 if name == "W1" else 32
+                        client, make_requests(plan), seconds,
+                        warmup=200 if name == "W1" else 32, pids=pids,
                     )
                     return result
 
@@ -279,7 +323,7 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
             for proc in procs.values():
                 proc.wait(30)
             asyncio.run(_delete_topology(url, plan))
-            batches = worker_batches(Path(tmp), plan.stage_names)
+            batches = worker_batches(Path(tmp), list(groups))
     result["peak_rss_mib"] = rss
     result["stages"] = batches
     result["threads_per_worker"] = threads
@@ -338,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", default=os.environ.get("CONVEYOR_AMQP_URL",
                                                       "amqp://guest:guest@127.0.0.1:5672/"))
     p.add_argument("--no-rabbitmq", action="store_true")
+    p.add_argument("--rabbitmq-one-process", action="store_true",
+                   help="also run a RabbitMQ leg with every stage in one worker process")
     p.add_argument("--rounds", type=int, default=2,
                    help="pipeline runs per leg, each between baselines (2)")
     p.add_argument("--only", choices=sorted(WORKLOADS), action="append")
@@ -367,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.max_delay_ms, args.batch_wait)
         else:
             result = leg_rabbitmq(args.cache, args.workload, args.seconds, args.broker,
-                                  args.max_batch, args.max_delay_ms, args.batch_wait)
+                                  args.max_batch, args.max_delay_ms, args.batch_wait,
+                                  one_process=args.leg == "rabbitmq-1proc")
         print(json.dumps(result))
         return 0
 
@@ -385,17 +432,27 @@ def main(argv: list[str] | None = None) -> int:
     # The machine is shared and its load swings: each workload runs its legs in rounds
     # (baseline, brokerless, rabbitmq, ..., baseline), and the table shows medians.
     pipeline_legs = ["brokerless"] + ([] if args.no_rabbitmq else ["rabbitmq"])
+    if args.rabbitmq_one_process and not args.no_rabbitmq:
+        pipeline_legs.append("rabbitmq-1proc")
     results: dict[str, dict[str, Any]] = {}
     for w in workloads:
         runs: dict[str, list[dict[str, Any]]] = {}
         order = [*(["baseline", *pipeline_legs] * args.rounds), "baseline"]
         for leg in order:
-            extra = ["--broker", args.broker] if leg == "rabbitmq" else []
+            extra = ["--broker", args.broker] if leg.startswith("rabbitmq") else []
             r = run_leg(["--leg", leg, "--workload", w, *common, *extra])
             runs.setdefault(leg, []).append(r)
             print(f"  {w} {leg}: {r['throughput']:,.0f} req/s", flush=True)
+        bases = [r["throughput"] for r in runs["baseline"]]
         for leg, rs in runs.items():
             results[f"{w}/{leg}"] = median_run(rs)
+            if leg != "baseline":
+                # Round i ran between baselines i and i+1: the machine's load swings, so
+                # each run is compared with the baselines around it.
+                ratios = sorted(r["throughput"] / ((bases[i] + bases[i + 1]) / 2)
+                                for i, r in enumerate(rs))
+                results[f"{w}/{leg}"]["ratio_runs"] = ratios
+                results[f"{w}/{leg}"]["ratio"] = float(np.median(ratios))
     print_table(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -417,7 +474,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     for key, r in results.items():
         w, leg = key.split("/")
         base = results.get(f"{w}/baseline", {}).get("throughput")
-        ratio = r["throughput"] / base if base else float("nan")
+        ratio = r.get("ratio", r["throughput"] / base if base else float("nan"))
         target = TARGETS.get((w, leg))
         verdict = ""
         if target is not None:
@@ -433,6 +490,13 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
                 f"{k} {v['mean_batch']:.1f}" for k, v in r["stages"].items()) + "]"
         if "throughput_runs" in r:
             rss += "  [runs " + " / ".join(f"{t:,.0f}" for t in r["throughput_runs"]) + "]"
+        if "cpu_ms_per_request" in r:
+            cpu = r["cpu_ms_per_request"]
+            rss += f"  [CPU ms/req {sum(cpu.values()):.3f}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in cpu.items()) + "]"
+        if "ratio_runs" in r:
+            rss += "  [vs neighbouring baselines " + " / ".join(
+                f"{t:.0%}" for t in r["ratio_runs"]) + "]"
         print(f"{w:9} {leg:11} {r['throughput']:9,.0f} {ratio:8.0%} {r['p50_ms']:8.2f} "
               f"{r['p99_ms']:8.2f}  {verdict:18} {rss}")
 
