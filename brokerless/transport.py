@@ -1,11 +1,16 @@
 """``BrokerlessTransport``: the ``conveyor.transport.Transport`` protocol on a ``Broker``.
 
 One transport is one "connection". Handlers run as tasks, one per delivery; the
-consumer keeps a reference to each until it finishes. A handler that raises has its
-delivery rejected (dead-lettered when the queue has a dead-letter exchange) and the
-error logged; a handler that returns without settling leaves the delivery unacknowledged
-(it counts against the prefetch) until it is settled, or until its consumer is cancelled
-or its connection closes, when it goes back to the queue as redelivered.
+consumer keeps a reference to each until it finishes. A handler marked with
+``conveyor.eager.mark_eager`` runs its first step without a task of its own: the
+consumer's deliveries of one loop turn start in one callback, and only a handler that
+has to wait gets a task (to go on with); one that finishes at once costs no task.
+
+A handler that raises has its delivery rejected (dead-lettered when the queue has a
+dead-letter exchange) and the error logged; a handler that returns without settling
+leaves the delivery unacknowledged (it counts against the prefetch) until it is settled,
+or until its consumer is cancelled or its connection closes, when it goes back to the
+queue as redelivered.
 
 ``Consumer.cancel()`` stops deliveries at once, cancels the consumer's running handlers
 (except the one calling ``cancel``, which may still settle its own delivery) and returns
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from conveyor.eager import is_eager, step
 from conveyor.errors import ConfigError, TransportClosed, TransportError
 from conveyor.transport import (
     Consumer,
@@ -123,6 +130,12 @@ class BrokerlessConsumer:
         self._unsettled: dict[BrokerlessDelivery, None] = {}  # ordered set
         self._tasks: dict[asyncio.Task[None], BrokerlessDelivery] = {}
         self._delivered = 0
+        #: Eager handlers: deliveries whose handler starts in the next ``_start_waiting``.
+        self._eager = is_eager(handler)
+        self._waiting: deque[BrokerlessDelivery] = deque()
+        self._start_scheduled = False
+        #: The delivery whose eager handler is running its first step right now.
+        self._inline: BrokerlessDelivery | None = None
 
     @property
     def queue(self) -> str:
@@ -149,6 +162,7 @@ class BrokerlessConsumer:
         if self.state is not ConsumerState.ACTIVE:
             return
         self.stop()
+        self._waiting.clear()  # not started: like a task cancelled before its first step
         await finish_handlers(self._tasks, grace=0.0)
         self.finish()
         self._transport.forget(self)
@@ -164,6 +178,12 @@ class BrokerlessConsumer:
         delivery = BrokerlessDelivery(self, envelope)
         self._unsettled[delivery] = None
         self._delivered += 1
+        if self._eager:
+            self._waiting.append(delivery)
+            if not self._start_scheduled:
+                self._start_scheduled = True
+                asyncio.get_running_loop().call_soon(self._start_waiting)
+            return
         task = asyncio.get_running_loop().create_task(
             self._run(delivery), name=f"brokerless:{self.queue}:{self._delivered}"
         )
@@ -223,6 +243,34 @@ class BrokerlessConsumer:
             if self.state is not ConsumerState.ACTIVE and delivery.state is DeliveryState.PENDING:
                 self._give_back([delivery])
 
+    def _start_waiting(self) -> None:
+        """Start the handlers of the deliveries waiting when this was scheduled (eager
+        handlers); one that suspends goes on as a task, kept like any handler task."""
+        self._start_scheduled = False
+        waiting = self._waiting
+        for _ in range(len(waiting)):
+            if not waiting:  # the consumer was cancelled meanwhile
+                return
+            delivery = waiting.popleft()
+            if delivery.state is DeliveryState.RETURNED:
+                continue  # given back before its handler started
+            self._inline = delivery
+            try:
+                task = step(self._run(delivery))
+            except asyncio.CancelledError:
+                continue  # the handler cancelled itself: as a task that was cancelled
+            finally:
+                self._inline = None
+            if task is not None:
+                task.set_name(f"brokerless:{self.queue}:{self._delivered}")
+                self._tasks[task] = delivery
+                task.add_done_callback(self._forget_task)
+
+    @property
+    def starting(self) -> bool:
+        """True while deliveries wait for their (eager) handlers to start."""
+        return bool(self._waiting)
+
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
 
@@ -240,8 +288,11 @@ class BrokerlessConsumer:
 
     def finish(self) -> None:
         """Return every unsettled delivery except the calling handler's own."""
-        current = asyncio.current_task()
-        own = self._tasks.get(current) if current is not None else None
+        own = self._inline
+        if own is None:
+            current = asyncio.current_task()
+            own = self._tasks.get(current) if current is not None else None
+        self._waiting.clear()
         self._give_back([d for d in self._unsettled if d is not own])
         self.state = ConsumerState.CANCELLED
 
@@ -352,6 +403,10 @@ class BrokerlessTransport:
             consumers = list(self._consumers)
             for consumer in consumers:
                 consumer.stop()
+            if any(c.starting for c in consumers):
+                # Their handlers start on the next turn (as tasks made before would):
+                # let them, so they get the grace period too.
+                await asyncio.sleep(0)
             tasks = {t: d for c in consumers for t, d in c.handler_tasks.items()}
             await finish_handlers(tasks, grace)
             for consumer in consumers:

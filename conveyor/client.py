@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
+from conveyor.eager import mark_eager
 from conveyor.envelope import (
     CONTENT_TYPE,
     HEADER_ATTEMPT,
@@ -398,6 +399,7 @@ class Client:
                 await asyncio.gather(*window, return_exceptions=True)
 
     # -- replies ------------------------------------------------------------------------
+    @mark_eager  # needs no task of its own (conveyor.eager)
     async def _on_reply(self, delivery: Delivery) -> None:
         message = delivery.message
         request_id = message.correlation_id or message.message_id

@@ -47,6 +47,7 @@ import numpy as np
 
 from conveyor import wire
 from conveyor.control import QueueConsumption
+from conveyor.eager import mark_eager
 from conveyor.envelope import RequestMeta
 from conveyor.errors import (
     CodecError,
@@ -379,7 +380,8 @@ class StageWorker:
             else:
                 await self._on_stage_message(record, delivery)
 
-        return handle
+        # Nothing before its first wait needs a task of its own (see conveyor.eager).
+        return mark_eager(handle)
 
     def _settled_callback(self, record: _ConsumerRecord) -> Callable[[Lot], None]:
         def settled(lot: Lot) -> None:

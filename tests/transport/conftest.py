@@ -3,7 +3,8 @@
 A test gets ``broker``: ``await broker.connect()`` opens a new connection (a Transport)
 to the same broker, and ``broker.name(suffix)`` makes exchange/queue names unique to the
 test so RabbitMQ runs never see each other's leftovers. Everything declared through
-``broker.name`` is deleted when the test ends.
+``broker.name`` is deleted when the test ends. ``brokerless-eager`` runs the brokerless
+suite again with every handler marked eager (``conveyor.eager``): no task until it waits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from conveyor.transport import Transport
+from conveyor.eager import mark_eager
+from conveyor.transport import Consumer, Delivery, Handler, Transport
 
 
 class BrokerHandle:
@@ -32,13 +34,15 @@ class BrokerHandle:
         return full
 
     async def connect(self) -> Transport:
-        if self.kind == "brokerless":
+        if self.kind.startswith("brokerless"):
             from brokerless import Broker
 
             if self._broker is None:
                 self._broker = Broker()
             assert isinstance(self._broker, Broker)
             transport: Transport = self._broker.connect()
+            if self.kind == "brokerless-eager":
+                transport = _eager_handlers(transport)
         else:
             from workers.amqp import AmqpTransport
 
@@ -60,7 +64,23 @@ class BrokerHandle:
                 await t.close(grace=0.5)
 
 
-@pytest.fixture(params=["brokerless", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def _eager_handlers(transport: Transport) -> Transport:
+    """``transport`` with every handler given to ``consume`` marked eager."""
+    consume = transport.consume
+
+    async def eager_consume(queue: str, handler: Handler, *, prefetch: int) -> Consumer:
+        async def eager(delivery: Delivery) -> None:
+            await handler(delivery)
+
+        return await consume(queue, mark_eager(eager), prefetch=prefetch)
+
+    transport.consume = eager_consume  # type: ignore[method-assign]
+    return transport
+
+
+@pytest.fixture(
+    params=["brokerless", "brokerless-eager", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+)
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerHandle]:
     url = request.getfixturevalue("rabbitmq_url") if request.param == "rabbitmq" else None
     handle = BrokerHandle(request.param, url)
