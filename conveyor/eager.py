@@ -9,15 +9,17 @@ call (creation, scheduling, done callbacks) costs more than the work itself.
 returns a task that continues it from where it stopped (send, throw and cancel reach
 the coroutine as they would in a task of its own).
 
-The first step runs outside a task: ``asyncio.current_task()`` is the caller's (or
-``None``), so a coroutine that needs its own task before its first suspension
-(``asyncio.timeout``, ``TaskGroup``) must not be started this way. Handlers say they
-are fit for it with ``mark_eager``.
+On Python 3.11 the first step runs outside a task: ``asyncio.current_task()`` is the
+caller's (or ``None``), so a coroutine that needs its own task before its first
+suspension (``asyncio.timeout``, ``TaskGroup``) must not be started this way; handlers
+say they are fit for it with ``mark_eager``. From 3.12 on, ``step`` is an eager task
+(``eager_start``), which has its own task from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -25,6 +27,8 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _EAGER_ATTR = "__conveyor_eager__"
+#: Python 3.12+: ``asyncio.Task(..., eager_start=True)`` does this with a task of its own.
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
 
 def mark_eager(handler: F) -> F:
@@ -39,6 +43,14 @@ def is_eager(handler: object) -> bool:
 
 def step(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T] | None:
     """Run ``coro`` to its first suspension; None if it finished, else the task going on."""
+    if _EAGER_TASKS:
+        task: asyncio.Task[T] = asyncio.Task(  # type: ignore[call-arg,unused-ignore]
+            coro, loop=asyncio.get_running_loop(), name=name, eager_start=True
+        )
+        if not task.done():
+            return task
+        task.result()  # its exception, if any, reaches the caller
+        return None
     try:
         pending = coro.send(None)
     except StopIteration:

@@ -6,7 +6,10 @@ to several places (fan-out, reply) and merges when a join gathers parts from sev
 tokens. When a token's last branch is done, it reports to its parents; when a lot's last
 request is done, the delivery is settled once: requeued if any branch must be retried
 (an output publish failed), rejected to the dead-letter exchange if any failed, else
-acked. Settling is shielded from cancellation: the output it guards is already out.
+acked. Settling is shielded from cancellation: the output it guards is already out. It
+starts at once (``conveyor.eager.step``): a settle that completes without waiting (the
+embedded broker's) cannot be cancelled half-way and needs no task; one that waits goes
+on in a task the caller awaits through ``asyncio.shield``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 from collections.abc import Callable
 from enum import IntEnum
 
+from conveyor.eager import step
 from conveyor.errors import TransportError
 from conveyor.transport import Delivery
 
@@ -81,7 +85,10 @@ class Lot(Obligation):
     async def _finished(self, outcome: Outcome) -> None:
         self.outcome = outcome
         # Shielded: the outputs this settles are published; a cancel must not lose the ack.
-        await asyncio.shield(self._settle(outcome))
+        # Started now: if it completes without waiting, nothing could interrupt it.
+        rest = step(self._settle(outcome))
+        if rest is not None:
+            await asyncio.shield(rest)
 
     async def _settle(self, outcome: Outcome) -> None:
         try:
