@@ -46,6 +46,11 @@ from .queue import BrokerQueue, Envelope
 
 log = logging.getLogger("brokerless")
 
+#: Publishes on one connection within one turn of the event loop before ``publish``
+#: yields: a publish is confirmed when it returns (the enqueue is the confirm), so it
+#: need not wait, but a loop that only publishes must still let consumers run.
+PUBLISH_BURST = 64
+
 
 class ConnectionState(Enum):
     OPEN = "open"
@@ -330,6 +335,8 @@ class BrokerlessTransport:
         self._state = ConnectionState.OPEN
         self._consumers: dict[BrokerlessConsumer, None] = {}
         self._closed = asyncio.Event()
+        #: Publishes since the last turn of the loop (see ``PUBLISH_BURST``).
+        self._burst = 0
 
     @property
     def state(self) -> ConnectionState:
@@ -376,8 +383,16 @@ class BrokerlessTransport:
     ) -> None:
         self.require(ConnectionState.OPEN, ConnectionState.CLOSING)
         self._broker.publish(exchange, message, routing_key, mandatory)
-        # a network broker's confirm takes a round trip; yield so consumers run meanwhile
-        await asyncio.sleep(0)
+        # Confirmed: it is in every queue it routes to (or raised). No round trip to wait
+        # for; yield only after a burst, so a publishing loop cannot starve the consumers.
+        self._burst += 1
+        if self._burst == 1:
+            asyncio.get_running_loop().call_soon(self._end_burst)
+        elif self._burst >= PUBLISH_BURST:
+            await asyncio.sleep(0)
+
+    def _end_burst(self) -> None:
+        self._burst = 0
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> BrokerlessConsumer:
         self.require(ConnectionState.OPEN)

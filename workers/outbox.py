@@ -2,7 +2,9 @@
 
 Each send that settles inputs (publish, then mark the requests' branches done, which may
 ack their deliveries) runs as a task of its own (``spawn``): cancelling whoever routed the
-batch cannot lose a result that is already out (STYLE point 6). ``drain`` is the
+batch cannot lose a result that is already out (STYLE point 6). Replies to a batch start
+at once, one after the other (``conveyor.eager.step``); one whose publish must wait for a
+confirm goes on as a task, so they still wait for their confirms together. ``drain`` is the
 shutdown step that lets them finish. A failed publish marks the branch ``RETRY``, so the
 input is requeued and runs again; a reply to a queue that no longer exists (the client
 left) counts as done.
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from conveyor import wire
+from conveyor.eager import step
 from conveyor.envelope import RequestMeta, reply_error, reply_ok
 from conveyor.errors import ConveyorError, TransportError, UnroutableError
 from conveyor.topology import Topology
@@ -107,7 +110,23 @@ class Outbox:
                 outcome = await self._send_reply(request.meta, message)
             await request.token.done(outcome)
 
-        await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
+        # Concurrent like gather, but a reply whose publish and settle need no wait (the
+        # embedded broker's) is done in place: only those that wait get a task.
+        waiting: list[asyncio.Task[None]] = []
+        first_error: Exception | None = None
+        for request, piece in zip(requests, pieces, strict=True):
+            try:
+                task = step(one(request, piece))
+            except Exception as exc:  # the others still go out; raised below, as gather would
+                first_error = first_error or exc
+                continue
+            if task is not None:
+                waiting.append(task)
+        if first_error is not None:
+            await asyncio.gather(*waiting, return_exceptions=True)
+            raise first_error
+        if waiting:
+            await asyncio.gather(*waiting)
 
     async def send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
         log.info("request %s failed: %s", meta.request_id, error)

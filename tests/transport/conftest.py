@@ -82,6 +82,8 @@ def _eager_handlers(transport: Transport) -> Transport:
     params=["brokerless", "brokerless-eager", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
 )
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerHandle]:
+    if request.param == "brokerless-eager" and request.node.path.parent.name != "transport":
+        pytest.skip("eager handlers are checked by the transport conformance suite")
     url = request.getfixturevalue("rabbitmq_url") if request.param == "rabbitmq" else None
     handle = BrokerHandle(request.param, url)
     try:
