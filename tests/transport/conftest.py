@@ -3,8 +3,9 @@
 A test gets ``broker``: ``await broker.connect()`` opens a new connection (a Transport)
 to the same broker, and ``broker.name(suffix)`` makes exchange/queue names unique to the
 test so RabbitMQ runs never see each other's leftovers. Everything declared through
-``broker.name`` is deleted when the test ends. ``brokerless-eager`` runs the brokerless
-suite again with every handler marked eager (``conveyor.eager``): no task until it waits.
+``broker.name`` is deleted when the test ends. The suite here runs twice per broker:
+with plain handlers and with every handler marked eager (``conveyor.eager``: on
+brokerless, no task until it waits; RabbitMQ ignores the mark).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from conveyor.transport import Consumer, Delivery, Handler, Transport
 
 
 class BrokerHandle:
-    def __init__(self, kind: str, url: str | None) -> None:
+    def __init__(self, kind: str, url: str | None, *, eager: bool = False) -> None:
         self.kind = kind
+        self.eager = eager
         self.url = url
         self.prefix = f"t.{uuid.uuid4().hex[:10]}"
         self._names: list[str] = []
@@ -34,20 +36,20 @@ class BrokerHandle:
         return full
 
     async def connect(self) -> Transport:
-        if self.kind.startswith("brokerless"):
+        if self.kind == "brokerless":
             from brokerless import Broker
 
             if self._broker is None:
                 self._broker = Broker()
             assert isinstance(self._broker, Broker)
             transport: Transport = self._broker.connect()
-            if self.kind == "brokerless-eager":
-                transport = _eager_handlers(transport)
         else:
             from workers.amqp import AmqpTransport
 
             assert self.url is not None
             transport = await AmqpTransport.connect(self.url)
+        if self.eager:
+            transport = _eager_handlers(transport)
         self._transports.append(transport)
         return transport
 
@@ -78,14 +80,26 @@ def _eager_handlers(transport: Transport) -> Transport:
     return transport
 
 
-@pytest.fixture(
-    params=["brokerless", "brokerless-eager", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
-)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The conformance suite (this directory only) runs with plain and with eager handlers;
+    suites elsewhere that import ``broker`` keep plain ones."""
+    if "broker" in metafunc.fixturenames:
+        metafunc.fixturenames.append("handlers")
+        metafunc.parametrize("handlers", ["plain", "eager"], indirect=True)
+
+
+@pytest.fixture
+def handlers(request: pytest.FixtureRequest) -> str:
+    """How handlers given to ``consume`` run here: "plain" or "eager"."""
+    return str(request.param)
+
+
+@pytest.fixture(params=["brokerless", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerHandle]:
-    if request.param == "brokerless-eager" and request.node.path.parent.name != "transport":
-        pytest.skip("eager handlers are checked by the transport conformance suite")
+    callspec = getattr(request.node, "callspec", None)
+    eager = callspec is not None and callspec.params.get("handlers") == "eager"
     url = request.getfixturevalue("rabbitmq_url") if request.param == "rabbitmq" else None
-    handle = BrokerHandle(request.param, url)
+    handle = BrokerHandle(request.param, url, eager=eager)
     try:
         yield handle
     finally:
