@@ -184,13 +184,8 @@ class ConsistentHashExchange(Exchange):
         return [self._owners[index % len(self._owners)]]
 
 
-class RandomExchange(Exchange):
-    def __init__(self, spec: ExchangeSpec) -> None:
-        super().__init__(spec)
-        self._queues: list[str] = []
-
-    def _changed(self) -> None:
-        self._queues = list(dict.fromkeys(queue for queue, _ in self.bindings))
+class RandomExchange(FanoutExchange):
+    """Like fanout over the distinct bound queues, but one of them per message."""
 
     def route(self, message: Message, routing_key: str) -> list[str]:
         return [random.choice(self._queues)] if self._queues else []
