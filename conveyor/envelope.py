@@ -16,6 +16,9 @@ language can publish a request:
 ``attempt``            ``x-conveyor-attempt``       int >= 1 (always sent)
 ``trace_id``           ``x-conveyor-trace``         str, 1..255 UTF-8 bytes
 ``key``                ``x-conveyor-key``           partition key, str, 0..255 UTF-8 bytes
+``packed_replies``     ``x-conveyor-replies``       ``"packed"``: the client reads reply packs
+                                                    (``conveyor.packs``); absent or ``"single"``:
+                                                    one reply per request
 =====================  ==========================  ==========================================
 
 Replies carry ``x-conveyor-status`` (``"ok"`` or ``"error"``); an error reply also carries
@@ -55,11 +58,14 @@ HEADER_PLAN = "x-conveyor-plan"
 HEADER_ATTEMPT = "x-conveyor-attempt"
 HEADER_TRACE = "x-conveyor-trace"
 HEADER_KEY = "x-conveyor-key"
+HEADER_REPLIES = "x-conveyor-replies"
 HEADER_STATUS = "x-conveyor-status"
 HEADER_ERROR = "x-conveyor-error"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+REPLIES_PACKED = "packed"
+REPLIES_SINGLE = "single"
 CONTENT_TYPE = "application/msgpack"
 
 #: AMQP short strings (message_id, reply_to, routing keys) hold at most 255 bytes.
@@ -85,6 +91,8 @@ class RequestMeta:
     attempt: int = 1
     trace_id: str | None = None
     key: str | None = None
+    #: The client reads reply packs (several answers in one message, ``conveyor.packs``).
+    packed_replies: bool = False
 
     def __post_init__(self) -> None:
         _check_short_str("request_id", self.request_id, allow_empty=False)
@@ -99,6 +107,8 @@ class RequestMeta:
             _check_short_str("trace_id", self.trace_id, allow_empty=False)
         if self.key is not None:
             _check_short_str("key", self.key, allow_empty=True)
+        if not isinstance(self.packed_replies, bool):
+            raise CodecError(f"packed_replies must be a bool, got {self.packed_replies!r:.40}")
 
     def headers(self) -> dict[str, HeaderValue]:
         """The ``x-conveyor-*`` headers of this request (unset fields are left out)."""
@@ -114,6 +124,8 @@ class RequestMeta:
             h[HEADER_TRACE] = self.trace_id
         if self.key is not None:
             h[HEADER_KEY] = self.key
+        if self.packed_replies:
+            h[HEADER_REPLIES] = REPLIES_PACKED
         return h
 
     def to_message(self, body: bytes) -> Message:
@@ -127,6 +139,31 @@ class RequestMeta:
         )
 
     @classmethod
+    def trusted(
+        cls,
+        request_id: str,
+        reply_to: str,
+        deadline: float,
+        plan_hash: str,
+        packed_replies: bool,
+    ) -> RequestMeta:
+        """A request's meta from fields the caller has already checked (the client's
+        per-request hot path: ids it made, a reply queue and plan hash checked once)."""
+        meta = object.__new__(cls)
+        for name, value in (
+            ("request_id", request_id),
+            ("reply_to", reply_to),
+            ("deadline", deadline),
+            ("plan_hash", plan_hash),
+            ("attempt", 1),
+            ("trace_id", None),
+            ("key", None),
+            ("packed_replies", packed_replies),
+        ):
+            object.__setattr__(meta, name, value)
+        return meta
+
+    @classmethod
     def from_message(cls, message: Message) -> RequestMeta:
         """Read a request's metadata; ``CodecError`` naming the first malformed header."""
         raw_id = message.message_id if message.message_id is not None else message.correlation_id
@@ -138,6 +175,7 @@ class RequestMeta:
         attempt = _header(h, HEADER_ATTEMPT)
         trace = _header(h, HEADER_TRACE)
         key = _header(h, HEADER_KEY)
+        replies = _header(h, HEADER_REPLIES)
         # Each field is checked as it is read: build without __post_init__'s second pass.
         meta = object.__new__(cls)
         for name, value in (
@@ -156,6 +194,7 @@ class RequestMeta:
                 None if trace is None else _short_str(HEADER_TRACE, trace, allow_empty=False),
             ),
             ("key", None if key is None else _short_str(HEADER_KEY, key, allow_empty=True)),
+            ("packed_replies", False if replies is None else _replies(replies)),
         ):
             object.__setattr__(meta, name, value)
         return meta
@@ -357,6 +396,15 @@ def _attempt(name: str, value: object) -> int:
     if not 1 <= value <= MAX_ATTEMPT:
         raise CodecError(f"{name} must be between 1 and {MAX_ATTEMPT}, got {value}")
     return value
+
+
+def _replies(value: object) -> bool:
+    text = _short_str(HEADER_REPLIES, value, allow_empty=False)
+    if text not in (REPLIES_PACKED, REPLIES_SINGLE):
+        raise CodecError(
+            f"{HEADER_REPLIES} must be {REPLIES_PACKED!r} or {REPLIES_SINGLE!r}, got {text!r:.80}"
+        )
+    return text == REPLIES_PACKED
 
 
 def _plan_hash(name: str, value: object) -> str:

@@ -23,10 +23,10 @@ from conveyor import wire
 from conveyor.eager import step
 from conveyor.envelope import RequestMeta, reply_error, reply_ok
 from conveyor.errors import ConveyorError, TransportError, UnroutableError
+from conveyor.packs import encode_stage_message, pack_replies
 from conveyor.topology import Topology
 from conveyor.transport import Message, Transport
 from workers.batching import split
-from workers.messages import encode_stage_message
 from workers.runner import Request
 from workers.session import StageSession, Tensor
 from workers.settlement import Outcome
@@ -110,13 +110,39 @@ class Outbox:
                 outcome = await self._send_reply(request.meta, message)
             await request.token.done(outcome)
 
+        async def packed(group: list[Request], tensors: dict[str, np.ndarray]) -> None:
+            message = pack_replies([(r.meta.request_id, r.rows) for r in group], tensors)
+            outcome = await self._send_reply(group[0].meta, message)
+            for request in group:
+                await request.token.done(outcome)
+
+        # Requests of clients that read reply packs get one message per reply queue.
+        sends: list[Coroutine[Any, Any, None]] = []
+        singles: list[tuple[Request, dict[str, np.ndarray]]] = []
+        groups: dict[str, list[tuple[Request, dict[str, np.ndarray]]]] = {}
+        for request, piece in zip(requests, pieces, strict=True):
+            reply_to = request.meta.reply_to
+            if request.meta.packed_replies and reply_to is not None:
+                groups.setdefault(reply_to, []).append((request, piece))
+            else:
+                singles.append((request, piece))
+        for group in groups.values():
+            if len(group) == 1:
+                singles.append(group[0])
+            elif len(group) == len(requests):
+                sends.append(packed([r for r, _ in group], host))  # the batch as it is
+            else:
+                stacked = {k: np.concatenate([p[k] for _, p in group]) for k in host}
+                sends.append(packed([r for r, _ in group], stacked))
+        sends.extend(one(request, piece) for request, piece in singles)
+
         # Concurrent like gather, but a reply whose publish and settle need no wait (the
         # embedded broker's) is done in place: only those that wait get a task.
         waiting: list[asyncio.Task[None]] = []
         first_error: Exception | None = None
-        for request, piece in zip(requests, pieces, strict=True):
+        for send in sends:
             try:
-                task = step(one(request, piece))
+                task = step(send)
             except Exception as exc:  # the others still go out; raised below, as gather would
                 first_error = first_error or exc
                 continue

@@ -58,11 +58,11 @@ from conveyor.errors import (
     PlanHashMismatch,
     TransportError,
 )
+from conveyor.packs import CLIENT_SOURCE, REQUEST_PACK_TYPE, decode_stage_message
 from conveyor.plan import MODEL_INPUT, Plan, StageSpec, TensorSpec
 from conveyor.topology import Topology
 from conveyor.transport import Consumer, Delivery, Message, Transport
 from workers.batching import batch_rows
-from workers.messages import decode_stage_message
 from workers.outbox import Outbox
 from workers.runner import Batch, Item, Request, StageRunner, deadline_error, stage_sources
 from workers.session import StageSession, Tensor
@@ -157,6 +157,9 @@ class StageWorker:
         self.outbox = Outbox(transport, self.topology, plan.hash)
         self._input_specs = {t.name: t for t in plan.inputs}
         self._input_check = _TensorCheck(self._input_specs)
+        self._input_batch_fixed = any(
+            _fixed(t.shape[0]) for t in plan.inputs if t.shape
+        )
         self._batch_ids = itertools.count()
         self._open_lots = 0
         self._settled = asyncio.Event()
@@ -405,11 +408,14 @@ class StageWorker:
         return lot
 
     async def _on_request(self, record: _ConsumerRecord, delivery: Delivery) -> None:
+        message = delivery.message
+        if message.type == REQUEST_PACK_TYPE:
+            await self._on_pack(record, delivery)
+            return
         ingress = self._runners[MODEL_INPUT]
         key = delivery.routing_key
         self.routing_keys[key] = self.routing_keys.get(key, 0) + 1
         lot = self._lot(record, delivery, 1)
-        message = delivery.message
         try:
             meta = RequestMeta.from_message(message)
         except CodecError as exc:
@@ -429,6 +435,52 @@ class StageWorker:
             await self.fail(request, exc, Outcome.FAILED)
             return
         ingress.submit(Item(request, tensors))
+
+    async def _on_pack(self, record: _ConsumerRecord, delivery: Delivery) -> None:
+        """Several requests in one message (``conveyor.packs``): each goes on as if it had
+        come alone; the message is settled once all of them are."""
+        ingress = self._runners[MODEL_INPUT]
+        try:
+            msg = decode_stage_message(delivery.message.body)
+        except CodecError as exc:
+            ingress.counters.errors += 1
+            await self._fail_unparsed(self._lot(record, delivery, 1), delivery.message, exc)
+            return
+        key = delivery.routing_key
+        self.routing_keys[key] = self.routing_keys.get(key, 0) + len(msg.requests)
+        lot = self._lot(record, delivery, len(msg.requests))
+        # The requests' rows share the pack's dtypes and dims 1..n: check those once (per
+        # request only when the plan fixes the batch dimension itself).
+        per_request = self._input_batch_fixed
+        bad: CodecError | None = None
+        if not per_request:
+            try:
+                self._model_inputs(dict(msg.tensors))
+            except CodecError as exc:
+                bad = exc
+        offset = 0
+        for meta, rows in msg.requests:
+            request = Request(meta, rows, lot.request())
+            piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
+            offset += rows
+            error = self._admission_error(meta, msg.plan_hash)
+            if error is None and msg.source != CLIENT_SOURCE:
+                error = PlanError(
+                    f"a request pack must say src {CLIENT_SOURCE!r}, not {msg.source!r}"
+                )
+            if error is not None:
+                await self._refuse(ingress, request, error)
+                continue
+            try:
+                if bad is not None:
+                    raise bad
+                if per_request:
+                    self._model_inputs(piece)
+            except CodecError as exc:
+                ingress.counters.errors += 1
+                await self.fail(request, exc, Outcome.FAILED)
+                continue
+            ingress.submit(Item(request, piece))
 
     async def _on_stage_message(self, record: _ConsumerRecord, delivery: Delivery) -> None:
         runner = self._runners[record.runner]

@@ -14,6 +14,7 @@ import numpy as np
 from conveyor import wire
 from conveyor.envelope import RequestMeta, read_reply
 from conveyor.errors import ConveyorError
+from conveyor.packs import REPLY_PACK_TYPE, pack_requests, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
@@ -28,6 +29,8 @@ class Harness:
     plan: Plan
     replies: dict[str, list[Result]] = field(default_factory=dict)
     dead: list[Message] = field(default_factory=list)
+    #: The AMQP ``type`` of each reply message received (``conveyor.replies``: a pack).
+    reply_types: list[str | None] = field(default_factory=list)
     reply_queue: str = field(default_factory=lambda: f"test.replies.{uuid.uuid4().hex[:8]}")
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -48,6 +51,15 @@ class Harness:
             await self.transport.delete_queue(self.reply_queue)
 
     async def _on_reply(self, delivery: Delivery) -> None:
+        self.reply_types.append(delivery.message.type)
+        if delivery.message.type == REPLY_PACK_TYPE:
+            for request_id, tensors in unpack_replies(delivery.message):
+                self.replies.setdefault(request_id, []).append(
+                    {k: v.copy() for k, v in tensors.items()}
+                )
+            await delivery.ack()
+            self._changed.set()
+            return
         rid = delivery.message.correlation_id or "?"
         result: Result
         try:
@@ -84,6 +96,28 @@ class Harness:
         message = meta.to_message(wire.encode(tensors) if body is None else body)
         await self.publish(message, key)
         return rid
+
+    async def send_pack(
+        self,
+        requests: list[Mapping[str, np.ndarray]],
+        *,
+        deadlines: list[float | None] | None = None,
+        packed_replies: bool = True,
+    ) -> list[str]:
+        """Publish ``requests`` as one request pack (conveyor.packs); their ids."""
+        metas = [
+            RequestMeta(
+                uuid.uuid4().hex,
+                reply_to=self.reply_queue,
+                deadline=None if deadlines is None else deadlines[i],
+                plan_hash=self.plan.hash,
+                packed_replies=packed_replies,
+            )
+            for i in range(len(requests))
+        ]
+        message = pack_requests(self.plan.hash, list(zip(metas, requests, strict=True)))
+        await self.publish(message)
+        return [m.request_id for m in metas]
 
     async def publish(self, message: Message, key: str | None = None) -> None:
         routing_key = partition_routing_key(self.plan.partitioning, key)

@@ -221,6 +221,57 @@ async def test_expired_request_is_answered_and_not_run(
     assert client.dead == []
 
 
+@pytest.mark.parametrize("packed_replies", [True, False])
+async def test_a_request_pack_is_answered_request_by_request(
+    broker: BrokerHandle,
+    pipeline_of: list[Pipeline],
+    tmp_path: Path,
+    unique: str,
+    packed_replies: bool,
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique, max_delay_ms=3).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([["s0"], ["s1", "s2"]])
+    xs = [rand(1 + i % 3) for i in range(6)]
+    ids = await client.send_pack([{"x": x} for x in xs], packed_replies=packed_replies)
+    await client.wait_for(ids)
+    for rid, x in zip(ids, xs, strict=True):
+        result = client.one(rid)
+        assert not isinstance(result, Exception), result
+        np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
+    assert stats_of(p.workers[0], "s0").requests == 6
+    if packed_replies:  # the six answers come in fewer messages, at least one a pack
+        assert "conveyor.replies" in client.reply_types and len(client.reply_types) < 6
+    else:  # a client that does not read packs gets one reply per request
+        assert client.reply_types == [None] * 6
+    assert client.dead == []
+    assert await p.workers[0].wait_settled(5.0)
+
+
+async def test_each_request_of_a_pack_gets_its_own_outcome(
+    broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
+    pipeline_of.append(p := Pipeline(broker, plan))
+    client = await p.start([None])
+    on_time, late = await client.send_pack(
+        [{"x": rand()}, {"x": rand()}], deadlines=[time.time() + 600, time.time() - 600]
+    )
+    await client.wait_for([on_time, late])
+    assert not isinstance(client.one(on_time), Exception)
+    assert isinstance(client.one(late), DeadlineExceeded)
+    assert client.dead == []  # an expired request is answered and acked, not dead-lettered
+    # A pack whose tensors do not fit the plan: every request is told why, the pack is
+    # dead-lettered once.
+    bad = await client.send_pack([{"x": rand().astype(np.float64)} for _ in range(3)])
+    await client.wait_for(bad, dead=1)
+    for rid in bad:
+        error = client.one(rid)
+        assert isinstance(error, CodecError) and "float64" in str(error), error
+    assert len(client.dead) == 1 and client.dead[0].type == "conveyor.pack"
+    assert stats_of(p.workers[0], "s0").requests == 1
+
+
 async def test_plan_hash_mismatch_is_refused(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
@@ -335,8 +386,8 @@ async def test_join_parts_stay_unacked_until_the_join_runs(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
     from conveyor.envelope import RequestMeta
+    from conveyor.packs import encode_stage_message
     from conveyor.topology import Topology
-    from workers.messages import encode_stage_message
 
     plan = Plan.load(join_plan(tmp_path, name=unique).directory)
     topo = Topology.of(plan)
@@ -369,8 +420,8 @@ async def test_stage_message_from_a_stage_it_does_not_read_is_refused(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
     from conveyor.envelope import RequestMeta
+    from conveyor.packs import encode_stage_message
     from conveyor.topology import Topology
-    from workers.messages import encode_stage_message
 
     plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
     pipeline_of.append(p := Pipeline(broker, plan))
@@ -387,8 +438,8 @@ async def test_join_widens_its_window_when_it_fills_with_waiting_parts(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
     from conveyor.envelope import RequestMeta
+    from conveyor.packs import encode_stage_message
     from conveyor.topology import Topology
-    from workers.messages import encode_stage_message
 
     plan = Plan.load(join_plan(tmp_path, name=unique).directory)
     exchange = Topology.of(plan).stage_exchange("join")
@@ -416,8 +467,8 @@ async def test_a_late_duplicate_part_of_a_joined_request_is_acked(
     broker: BrokerHandle, pipeline_of: list[Pipeline], tmp_path: Path, unique: str
 ) -> None:
     from conveyor.envelope import RequestMeta
+    from conveyor.packs import encode_stage_message
     from conveyor.topology import Topology
-    from workers.messages import encode_stage_message
 
     plan = Plan.load(join_plan(tmp_path, name=unique).directory)
     exchange = Topology.of(plan).stage_exchange("join")
