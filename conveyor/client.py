@@ -13,8 +13,11 @@ How a request travels (docs/wire.md): one message to the plan's input exchange, 
 ``wire.encode(inputs)``, properties from ``envelope.RequestMeta`` (request id, reply queue,
 absolute deadline, plan hash, partition key). Every client owns one exclusive auto-delete
 reply queue and one consumer on it that hands each reply to the future waiting for its
-request id. A reply whose request is no longer awaited (answered already, timed out or
-cancelled) is acknowledged and dropped: that is how duplicates on the wire are removed.
+request id. With ``pack`` on (the default), the requests made in one event-loop turn
+for one routing key leave as one request pack, and workers may answer several in one
+reply pack (``conveyor.packs``, docs/wire.md section 7). A reply whose request is no
+longer awaited (answered already, timed out or cancelled) is acknowledged and dropped:
+that is how duplicates on the wire are removed.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,10 +47,6 @@ import numpy as np
 
 from conveyor.eager import mark_eager
 from conveyor.envelope import (
-    CONTENT_TYPE,
-    HEADER_ATTEMPT,
-    HEADER_DEADLINE,
-    HEADER_PLAN,
     RequestMeta,
     read_reply,
 )
@@ -51,6 +57,7 @@ from conveyor.errors import (
     DeadlineExceeded,
     TransportClosed,
 )
+from conveyor.packs import REPLY_PACK_TYPE, pack_requests, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.transport import Message
@@ -70,6 +77,9 @@ Outputs = dict[str, np.ndarray]
 DEFAULT_TIMEOUT = 30.0
 #: Waits from this long on (or not finite) go through RequestMeta's checks.
 _NO_DEADLINE = 1e9
+#: A request pack holds at most this many requests and (past its first) this many bytes.
+PACK_MAX_REQUESTS = 64
+PACK_MAX_BYTES = 1 << 20
 
 
 class ClientState(enum.Enum):
@@ -88,6 +98,19 @@ class ClientStats:
     in_flight: int
     #: Replies that arrived for no awaited request: duplicates, late or abandoned ones.
     dropped_replies: int
+    #: Messages published (a request pack counts once) and reply messages received.
+    messages_sent: int = 0
+    reply_messages: int = 0
+
+
+@dataclass
+class _Outgoing:
+    """A request waiting for this loop turn's flush (``Client(pack=True)``)."""
+
+    meta: RequestMeta
+    arrays: dict[str, np.ndarray]
+    future: asyncio.Future[Outputs]
+    nbytes: int
 
 
 class Client:
@@ -103,6 +126,7 @@ class Client:
         reply_prefetch: int = 1024,
         worker_options: Mapping[str, Any] | None = None,
         durable: bool = False,
+        pack: bool = True,
     ) -> None:
         if not plan.hash:
             raise ConfigError(f"plan {plan.name!r} has no hash; load it with Plan.load")
@@ -120,6 +144,13 @@ class Client:
         # valid); ``infer`` builds the message of a request without key or trace directly.
         RequestMeta(self._id_prefix, reply_to=self.reply_queue, plan_hash=plan.hash)
         self._random_partitions = plan.partitioning.kind == "random"
+        # Packs stack requests on the batch axis: not for inputs with a fixed batch size.
+        self.pack = pack and not any(
+            t.shape and isinstance(t.shape[0], int) and t.shape[0] >= 0 for t in plan.inputs
+        )
+        self._outgoing: dict[str, list[_Outgoing]] = {}
+        self._flush_scheduled = False
+        self._publishing: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._input_checks = [
             (t.name, np.dtype(t.dtype), len(t.shape),
@@ -137,6 +168,7 @@ class Client:
         self._workers: StageWorker | None = None
         self._closers: list[Transport] = []
         self._sent = self._answered = self._failed = self._dropped = 0
+        self._messages = self._reply_messages = 0
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -206,6 +238,14 @@ class Client:
                 # Nobody may be awaiting it any more; do not log "never retrieved".
                 fut.exception()
         self._pending.clear()
+        for item in (i for items in self._outgoing.values() for i in items):
+            if not item.future.done():
+                item.future.cancel()
+        self._outgoing.clear()
+        if self._publishing:
+            for task in self._publishing:
+                task.cancel()
+            await asyncio.gather(*self._publishing, return_exceptions=True)
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await _quietly(consumer.cancel(), "cancelling the reply consumer")
@@ -291,19 +331,10 @@ class Client:
         request_id = f"{self._id_prefix}{next(self._ids):x}"
         deadline = time.time() + wait
         if key is None and trace_id is None and self._random_partitions and wait < _NO_DEADLINE:
-            # What RequestMeta(...).to_message gives, without re-checking fixed fields.
+            # The fields every request shares were checked once in __init__.
             routing_key = ""
-            message = Message(
-                body=encode(arrays),
-                headers={
-                    HEADER_ATTEMPT: 1,
-                    HEADER_DEADLINE: repr(deadline),
-                    HEADER_PLAN: self.plan.hash,
-                },
-                content_type=CONTENT_TYPE,
-                message_id=request_id,
-                correlation_id=request_id,
-                reply_to=self.reply_queue,
+            meta = RequestMeta.trusted(
+                request_id, self.reply_queue, deadline, self.plan.hash, self.pack
             )
         else:
             routing_key = partition_routing_key(self.plan.partitioning, key)
@@ -314,16 +345,24 @@ class Client:
                 plan_hash=self.plan.hash,
                 trace_id=trace_id,
                 key=key,
+                packed_replies=self.pack,
             )
-            message = meta.to_message(encode(arrays))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         self._pending[request_id] = future
         # A timer instead of asyncio.wait_for: one callback, no extra task per request.
         expiry = loop.call_later(wait, _expire, future, request_id, wait)
         try:
-            await transport.publish(self.topology.input_exchange, message, routing_key)
-            self._sent += 1
+            if self.pack:
+                # Sent with the other requests of this loop turn (``_flush``); a publish
+                # failure lands on the future.
+                self._enqueue(routing_key, _Outgoing(meta, arrays, future, _packable(arrays)))
+            else:
+                await transport.publish(
+                    self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
+                )
+                self._sent += 1
+                self._messages += 1
             return await future
         except ConveyorError:
             self._failed += 1
@@ -331,6 +370,46 @@ class Client:
         finally:
             expiry.cancel()
             self._pending.pop(request_id, None)
+
+    # -- request packs ------------------------------------------------------------------
+    def _enqueue(self, routing_key: str, item: _Outgoing) -> None:
+        self._outgoing.setdefault(routing_key, []).append(item)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Publish the requests queued in this loop turn: one message per routing key (a
+        request pack, ``conveyor.packs``) up to the pack limits; a lone one as it is."""
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, {}
+        transport = self._transport
+        for routing_key, items in outgoing.items():
+            # Abandoned (cancelled or timed out) before it went out: not sent at all.
+            live = [item for item in items if not item.future.done()]
+            if transport is None:
+                _fail_all(live, TransportClosed("client closed before the request was sent"))
+                continue
+            for chunk in _chunks(live):
+                # A task of its own: this runs in a loop callback, and AMQP publishes need
+                # a task (asyncio.timeout) to wait for their confirm.
+                task = asyncio.create_task(self._send(transport, routing_key, chunk))
+                self._publishing.add(task)
+                task.add_done_callback(self._publishing.discard)
+
+    async def _send(self, transport: Transport, routing_key: str, items: list[_Outgoing]) -> None:
+        try:
+            if len(items) == 1:
+                item = items[0]
+                message = item.meta.to_message(encode(item.arrays))
+            else:
+                message = pack_requests(self.plan.hash, [(i.meta, i.arrays) for i in items])
+            await transport.publish(self.topology.input_exchange, message, routing_key)
+        except Exception as exc:  # each caller gets it from its future (typed if ours)
+            _fail_all(items, exc)
+            return
+        self._sent += len(items)
+        self._messages += 1
 
     @overload
     def infer_many(
@@ -402,6 +481,13 @@ class Client:
     @mark_eager  # needs no task of its own (conveyor.eager)
     async def _on_reply(self, delivery: Delivery) -> None:
         message = delivery.message
+        self._reply_messages += 1
+        if message.type == REPLY_PACK_TYPE:
+            try:
+                self._answer_pack(message)
+            finally:
+                await delivery.ack()
+            return
         request_id = message.correlation_id or message.message_id
         future = self._pending.pop(request_id, None) if request_id else None
         try:
@@ -421,6 +507,24 @@ class Client:
         finally:
             await delivery.ack()
 
+    def _answer_pack(self, message: Message) -> None:
+        try:
+            answers = unpack_replies(message)
+        except ConveyorError as exc:
+            # Unreadable: its correlation id names the first request; the others time out.
+            log.warning("dropping an unreadable reply pack: %s", exc)
+            first = self._pending.pop(message.correlation_id or "", None)
+            if first is not None and not first.done():
+                first.set_exception(exc)
+            return
+        for request_id, tensors in answers:
+            future = self._pending.pop(request_id, None)
+            if future is None or future.done():
+                self._dropped += 1
+                continue
+            future.set_result({name: np.array(t) for name, t in tensors.items()})
+            self._answered += 1
+
     # -- introspection ------------------------------------------------------------------
     def stats(self) -> ClientStats:
         return ClientStats(
@@ -429,6 +533,8 @@ class Client:
             failed=self._failed,
             in_flight=len(self._pending),
             dropped_replies=self._dropped,
+            messages_sent=self._messages,
+            reply_messages=self._reply_messages,
         )
 
     @property
@@ -459,6 +565,7 @@ def connect(
     reply_prefetch: int = 1024,
     worker_options: Mapping[str, Any] | None = None,
     durable: bool = False,
+    pack: bool = True,
 ) -> Client:
     """A client for ``plan`` on the broker at ``url`` (``None``: embedded brokerless).
 
@@ -466,6 +573,9 @@ def connect(
     exactly when ``url`` is None) runs the plan's workers in this process;
     ``worker_options`` are passed to them (``workers.serve``). ``durable`` must match the
     workers' ``--durable`` (RabbitMQ refuses a queue re-declared with other flags).
+    ``pack`` (default on) sends the requests made in one event-loop turn for one
+    partition as one message and lets workers answer several in one message
+    (``conveyor.packs``); off, every request and reply is a message of its own.
     """
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
     return Client(
@@ -476,6 +586,7 @@ def connect(
         reply_prefetch=reply_prefetch,
         worker_options=worker_options,
         durable=durable,
+        pack=pack,
     )
 
 
@@ -486,6 +597,39 @@ async def _start_local_workers(
 
     worker: StageWorker = await workers.serve(plan, transport, **options)
     return worker
+
+
+def _packable(arrays: Mapping[str, np.ndarray]) -> int:
+    """The bytes a request adds to a pack; -1 when it must go alone (its tensors do not
+    agree on a batch size, so stacking would mix requests' rows)."""
+    sizes = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+    if len(sizes) != 1 or -1 in sizes:
+        return -1
+    return sum(a.nbytes for a in arrays.values())
+
+
+def _chunks(items: list[_Outgoing]) -> Iterator[list[_Outgoing]]:
+    """``items`` in packs of at most PACK_MAX_REQUESTS requests and (past the first)
+    PACK_MAX_BYTES bytes; a request that cannot be stacked goes alone."""
+    chunk: list[_Outgoing] = []
+    size = 0
+    for item in items:
+        if item.nbytes < 0:
+            yield [item]
+            continue
+        if chunk and (len(chunk) >= PACK_MAX_REQUESTS or size + item.nbytes > PACK_MAX_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item.nbytes
+    if chunk:
+        yield chunk
+
+
+def _fail_all(items: list[_Outgoing], error: Exception) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 def _expire(future: asyncio.Future[Outputs], request_id: str, wait: float) -> None:

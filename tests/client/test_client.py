@@ -25,9 +25,10 @@ from conveyor.errors import (
     InferenceError,
     TransportClosed,
 )
+from conveyor.packs import unpack_requests
 from conveyor.plan import MODEL_INPUT, Plan, StageInput, StageOutput, StageSpec, TensorSpec
 from conveyor.transport import Delivery, Message, Transport
-from conveyor.wire import decode, encode
+from conveyor.wire import encode
 
 X = TensorSpec("x", "float32", ("batch", 4))
 Y = TensorSpec("y", "float32", ("batch", 4))
@@ -69,18 +70,19 @@ class Responder:
         self.client: Client | None = None
 
     async def handle(self, delivery: Delivery) -> None:
-        meta = RequestMeta.from_message(delivery.message)
         self.raw.append(delivery.message)
-        inputs = {k: np.array(v) for k, v in decode(delivery.message.body).tensors.items()}
         if self.client is not None:
             self.max_outstanding = max(self.max_outstanding, self.client.stats().in_flight)
-        for message in self.reply(meta, inputs):
-            await self.transport.publish("", message, meta.reply_to or "")
+        # One request, or a pack of those sent in the same loop turn (conveyor.packs).
+        for meta, views in unpack_requests(delivery.message):
+            inputs = {k: np.array(v) for k, v in views.items()}
+            for message in self.reply(meta, inputs):
+                await self.transport.publish("", message, meta.reply_to or "")
+            async with self.arrived:
+                self.seen.append(meta)
+                self.held.append((meta, inputs))
+                self.arrived.notify_all()
         await delivery.ack()
-        async with self.arrived:
-            self.seen.append(meta)
-            self.held.append((meta, inputs))
-            self.arrived.notify_all()
 
     async def wait_for(self, count: int) -> None:
         async with self.arrived:
@@ -174,6 +176,66 @@ async def test_cancelling_abandons_the_request(client: Client) -> None:
     out = await client.infer(row(3))
     assert out["y"][0, 0] == 6
     assert client.stats().dropped_replies == 1
+
+
+async def test_requests_of_one_loop_turn_travel_as_one_pack(client: Client) -> None:
+    responder = await attach(client, doubled)
+    outs = await asyncio.gather(*(client.infer(row(i)) for i in range(5)))
+    assert [o["y"][0, 0] for o in outs] == [2.0 * i for i in range(5)]
+    assert [m.type for m in responder.raw] == ["conveyor.pack"]
+    assert all(meta.packed_replies for meta in responder.seen)
+    stats = client.stats()
+    assert (stats.sent, stats.messages_sent, stats.answered) == (5, 1, 5)
+    # A request made alone goes as a plain request (what any AMQP client sends).
+    await client.infer(row(9))
+    assert responder.raw[-1].type is None
+    assert RequestMeta.from_message(responder.raw[-1]).packed_replies
+
+
+async def test_pack_off_sends_one_plain_message_per_request(plan: Plan) -> None:
+    async with connect(None, plan=plan, local_workers=False, timeout=5.0, pack=False) as c:
+        responder = await attach(c, doubled)
+        outs = await asyncio.gather(*(c.infer(row(i)) for i in range(5)))
+        assert [o["y"][0, 0] for o in outs] == [2.0 * i for i in range(5)]
+        assert [m.type for m in responder.raw] == [None] * 5
+        assert not any(meta.packed_replies for meta in responder.seen)
+        assert c.stats().messages_sent == 5
+
+
+async def test_a_reply_pack_answers_each_request_and_drops_duplicates(client: Client) -> None:
+    from conveyor.packs import pack_replies
+
+    responder = await attach(client, lambda meta, inputs: [])
+    tasks = [asyncio.create_task(client.infer(row(i))) for i in range(3)]
+    await responder.wait_for(3)
+    held = responder.held
+    # One pack answers all three; the first one is in it twice (a duplicate on the wire).
+    order = [held[0], *held]
+    reply = pack_replies(
+        [(meta.request_id, 1) for meta, _ in order],
+        {"y": np.concatenate([inputs["x"] * 2 for _, inputs in order])},
+    )
+    await responder.transport.publish("", reply, client.reply_queue)
+    outs = await asyncio.gather(*tasks)
+    assert [o["y"][0, 0] for o in outs] == [0.0, 2.0, 4.0]
+    outs[0]["y"][0, 0] = -1  # the caller owns its arrays
+    stats = client.stats()
+    assert (stats.answered, stats.dropped_replies, stats.reply_messages) == (3, 1, 1)
+
+
+async def test_a_request_abandoned_before_its_pack_leaves_is_not_sent(client: Client) -> None:
+    responder = await attach(client, doubled)
+    task = asyncio.create_task(client.infer(row(1)))
+    await asyncio.sleep(0)  # it is queued for this turn's pack ...
+    task.cancel()  # ... and abandoned before the pack is published
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    out = await client.infer(row(2))
+    assert out["y"][0, 0] == 4
+    assert [meta.request_id for meta in responder.seen] == [
+        m.message_id for m in responder.raw
+    ] and len(responder.seen) == 1
+    assert client.stats().sent == 1
 
 
 async def test_error_reply_raises_the_typed_error(client: Client) -> None:

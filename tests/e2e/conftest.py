@@ -283,18 +283,23 @@ class Pipeline:
 
     @contextlib.asynccontextmanager
     async def serve(
-        self, case: Case, *, timeout: float = 60.0, start_workers: bool = True  # noqa: ASYNC109
+        self,
+        case: Case,
+        *,
+        timeout: float = 60.0,  # noqa: ASYNC109
+        start_workers: bool = True,
+        pack: bool = True,
     ) -> AsyncIterator[Served]:
         if self.kind == "brokerless":
             async with connect(None, plan=case.plan, timeout=timeout,
-                               local_workers=start_workers) as client:
+                               local_workers=start_workers, pack=pack) as client:
                 yield Served(client, case.plan, None)
             return
         assert self.url is not None
         plan = isolated_copy(case.plan, self.tmp / f"plan-{uuid.uuid4().hex[:8]}")
         procs = WorkerProcesses(plan, self.url, self.tmp)
         try:
-            async with connect(self.url, plan=plan, timeout=timeout) as client:
+            async with connect(self.url, plan=plan, timeout=timeout, pack=pack) as client:
                 if start_workers:
                     procs.start_all()
                     await wait_until_consumed(self.url, plan, procs)

@@ -14,23 +14,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conveyor.client import ClientStats
 from conveyor.transport import Transport
 from tests.e2e.conftest import Case, Pipeline
 
 
-async def serve_and_check(pipeline: Pipeline, case: Case, n: int, concurrency: int) -> None:
+async def serve_and_check(
+    pipeline: Pipeline, case: Case, n: int, concurrency: int, *, pack: bool = True
+) -> ClientStats:
     requests = case.requests(n)
-    async with pipeline.serve(case) as served:
+    async with pipeline.serve(case, pack=pack) as served:
         results = [r async for r in served.client.infer_many(requests, concurrency=concurrency)]
-        assert served.client.stats().in_flight == 0
+        stats = served.client.stats()
+        assert stats.in_flight == 0
     assert len(results) == n
     for request, got in zip(requests, results, strict=True):
         case.check(request, got)
+    return stats
 
 
-async def test_mlp_split_in_three(pipeline: Pipeline, mlp: Case) -> None:
+@pytest.mark.parametrize("pack", [True, False], ids=["packs", "one-per-message"])
+async def test_mlp_split_in_three(pipeline: Pipeline, mlp: Case, pack: bool) -> None:
     assert [s.name for s in mlp.plan.stages] and len(mlp.plan.stages) == 3
-    await serve_and_check(pipeline, mlp, n=200, concurrency=16)
+    stats = await serve_and_check(pipeline, mlp, n=200, concurrency=16, pack=pack)
+    assert stats.sent == stats.answered == 200
+    if pack:  # requests left in packs and came back in reply packs
+        assert stats.messages_sent < 200 and stats.reply_messages < 200
+    else:
+        assert stats.messages_sent == stats.reply_messages == 200
 
 
 async def test_mobilenet_split_in_two(pipeline: Pipeline, mobilenet: Case) -> None:
