@@ -109,8 +109,14 @@ def encode(
     tensors: Mapping[str, np.ndarray],
     meta: Mapping[str, MetaValue] | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    *,
+    check_meta: bool = True,
 ) -> bytes:
     """Build a body holding ``tensors`` (in mapping order) and ``meta``.
+
+    ``check_meta=False`` skips the walk over ``meta`` that rejects values outside the
+    MetaValue types and non-str keys: for a meta built by Conveyor itself from checked
+    fields (packs, stage messages). Its size limit still applies.
 
     Raises ``CodecError`` for a dtype outside the allow-list, a name or meta that is not
     a string-keyed msgpack value, or a message beyond ``limits``.
@@ -136,7 +142,8 @@ def encode(
         arrays.append(array)
         entries.append({"name": name, "dtype": dtype_name, "shape": list(array.shape)})
     meta_dict: dict[str, Any] = {} if meta is None else dict(meta)
-    _check_meta(meta_dict)
+    if check_meta:
+        _check_meta(meta_dict)
     meta_bytes = _pack(meta_dict, "meta")
     if len(meta_bytes) > limits.max_meta_bytes:
         raise CodecError(f"meta packs to {len(meta_bytes)} bytes; the limit is "
@@ -473,10 +480,40 @@ def _check_name(name: object, limits: Limits, *, where: int | None) -> None:
     raise CodecError(f"{prefix}: tensor name {name!r:.80} {problem}")
 
 
+_META_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def _check_meta(meta: Mapping[str, object]) -> None:
     """Check ``meta`` is a MetaValue tree with str keys (iteratively: depth is unbounded)."""
-    if not meta:
+    if not meta or _plain_meta(meta):
         return
+    _explain_meta(meta)
+
+
+def _plain_meta(meta: object) -> bool:
+    """True when ``meta`` is built of exactly the MetaValue types with str keys: the common
+    case, checked without building any path text. False sends it to ``_explain_meta``,
+    which accepts subclasses too and names what is wrong."""
+    scalars = _META_SCALARS
+    stack = [meta]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            for key, item in value.items():  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    return False
+                if type(item) not in scalars:
+                    stack.append(item)
+        elif kind is list or kind is tuple:
+            stack.extend(item for item in value if type(item) not in scalars)  # type: ignore[attr-defined]
+        elif kind not in scalars:
+            return False
+    return True
+
+
+def _explain_meta(meta: Mapping[str, object]) -> None:
+    """The slow walk of ``_check_meta``: raises ``CodecError`` naming the bad value's path."""
     stack: list[tuple[object, str]] = [(meta, "meta")]
     while stack:
         value, path = stack.pop()
