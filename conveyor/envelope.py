@@ -142,22 +142,26 @@ class RequestMeta:
     def trusted(
         cls,
         request_id: str,
-        reply_to: str,
-        deadline: float,
-        plan_hash: str,
+        reply_to: str | None,
+        deadline: float | None,
+        plan_hash: str | None,
         packed_replies: bool,
+        attempt: int = 1,
+        trace_id: str | None = None,
+        key: str | None = None,
     ) -> RequestMeta:
-        """A request's meta from fields the caller has already checked (the client's
-        per-request hot path: ids it made, a reply queue and plan hash checked once)."""
+        """A request's meta from fields the caller has already checked (hot paths: the
+        client's own ids with a reply queue and plan hash checked once; pack entries that
+        ``plain_entry`` vouched for)."""
         meta = object.__new__(cls)
         for name, value in (
             ("request_id", request_id),
             ("reply_to", reply_to),
             ("deadline", deadline),
             ("plan_hash", plan_hash),
-            ("attempt", 1),
-            ("trace_id", None),
-            ("key", None),
+            ("attempt", attempt),
+            ("trace_id", trace_id),
+            ("key", key),
             ("packed_replies", packed_replies),
         ):
             object.__setattr__(meta, name, value)
@@ -405,6 +409,30 @@ def _replies(value: object) -> bool:
             f"{HEADER_REPLIES} must be {REPLIES_PACKED!r} or {REPLIES_SINGLE!r}, got {text!r:.80}"
         )
     return text == REPLIES_PACKED
+
+
+def plain_entry(
+    request_id: object,
+    reply_to: object,
+    deadline: object,
+    attempt: object,
+    trace_id: object,
+    key: object,
+) -> bool:
+    """True when these decoded fields certainly pass ``RequestMeta``'s checks: exact types,
+    strings short enough (63 characters are at most 252 UTF-8 bytes; msgpack strings are
+    valid UTF-8), a finite deadline and an attempt in range. False only means "check them
+    the slow way", which also says what is wrong."""
+    return (
+        type(request_id) is str
+        and 0 < len(request_id) <= 63
+        and (reply_to is None or (type(reply_to) is str and 0 < len(reply_to) <= 63))
+        and (deadline is None or (type(deadline) is float and math.isfinite(deadline)))
+        and type(attempt) is int
+        and 1 <= attempt <= MAX_ATTEMPT
+        and (trace_id is None or (type(trace_id) is str and 0 < len(trace_id) <= 63))
+        and (key is None or (type(key) is str and len(key) <= 63))
+    )
 
 
 def _plan_hash(name: str, value: object) -> str:

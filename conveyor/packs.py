@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from conveyor import wire
-from conveyor.envelope import CONTENT_TYPE, HEADER_STATUS, STATUS_OK, RequestMeta
+from conveyor.envelope import CONTENT_TYPE, HEADER_STATUS, STATUS_OK, RequestMeta, plain_entry
 from conveyor.errors import CodecError
 from conveyor.transport import Message
 
@@ -59,6 +59,7 @@ def read_request_entries(raw: object, plan_hash: str) -> list[tuple[RequestMeta,
     if not isinstance(raw, list) or not raw:
         raise CodecError("stage message meta needs a non-empty 'requests' list")
     requests: list[tuple[RequestMeta, int]] = []
+    plan_checked = False
     for entry in raw:
         if not isinstance(entry, dict):
             raise CodecError(f"stage message request entry is a {type(entry).__name__}")
@@ -66,6 +67,15 @@ def read_request_entries(raw: object, plan_hash: str) -> list[tuple[RequestMeta,
         packed = entry.get("packed", False)
         if not isinstance(packed, bool):
             raise CodecError(f"stage message request 'packed' must be a bool, got {packed!r:.40}")
+        rid, reply_to, deadline = entry.get("id"), entry.get("reply_to"), entry.get("deadline")
+        attempt, trace, key = entry.get("attempt", 1), entry.get("trace"), entry.get("key")
+        if plan_checked and plain_entry(rid, reply_to, deadline, attempt, trace, key):
+            # The common case, without RequestMeta's per-field checks (same verdict).
+            request = RequestMeta.trusted(
+                rid, reply_to, deadline, plan_hash, packed, attempt, trace, key  # type: ignore[arg-type]
+            )
+            requests.append((request, rows))
+            continue
         try:
             request = RequestMeta(
                 request_id=entry["id"],
@@ -79,6 +89,7 @@ def read_request_entries(raw: object, plan_hash: str) -> list[tuple[RequestMeta,
             )
         except KeyError as exc:
             raise CodecError("stage message request entry has no 'id'") from exc
+        plan_checked = True  # the plan hash is the message's: one check covers all entries
         requests.append((request, rows))
     return requests
 

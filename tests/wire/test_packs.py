@@ -109,3 +109,50 @@ def test_an_unknown_replies_header_is_a_codec_error() -> None:
     message = Message(body=b"", message_id="r", headers={HEADER_REPLIES: "bundled"})
     with pytest.raises(CodecError, match="x-conveyor-replies"):
         RequestMeta.from_message(message)
+
+
+GOOD = {"id": "r", "reply_to": "q", "deadline": 1e9, "attempt": 1, "rows": 1}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("id", "", "must not be empty"),
+        ("id", "x" * 256, "255"),
+        ("id", 7, "must be a string"),
+        ("reply_to", "y" * 300, "255"),
+        ("deadline", float("inf"), "finite"),
+        ("deadline", "soon", "number"),
+        ("attempt", 0, "between 1"),
+        ("attempt", True, "integer"),
+        ("trace", "", "must not be empty"),
+        ("key", "k" * 256, "255"),
+    ],
+)
+def test_every_entry_of_a_pack_is_checked_like_the_first(
+    field: str, value: object, match: str
+) -> None:
+    from conveyor.packs import read_request_entries
+
+    bad = {**GOOD, field: value}
+    for entries in ([bad], [GOOD, bad], [GOOD, GOOD, bad]):
+        with pytest.raises(CodecError, match=match):
+            read_request_entries(entries, PLAN)
+
+
+def test_entries_read_fast_equal_those_read_the_slow_way() -> None:
+    from conveyor.packs import read_request_entries
+
+    entries = [
+        {**GOOD, "id": f"r{i}", "trace": "t", "key": "", "packed": True, "deadline": 1e9 + i}
+        for i in range(3)
+    ]
+    got = read_request_entries(entries, PLAN)
+    for (m, rows), e in zip(got, entries, strict=True):
+        assert rows == 1
+        assert m == RequestMeta(
+            e["id"], reply_to="q", deadline=e["deadline"], plan_hash=PLAN, attempt=1,
+            trace_id="t", key="", packed_replies=True,
+        )
+    with pytest.raises(CodecError, match="plan_hash"):
+        read_request_entries([GOOD, GOOD], "NOT-HEX")
