@@ -42,10 +42,13 @@ log = logging.getLogger(__name__)
 
 #: How many joined request ids a join remembers to recognise late duplicate parts.
 JOINED_MEMORY = 65_536
-#: Batches whose recent run time (onnxruntime alone, not the hop to its thread) is below
-#: this run on the event loop's thread: a hop costs about as much as such a run.
+#: Batches whose recent run time (measured on the event loop's thread, where no wait for
+#: a thread or the GIL inflates it) is below this run there: a hop to the stage's thread
+#: and back costs about as much as such a run.
 INLINE_BELOW_MS = 0.5
-#: Weight of the newest batch in the run-time average that decides it.
+#: A stage running on its thread runs one batch in this many on the loop to measure again.
+INLINE_PROBE_EVERY = 200
+#: Weight of the newest inline measurement in the average that decides it.
 _RUN_EWMA = 0.2
 
 
@@ -131,8 +134,10 @@ class StageRunner:
         self._joined: OrderedDict[str, None] = OrderedDict()
         self._local_joins: dict[int, dict[str, Batch]] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}")
-        #: Average milliseconds of ``session.run`` per batch (0: none yet).
+        #: Average milliseconds of ``session.run`` per batch, measured on the loop.
         self._run_ms = 0.0
+        #: Batches run on the stage's thread since the last measurement (-1: none yet).
+        self._on_thread = -1
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = 0
 
@@ -292,20 +297,23 @@ class StageRunner:
     async def _infer(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         assert self.session is not None
         feeds = {name: tensors[name] for name in self.session.input_names}
-        if 0 < self._run_ms < INLINE_BELOW_MS:
-            # A batch this quick costs less than the hop to a thread and back: run it here.
+        if self._run_ms < INLINE_BELOW_MS or self._on_thread >= INLINE_PROBE_EVERY:
+            # Quick batches cost less than the hop to a thread and back: run them here.
+            # The first batch, and one in INLINE_PROBE_EVERY of a slow stage, run here too
+            # to measure (a run on the thread would count waits for the GIL).
             return self._timed_run(feeds)
+        self._on_thread += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._timed_run, feeds)
+        return await loop.run_in_executor(self._executor, self.session.run_bound, feeds)
 
     def _timed_run(self, feeds: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Run the session and keep an average of the run alone (the inline decision must
-        not count the wait for the thread, or a stage once moved there never comes back)."""
         assert self.session is not None
         started = time.perf_counter()
         outputs = self.session.run_bound(feeds)
         ms = (time.perf_counter() - started) * 1000.0
-        self._run_ms = ms if self._run_ms == 0 else (1 - _RUN_EWMA) * self._run_ms + _RUN_EWMA * ms
+        first = self._on_thread < 0
+        self._run_ms = ms if first else (1 - _RUN_EWMA) * self._run_ms + _RUN_EWMA * ms
+        self._on_thread = 0
         return outputs
 
     async def _isolate_failure(self, batch: Batch, error: InferenceError) -> None:
