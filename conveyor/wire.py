@@ -481,6 +481,7 @@ def _check_name(name: object, limits: Limits, *, where: int | None) -> None:
 
 
 _META_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_STR_KEYS = frozenset({str})
 
 
 def _check_meta(meta: Mapping[str, object]) -> None:
@@ -492,23 +493,26 @@ def _check_meta(meta: Mapping[str, object]) -> None:
 
 def _plain_meta(meta: object) -> bool:
     """True when ``meta`` is built of exactly the MetaValue types with str keys: the common
-    case, checked without building any path text. False sends it to ``_explain_meta``,
-    which accepts subclasses too and names what is wrong."""
+    case, checked a container at a time (the type sets are built in C) without any path
+    text. False sends it to ``_explain_meta``, which accepts subclasses too and names
+    what is wrong."""
     scalars = _META_SCALARS
     stack = [meta]
     while stack:
         value = stack.pop()
         kind = type(value)
         if kind is dict:
-            for key, item in value.items():  # type: ignore[attr-defined]
-                if type(key) is not str:
-                    return False
-                if type(item) not in scalars:
-                    stack.append(item)
+            if not _STR_KEYS.issuperset(map(type, value)):  # type: ignore[call-overload]
+                return False
+            items = value.values()  # type: ignore[attr-defined]
         elif kind is list or kind is tuple:
-            stack.extend(item for item in value if type(item) not in scalars)  # type: ignore[attr-defined]
-        elif kind not in scalars:
+            items = value
+        elif kind in scalars:
+            continue
+        else:
             return False
+        if not scalars.issuperset(map(type, items)):
+            stack.extend(item for item in items if type(item) not in scalars)
     return True
 
 
