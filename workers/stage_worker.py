@@ -5,9 +5,12 @@ stages (all by default) in this process. ``await worker.start()`` declares the p
 topology, loads one onnxruntime session per stage and starts consuming:
 
 * the input shard queues when it hosts ``plan.stages[0]`` (all shards, or ``settings.shard``):
-  the *ingress* decodes each request, checks it against the plan (plan hash, deadline,
-  tensors) and micro-batches it;
+  the *ingress* decodes each request (or request pack), checks it against the plan (plan
+  hash, deadline, tensors) and micro-batches it;
 * the stage queue(s) of every other hosted stage (a join stage: its shard queues).
+
+Decoding and admission live in ``workers.intake``; sending in ``workers.outbox``; the
+batch loops in ``workers.runner``.
 
 A batch flows through the stages hosted here in memory (``StageRunner.accept_local``);
 it goes through the broker only to a stage hosted elsewhere, or one whose inputs are not
@@ -24,8 +27,7 @@ Control (``conveyor.control.Controllable``, driven by ``workers.control_agent``)
 
 Shutdown: ``stop(grace)`` stops taking new deliveries, lets work in flight finish for up
 to ``grace`` seconds, cancels the rest (those messages are redelivered) and cancels its
-consumers. The transport belongs to the
-caller and stays open.
+consumers. The transport belongs to the caller and stays open.
 """
 
 from __future__ import annotations
@@ -40,31 +42,24 @@ import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from types import TracebackType
 from typing import Any
 
-import numpy as np
-
-from conveyor import wire
 from conveyor.control import QueueConsumption
 from conveyor.eager import mark_eager
-from conveyor.envelope import RequestMeta
 from conveyor.errors import (
-    CodecError,
     ConfigError,
     ConveyorError,
-    DeadlineExceeded,
     PlanError,
-    PlanHashMismatch,
     TransportError,
 )
-from conveyor.packs import CLIENT_SOURCE, REQUEST_PACK_TYPE, decode_stage_message
-from conveyor.plan import MODEL_INPUT, Plan, StageSpec, TensorSpec
+from conveyor.plan import MODEL_INPUT, Plan, StageSpec
 from conveyor.topology import Topology
-from conveyor.transport import Consumer, Delivery, Message, Transport
-from workers.batching import batch_rows
+from conveyor.transport import Consumer, Delivery, Transport
+from workers.intake import Intake
 from workers.outbox import Outbox
-from workers.runner import Batch, Item, Request, StageRunner, deadline_error, stage_sources
+from workers.runner import Batch, Request, StageRunner, stage_sources
 from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
 from workers.settlement import Lot, Outcome
@@ -146,8 +141,6 @@ class StageWorker:
         for name in self.home:
             if name not in self.hosted:
                 raise ConfigError(f"home stage {name!r} is not among the hosted {self.hosted}")
-        #: Deliveries per input routing key (p.N / r.i) on the input shards.
-        self.routing_keys: dict[str, int] = {}
         self._declare = declare
         self._state = WorkerState.NEW
         self._runners: dict[str, StageRunner] = {}
@@ -155,11 +148,9 @@ class StageWorker:
         self._replies: dict[str, tuple[str, ...]] = {}
         self._records: dict[str, _ConsumerRecord] = {}
         self.outbox = Outbox(transport, self.topology, plan.hash)
-        self._input_specs = {t.name: t for t in plan.inputs}
-        self._input_check = _TensorCheck(self._input_specs)
-        self._input_batch_fixed = any(
-            _fixed(t.shape[0]) for t in plan.inputs if t.shape
-        )
+        self._intake = Intake(plan, self._runners, self.outbox)
+        #: Requests per input routing key (p.N / r.i) seen on the input shards.
+        self.routing_keys: dict[str, int] = self._intake.routing_keys
         self._batch_ids = itertools.count()
         self._open_lots = 0
         self._settled = asyncio.Event()
@@ -378,10 +369,14 @@ class StageWorker:
                 # Stopping: hold it unsettled; it is redelivered when the consumer goes.
                 record.parked.append(delivery)
                 return
+            lot = partial(self._lot, record, delivery)
             if record.runner == MODEL_INPUT:
-                await self._on_request(record, delivery)
-            else:
-                await self._on_stage_message(record, delivery)
+                await self._intake.request(delivery, lot)
+                return
+            runner = self._runners[record.runner]
+            await self._intake.stage_message(runner, delivery, lot)
+            if runner.is_join:
+                await self._fit_join_window(record, runner)
 
         # Nothing before its first wait needs a task of its own (see conveyor.eager).
         return mark_eager(handle)
@@ -407,127 +402,6 @@ class StageWorker:
         self._settled.clear()
         return lot
 
-    async def _on_request(self, record: _ConsumerRecord, delivery: Delivery) -> None:
-        message = delivery.message
-        if message.type == REQUEST_PACK_TYPE:
-            await self._on_pack(record, delivery)
-            return
-        ingress = self._runners[MODEL_INPUT]
-        key = delivery.routing_key
-        self.routing_keys[key] = self.routing_keys.get(key, 0) + 1
-        lot = self._lot(record, delivery, 1)
-        try:
-            meta = RequestMeta.from_message(message)
-        except CodecError as exc:
-            ingress.counters.errors += 1
-            await self._fail_unparsed(lot, message, exc)
-            return
-        request = Request(meta, 0, lot.request())
-        error = self._admission_error(meta)
-        if error is not None:
-            await self._refuse(ingress, request, error)
-            return
-        try:
-            tensors = self._model_inputs(wire.decode(message.body).tensors)
-            request.rows = _rows(tensors)
-        except CodecError as exc:
-            ingress.counters.errors += 1
-            await self.fail(request, exc, Outcome.FAILED)
-            return
-        ingress.submit(Item(request, tensors))
-
-    async def _on_pack(self, record: _ConsumerRecord, delivery: Delivery) -> None:
-        """Several requests in one message (``conveyor.packs``): each goes on as if it had
-        come alone; the message is settled once all of them are."""
-        ingress = self._runners[MODEL_INPUT]
-        try:
-            msg = decode_stage_message(delivery.message.body)
-        except CodecError as exc:
-            ingress.counters.errors += 1
-            await self._fail_unparsed(self._lot(record, delivery, 1), delivery.message, exc)
-            return
-        key = delivery.routing_key
-        self.routing_keys[key] = self.routing_keys.get(key, 0) + len(msg.requests)
-        lot = self._lot(record, delivery, len(msg.requests))
-        # The requests' rows share the pack's dtypes and dims 1..n: check those once (per
-        # request only when the plan fixes the batch dimension itself).
-        per_request = self._input_batch_fixed
-        bad: CodecError | None = None
-        if not per_request:
-            try:
-                self._model_inputs(dict(msg.tensors))
-            except CodecError as exc:
-                bad = exc
-        offset = 0
-        for meta, rows in msg.requests:
-            request = Request(meta, rows, lot.request())
-            piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
-            offset += rows
-            error = self._admission_error(meta, msg.plan_hash)
-            if error is None and msg.source != CLIENT_SOURCE:
-                error = PlanError(
-                    f"a request pack must say src {CLIENT_SOURCE!r}, not {msg.source!r}"
-                )
-            if error is not None:
-                await self._refuse(ingress, request, error)
-                continue
-            try:
-                if bad is not None:
-                    raise bad
-                if per_request:
-                    self._model_inputs(piece)
-            except CodecError as exc:
-                ingress.counters.errors += 1
-                await self.fail(request, exc, Outcome.FAILED)
-                continue
-            ingress.submit(Item(request, piece))
-
-    async def _on_stage_message(self, record: _ConsumerRecord, delivery: Delivery) -> None:
-        runner = self._runners[record.runner]
-        assert runner.spec is not None
-        try:
-            msg = decode_stage_message(delivery.message.body)
-        except CodecError as exc:
-            runner.counters.errors += 1
-            await self._fail_unparsed(self._lot(record, delivery, 1), delivery.message, exc)
-            return
-        lot = self._lot(record, delivery, len(msg.requests))
-        specs = {i.tensor.name: i.tensor for i in runner.spec.inputs if i.source == msg.source}
-        what = f"stage {runner.name!r} input from {msg.source!r}"
-        # The requests' rows share the message's dtypes and dims 1..n: check those once
-        # (per request only when a spec fixes the batch dimension itself).
-        per_request = any(_fixed(spec.shape[0]) for spec in specs.values() if spec.shape)
-        bad: CodecError | None = None
-        if not per_request:
-            try:
-                _check_tensors(msg.tensors, specs, what)
-            except CodecError as exc:
-                bad = exc
-        known_source = msg.source in runner.sources
-        offset = 0
-        for meta, rows in msg.requests:
-            request = Request(meta, rows, lot.request())
-            piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
-            offset += rows
-            error = self._admission_error(meta, msg.plan_hash)
-            if error is None and not known_source:
-                error = PlanError(f"stage {runner.name!r} does not read from {msg.source!r}")
-            if error is not None:
-                await self._refuse(runner, request, error)
-                continue
-            try:
-                if bad is not None:
-                    raise bad
-                if per_request:
-                    _check_tensors(piece, specs, what)
-            except CodecError as exc:
-                runner.counters.errors += 1
-                await self.fail(request, exc, Outcome.FAILED)
-                continue
-            await runner.submit_part(msg.source, Item(request, piece))
-        if runner.is_join:
-            await self._fit_join_window(record, runner)
-
     async def _fit_join_window(self, record: _ConsumerRecord, runner: StageRunner) -> None:
         """Parts stay unacked until their join runs, so a window full of parts waiting for
         partners queued behind them would never move: widen it (doubling, up to
@@ -547,43 +421,6 @@ class StageWorker:
                 await self._apply_prefetch(record, wider)
         elif not waiting and record.prefetch > record.base_prefetch:
             await self._apply_prefetch(record, record.base_prefetch)
-
-    def _admission_error(
-        self, meta: RequestMeta, plan_hash: str | None = None
-    ) -> ConveyorError | None:
-        named = plan_hash if plan_hash is not None else meta.plan_hash
-        if named is not None and not _same_plan(self.plan.hash, named):
-            return PlanHashMismatch(self.plan.hash, named)
-        if meta.expired():
-            return deadline_error(meta, "any stage")
-        return None
-
-    async def _refuse(self, runner: StageRunner, request: Request, error: ConveyorError) -> None:
-        """Answer a request refused at admission: an expired one is acked (dropped, not
-        run); any other refusal (plan hash, wrong source) is dead-lettered."""
-        if isinstance(error, DeadlineExceeded):
-            runner.counters.expired += 1
-            await self.fail(request, error, Outcome.OK)
-        else:
-            runner.counters.errors += 1
-            await self.fail(request, error, Outcome.FAILED)
-
-    async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
-        """A message we cannot read: dead-letter it; answer if its envelope allows."""
-        meta: RequestMeta | None = None
-        if message.message_id and message.reply_to:
-            with contextlib.suppress(CodecError):
-                meta = RequestMeta(message.message_id, reply_to=message.reply_to)
-        if meta is not None:
-            await self.outbox.send_error(meta, error)
-        else:
-            log.warning("dead-lettering an unreadable message: %s", error)
-        await lot.done(Outcome.FAILED)
-
-    def _model_inputs(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self._input_check.passes(tensors):
-            _check_tensors(tensors, self._input_specs, "request")  # raises, naming why
-        return tensors
 
     # -- building -------------------------------------------------------------------------
     async def _build_runners(self) -> None:
@@ -738,60 +575,3 @@ def _check_model_outputs(plan: Plan) -> None:
         )
     if not producers:
         raise PlanError(f"plan {plan.name!r}: no stage produces a model output")
-
-
-def _same_plan(ours: str, named: str) -> bool:
-    """The full hash, or a prefix of at least 16 digits (``Plan.short_hash``), matches."""
-    return named == ours or (len(named) >= 16 and ours.startswith(named))
-
-
-def _check_tensors(
-    tensors: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], what: str
-) -> None:
-    missing = sorted(set(specs) - set(tensors))
-    if missing:
-        raise CodecError(f"{what} lacks tensor(s) {missing}; expected {sorted(specs)}")
-    extra = sorted(set(tensors) - set(specs))
-    if extra:
-        raise CodecError(f"{what} has unknown tensor(s) {extra}; expected {sorted(specs)}")
-    for name, array in tensors.items():
-        wire.check_tensor(name, array, specs[name])
-
-
-def _fixed(dim: int | str) -> bool:
-    return isinstance(dim, int) and dim >= 0
-
-
-class _TensorCheck:
-    """The common case of ``_check_tensors`` in a few comparisons (True: all match)."""
-
-    def __init__(self, specs: Mapping[str, TensorSpec]) -> None:
-        self._names = set(specs)
-        self._checks = [
-            (
-                name,
-                np.dtype(spec.dtype),
-                len(spec.shape),
-                [(axis, d) for axis, d in enumerate(spec.shape) if _fixed(d)],
-            )
-            for name, spec in specs.items()
-        ]
-
-    def passes(self, tensors: Mapping[str, np.ndarray]) -> bool:
-        if tensors.keys() != self._names:
-            return False
-        for name, dtype, rank, fixed in self._checks:
-            array = tensors[name]
-            if array.dtype != dtype or array.ndim != rank:
-                return False
-            for axis, size in fixed:
-                if array.shape[axis] != size:
-                    return False
-        return True
-
-
-def _rows(tensors: Mapping[str, np.ndarray]) -> int:
-    try:
-        return batch_rows(tensors)
-    except ValueError as exc:
-        raise CodecError(f"request tensors: {exc}") from exc

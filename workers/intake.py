@@ -1,0 +1,286 @@
+"""What a worker does with a delivery before batching: decode it, admit its requests.
+
+``Intake`` serves one ``StageWorker``. A message on an input shard is one request (docs/
+wire.md sections 1-2) or a request pack (section 7); a message on a stage queue is a stage
+message (section 6). Each request is checked against the plan (plan hash, deadline, tensor
+names, dtypes and fixed dimensions) and handed to its runner's batcher, or answered:
+
+* expired: ``DeadlineExceeded``, and its branch ends OK (acked, not run);
+* wrong plan or source, bad tensors: the error, and its branch FAILED (dead-lettered);
+* an unreadable message: dead-lettered, its envelope's request told when it names one.
+
+The ``lot`` callable makes the delivery's settlement for ``n`` requests
+(``workers.settlement.Lot``); the delivery is settled once every request is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from conveyor import wire
+from conveyor.envelope import RequestMeta
+from conveyor.errors import (
+    CodecError,
+    ConveyorError,
+    DeadlineExceeded,
+    PlanError,
+    PlanHashMismatch,
+)
+from conveyor.packs import CLIENT_SOURCE, REQUEST_PACK_TYPE, StageMessage, decode_stage_message
+from conveyor.plan import MODEL_INPUT, Plan, TensorSpec
+from conveyor.transport import Delivery, Message
+from workers.batching import batch_rows
+from workers.outbox import Outbox
+from workers.runner import Item, Request, StageRunner, deadline_error
+from workers.settlement import Lot, Outcome
+
+log = logging.getLogger(__name__)
+
+#: Makes the settlement of the delivery at hand for ``n`` requests.
+LotFactory = Callable[[int], Lot]
+
+
+class Intake:
+    def __init__(
+        self, plan: Plan, runners: Mapping[str, StageRunner], outbox: Outbox
+    ) -> None:
+        self.plan = plan
+        self.runners = runners
+        self.outbox = outbox
+        #: Requests per input routing key (p.N / r.i) seen on the input shards.
+        self.routing_keys: dict[str, int] = {}
+        self._input_specs = {t.name: t for t in plan.inputs}
+        self._input_check = TensorCheck(self._input_specs)
+        self._input_batch_fixed = any(_fixed(t.shape[0]) for t in plan.inputs if t.shape)
+
+    # -- input shards ---------------------------------------------------------------------
+    async def request(self, delivery: Delivery, lot: LotFactory) -> None:
+        """A message on an input shard: one request, or a pack of them."""
+        message = delivery.message
+        if message.type == REQUEST_PACK_TYPE:
+            await self._pack(delivery, lot)
+            return
+        ingress = self.runners[MODEL_INPUT]
+        self._count_key(delivery.routing_key, 1)
+        settlement = lot(1)
+        try:
+            meta = RequestMeta.from_message(message)
+        except CodecError as exc:
+            ingress.counters.errors += 1
+            await self._fail_unparsed(settlement, message, exc)
+            return
+        request = Request(meta, 0, settlement.request())
+        error = self._admission_error(meta)
+        if error is not None:
+            await self._refuse(ingress, request, error)
+            return
+        try:
+            tensors = wire.decode(message.body).tensors
+            self._model_inputs(tensors)
+            request.rows = _rows(tensors)
+        except CodecError as exc:
+            ingress.counters.errors += 1
+            await self.outbox.fail(request, exc, Outcome.FAILED)
+            return
+        ingress.submit(Item(request, tensors))
+
+    async def _pack(self, delivery: Delivery, lot: LotFactory) -> None:
+        """Several requests in one message: each goes on as if it had come alone."""
+        ingress = self.runners[MODEL_INPUT]
+        msg = await self._decode(ingress, delivery, lot)
+        if msg is None:
+            return
+        self._count_key(delivery.routing_key, len(msg.requests))
+        wrong_source = (
+            None
+            if msg.source == CLIENT_SOURCE
+            else PlanError(f"a request pack must say src {CLIENT_SOURCE!r}, not {msg.source!r}")
+        )
+
+        def check(tensors: Mapping[str, np.ndarray]) -> None:
+            self._model_inputs(tensors)
+
+        async def submit(item: Item) -> None:
+            ingress.submit(item)
+
+        await self._admit(
+            ingress, msg, lot, wrong_source, check, self._input_batch_fixed, submit
+        )
+
+    # -- stage queues ---------------------------------------------------------------------
+    async def stage_message(self, runner: StageRunner, delivery: Delivery, lot: LotFactory) -> None:
+        """A message on a stage queue: a batch of requests from another stage's worker."""
+        assert runner.spec is not None
+        msg = await self._decode(runner, delivery, lot)
+        if msg is None:
+            return
+        specs = {i.tensor.name: i.tensor for i in runner.spec.inputs if i.source == msg.source}
+        what = f"stage {runner.name!r} input from {msg.source!r}"
+        wrong_source = (
+            None
+            if msg.source in runner.sources
+            else PlanError(f"stage {runner.name!r} does not read from {msg.source!r}")
+        )
+
+        def check(tensors: Mapping[str, np.ndarray]) -> None:
+            check_tensors(tensors, specs, what)
+
+        async def submit(item: Item) -> None:
+            await runner.submit_part(msg.source, item)
+
+        per_request = any(_fixed(spec.shape[0]) for spec in specs.values() if spec.shape)
+        await self._admit(runner, msg, lot, wrong_source, check, per_request, submit)
+
+    # -- shared steps ---------------------------------------------------------------------
+    async def _decode(
+        self, runner: StageRunner, delivery: Delivery, lot: LotFactory
+    ) -> StageMessage | None:
+        try:
+            return decode_stage_message(delivery.message.body)
+        except CodecError as exc:
+            runner.counters.errors += 1
+            await self._fail_unparsed(lot(1), delivery.message, exc)
+            return None
+
+    async def _admit(
+        self,
+        runner: StageRunner,
+        msg: StageMessage,
+        lot: LotFactory,
+        wrong_source: ConveyorError | None,
+        check: Callable[[Mapping[str, np.ndarray]], None],
+        per_request: bool,
+        submit: Callable[[Item], Any],
+    ) -> None:
+        """Admit each request of a pack or stage message on its own. The requests' rows
+        share the message's dtypes and dims 1..n, so the tensors are checked once for
+        all (per request only when a spec fixes the batch dimension itself)."""
+        settlement = lot(len(msg.requests))
+        bad: CodecError | None = None
+        if not per_request:
+            try:
+                check(msg.tensors)
+            except CodecError as exc:
+                bad = exc
+        offset = 0
+        for meta, rows in msg.requests:
+            request = Request(meta, rows, settlement.request())
+            piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
+            offset += rows
+            error = self._admission_error(meta, msg.plan_hash) or wrong_source
+            if error is not None:
+                await self._refuse(runner, request, error)
+                continue
+            try:
+                if bad is not None:
+                    raise bad
+                if per_request:
+                    check(piece)
+            except CodecError as exc:
+                runner.counters.errors += 1
+                await self.outbox.fail(request, exc, Outcome.FAILED)
+                continue
+            await submit(Item(request, piece))
+
+    def _count_key(self, key: str, requests: int) -> None:
+        self.routing_keys[key] = self.routing_keys.get(key, 0) + requests
+
+    def _admission_error(
+        self, meta: RequestMeta, plan_hash: str | None = None
+    ) -> ConveyorError | None:
+        named = plan_hash if plan_hash is not None else meta.plan_hash
+        if named is not None and not same_plan(self.plan.hash, named):
+            return PlanHashMismatch(self.plan.hash, named)
+        if meta.expired():
+            return deadline_error(meta, "any stage")
+        return None
+
+    async def _refuse(self, runner: StageRunner, request: Request, error: ConveyorError) -> None:
+        """Answer a request refused at admission: an expired one is acked (dropped, not
+        run); any other refusal (plan hash, wrong source) is dead-lettered."""
+        if isinstance(error, DeadlineExceeded):
+            runner.counters.expired += 1
+            await self.outbox.fail(request, error, Outcome.OK)
+        else:
+            runner.counters.errors += 1
+            await self.outbox.fail(request, error, Outcome.FAILED)
+
+    async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
+        """A message we cannot read: dead-letter it; answer if its envelope allows."""
+        meta: RequestMeta | None = None
+        if message.message_id and message.reply_to:
+            with contextlib.suppress(CodecError):
+                meta = RequestMeta(message.message_id, reply_to=message.reply_to)
+        if meta is not None:
+            await self.outbox.send_error(meta, error)
+        else:
+            log.warning("dead-lettering an unreadable message: %s", error)
+        await lot.done(Outcome.FAILED)
+
+    def _model_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """``CodecError`` unless ``tensors`` fit the plan's inputs."""
+        if not self._input_check.passes(tensors):
+            check_tensors(tensors, self._input_specs, "request")  # raises, naming why
+
+
+def same_plan(ours: str, named: str) -> bool:
+    """The full hash, or a prefix of at least 16 digits (``Plan.short_hash``), matches."""
+    return named == ours or (len(named) >= 16 and ours.startswith(named))
+
+
+def check_tensors(
+    tensors: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], what: str
+) -> None:
+    """``CodecError`` naming the first tensor that is missing, unknown or off its spec."""
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise CodecError(f"{what} lacks tensor(s) {missing}; expected {sorted(specs)}")
+    extra = sorted(set(tensors) - set(specs))
+    if extra:
+        raise CodecError(f"{what} has unknown tensor(s) {extra}; expected {sorted(specs)}")
+    for name, array in tensors.items():
+        wire.check_tensor(name, array, specs[name])
+
+
+def _fixed(dim: int | str) -> bool:
+    return isinstance(dim, int) and dim >= 0
+
+
+class TensorCheck:
+    """The common case of ``check_tensors`` in a few comparisons (True: all match)."""
+
+    def __init__(self, specs: Mapping[str, TensorSpec]) -> None:
+        self._names = set(specs)
+        self._checks = [
+            (
+                name,
+                np.dtype(spec.dtype),
+                len(spec.shape),
+                [(axis, d) for axis, d in enumerate(spec.shape) if _fixed(d)],
+            )
+            for name, spec in specs.items()
+        ]
+
+    def passes(self, tensors: Mapping[str, np.ndarray]) -> bool:
+        if tensors.keys() != self._names:
+            return False
+        for name, dtype, rank, fixed in self._checks:
+            array = tensors[name]
+            if array.dtype != dtype or array.ndim != rank:
+                return False
+            for axis, size in fixed:
+                if array.shape[axis] != size:
+                    return False
+        return True
+
+
+def _rows(tensors: Mapping[str, np.ndarray]) -> int:
+    try:
+        return batch_rows(tensors)
+    except ValueError as exc:
+        raise CodecError(f"request tensors: {exc}") from exc
