@@ -77,9 +77,11 @@ Outputs = dict[str, np.ndarray]
 DEFAULT_TIMEOUT = 30.0
 #: Waits from this long on (or not finite) go through RequestMeta's checks.
 _NO_DEADLINE = 1e9
-#: A request pack holds at most this many requests and (past its first) this many bytes.
+#: A request pack holds at most this many requests and (past its first) this many bytes
+#: of tensors. Large requests gain from packs too (W2, 602 KB images: RabbitMQ's CPU per
+#: request 1.8 -> 1.1 ms); the byte cap bounds how long a pack holds up a queue.
 PACK_MAX_REQUESTS = 64
-PACK_MAX_BYTES = 1 << 20
+PACK_MAX_BYTES = 4 << 20
 
 
 class ClientState(enum.Enum):
