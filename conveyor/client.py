@@ -143,7 +143,7 @@ class Client:
         # Request ids: a random per-client prefix and a counter (unique, and cheap).
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
         # The envelope fields every request shares, checked once here (CodecError if not
-        # valid); ``infer`` builds the message of a request without key or trace directly.
+        # valid); ``infer`` builds the meta of a request without key or trace unchecked.
         RequestMeta(self._id_prefix, reply_to=self.reply_queue, plan_hash=plan.hash)
         self._random_partitions = plan.partitioning.kind == "random"
         # Packs stack requests on the batch axis: not for inputs with a fixed batch size.

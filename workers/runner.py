@@ -48,7 +48,7 @@ JOINED_MEMORY = 65_536
 INLINE_BELOW_MS = 0.5
 #: A stage running on its thread runs one batch in this many on the loop to measure again.
 INLINE_PROBE_EVERY = 200
-#: Weight of the newest inline measurement in the average that decides it.
+#: Weight of the newest inline run in the average that keeps a stage on the loop.
 _RUN_EWMA = 0.2
 
 
@@ -311,8 +311,10 @@ class StageRunner:
         started = time.perf_counter()
         outputs = self.session.run_bound(feeds)
         ms = (time.perf_counter() - started) * 1000.0
-        first = self._on_thread < 0
-        self._run_ms = ms if first else (1 - _RUN_EWMA) * self._run_ms + _RUN_EWMA * ms
+        # The first run (often slowed by warm-up) and a probe from the thread decide on
+        # their own; runs staying on the loop are averaged.
+        fresh = self._on_thread != 0
+        self._run_ms = ms if fresh else (1 - _RUN_EWMA) * self._run_ms + _RUN_EWMA * ms
         self._on_thread = 0
         return outputs
 
