@@ -604,6 +604,9 @@ async def _start_local_workers(
 def _packable(arrays: Mapping[str, np.ndarray]) -> int:
     """The bytes a request adds to a pack; -1 when it must go alone (its tensors do not
     agree on a batch size, so stacking would mix requests' rows)."""
+    if len(arrays) == 1:  # the common case, without building a set
+        (array,) = arrays.values()
+        return array.nbytes if array.ndim else -1
     sizes = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
     if len(sizes) != 1 or -1 in sizes:
         return -1

@@ -420,19 +420,26 @@ def plain_entry(
     key: object,
 ) -> bool:
     """True when these decoded fields certainly pass ``RequestMeta``'s checks: exact types,
-    strings short enough (63 characters are at most 252 UTF-8 bytes; msgpack strings are
-    valid UTF-8), a finite deadline and an attempt in range. False only means "check them
-    the slow way", which also says what is wrong."""
+    strings short enough (an ASCII string's length is its UTF-8 size; 63 characters of
+    any kind are at most 252 bytes; msgpack strings are valid UTF-8), a finite deadline and
+    an attempt in range. False only means "check them the slow way", which also says
+    what is wrong."""
     return (
-        type(request_id) is str
-        and 0 < len(request_id) <= 63
-        and (reply_to is None or (type(reply_to) is str and 0 < len(reply_to) <= 63))
+        _plain_str(request_id, 1)
+        and (reply_to is None or _plain_str(reply_to, 1))
         and (deadline is None or (type(deadline) is float and math.isfinite(deadline)))
         and type(attempt) is int
         and 1 <= attempt <= MAX_ATTEMPT
-        and (trace_id is None or (type(trace_id) is str and 0 < len(trace_id) <= 63))
-        and (key is None or (type(key) is str and len(key) <= 63))
+        and (trace_id is None or _plain_str(trace_id, 1))
+        and (key is None or _plain_str(key, 0))
     )
+
+
+def _plain_str(value: object, least: int) -> bool:
+    if type(value) is not str:
+        return False
+    size = len(value)
+    return least <= size and (size <= 63 or (size <= MAX_SHORT_STR and value.isascii()))
 
 
 def _plan_hash(name: str, value: object) -> str:

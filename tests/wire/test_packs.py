@@ -121,6 +121,7 @@ GOOD = {"id": "r", "reply_to": "q", "deadline": 1e9, "attempt": 1, "rows": 1}
         ("id", "x" * 256, "255"),
         ("id", 7, "must be a string"),
         ("reply_to", "y" * 300, "255"),
+        ("reply_to", "\u00e9" * 128, "255"),  # 128 characters, 256 UTF-8 bytes
         ("deadline", float("inf"), "finite"),
         ("deadline", "soon", "number"),
         ("attempt", 0, "between 1"),
@@ -143,15 +144,17 @@ def test_every_entry_of_a_pack_is_checked_like_the_first(
 def test_entries_read_fast_equal_those_read_the_slow_way() -> None:
     from conveyor.packs import read_request_entries
 
+    long_queue = "conveyor." + "a" * 16 + ".reply." + "f" * 32  # 64 characters, as clients'
     entries = [
-        {**GOOD, "id": f"r{i}", "trace": "t", "key": "", "packed": True, "deadline": 1e9 + i}
+        {**GOOD, "id": f"r{i}", "trace": "t", "key": "", "packed": True, "deadline": 1e9 + i,
+         "reply_to": long_queue}
         for i in range(3)
     ]
     got = read_request_entries(entries, PLAN)
     for (m, rows), e in zip(got, entries, strict=True):
         assert rows == 1
         assert m == RequestMeta(
-            e["id"], reply_to="q", deadline=e["deadline"], plan_hash=PLAN, attempt=1,
+            e["id"], reply_to=long_queue, deadline=e["deadline"], plan_hash=PLAN, attempt=1,
             trace_id="t", key="", packed_replies=True,
         )
     with pytest.raises(CodecError, match="plan_hash"):
