@@ -169,12 +169,8 @@ def unpack_requests(message: Message) -> list[tuple[RequestMeta, dict[str, np.nd
     pack = decode_stage_message(message.body)
     if pack.source != CLIENT_SOURCE:
         raise CodecError(f"a request pack must say src {CLIENT_SOURCE!r}, not {pack.source!r}")
-    out: list[tuple[RequestMeta, dict[str, np.ndarray]]] = []
-    offset = 0
-    for meta, rows in pack.requests:
-        out.append((meta, {k: v[offset : offset + rows] for k, v in pack.tensors.items()}))
-        offset += rows
-    return out
+    pieces = split_rows(pack.tensors, [rows for _, rows in pack.requests])
+    return [(meta, piece) for (meta, _), piece in zip(pack.requests, pieces, strict=True)]
 
 
 def pack_replies(
@@ -213,14 +209,22 @@ def unpack_replies(message: Message) -> list[tuple[str, dict[str, np.ndarray]]]:
             raise CodecError("reply pack request entry needs a str 'id'")
         entries.append((request_id, _rows(entry.get("rows"))))
     _check_rows(decoded.tensors, sum(rows for _, rows in entries), "reply pack")
-    out: list[tuple[str, dict[str, np.ndarray]]] = []
-    offset = 0
-    for request_id, rows in entries:
-        out.append(
-            (request_id, {k: v[offset : offset + rows] for k, v in decoded.tensors.items()})
-        )
-        offset += rows
-    return out
+    pieces = split_rows(decoded.tensors, [rows for _, rows in entries])
+    return [(rid, piece) for (rid, _), piece in zip(entries, pieces, strict=True)]
+
+
+def split_rows(
+    tensors: Mapping[str, np.ndarray], rows: Sequence[int]
+) -> list[dict[str, np.ndarray]]:
+    """Request ``i``'s views of ``tensors``: the next ``rows[i]`` rows of each (the caller
+    has checked that the rows add up)."""
+    pieces = []
+    start = 0
+    for n in rows:
+        end = start + n
+        pieces.append({name: a[start:end] for name, a in tensors.items()})
+        start = end
+    return pieces
 
 
 def _rows(rows: object) -> int:

@@ -35,6 +35,7 @@ from typing import Generic, Literal, TypeVar
 import numpy as np
 
 from conveyor.errors import ConfigError
+from conveyor.packs import split_rows
 
 T = TypeVar("T")
 
@@ -74,13 +75,7 @@ def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[s
             raise ValueError(
                 f"output {name!r} has shape {a.shape}; expected {total} rows to split per request"
             )
-    pieces = []
-    start = 0
-    for n in rows:
-        end = start + n
-        pieces.append({name: a[start:end] for name, a in outputs.items()})
-        start = end
-    return pieces
+    return split_rows(outputs, rows)
 
 
 @dataclass

@@ -31,7 +31,13 @@ from conveyor.errors import (
     PlanError,
     PlanHashMismatch,
 )
-from conveyor.packs import CLIENT_SOURCE, REQUEST_PACK_TYPE, StageMessage, decode_stage_message
+from conveyor.packs import (
+    CLIENT_SOURCE,
+    REQUEST_PACK_TYPE,
+    StageMessage,
+    decode_stage_message,
+    split_rows,
+)
 from conveyor.plan import MODEL_INPUT, Plan, TensorSpec
 from conveyor.transport import Delivery, Message
 from workers.batching import batch_rows
@@ -167,11 +173,9 @@ class Intake:
                 check(msg.tensors)
             except CodecError as exc:
                 bad = exc
-        offset = 0
-        for meta, rows in msg.requests:
+        pieces = split_rows(msg.tensors, [rows for _, rows in msg.requests])
+        for (meta, rows), piece in zip(msg.requests, pieces, strict=True):
             request = Request(meta, rows, settlement.request())
-            piece = {k: v[offset : offset + rows] for k, v in msg.tensors.items()}
-            offset += rows
             error = self._admission_error(meta, msg.plan_hash) or wrong_source
             if error is not None:
                 await self._refuse(runner, request, error)
