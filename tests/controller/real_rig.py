@@ -184,3 +184,14 @@ class RealPool:
             await w.stop(grace=2.0)
         if self.client is not None:
             await self.client.close()
+
+
+def assert_answered_once(pool: RealPool, ids: Sequence[str], expected: np.ndarray) -> None:
+    """Each request got exactly one reply, an ok one equal to its row of ``expected``."""
+    assert pool.client is not None
+    for rid, want in zip(ids, expected, strict=True):
+        replies = pool.client.replies[rid]
+        assert len(replies) == 1, f"{rid}: {len(replies)} replies"
+        got = replies[0]
+        assert isinstance(got, dict), f"{rid}: error reply {got!r}"
+        np.testing.assert_array_equal(got["y"], want[None, :])

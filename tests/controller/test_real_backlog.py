@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.controller.real_plans import WholeModel, weighted_chain_plan
-from tests.controller.real_rig import RealPool, until
+from tests.controller.real_rig import RealPool, assert_answered_once, until
 from tests.transport.conftest import BrokerHandle
 from tests.workers.plans import chain_expected
 from workers.policies import MoveWorker
@@ -36,12 +36,7 @@ def check_answers(pool: RealPool, ids: list[str], xs: np.ndarray, whole: WholeMo
     assert pool.client is not None
     expected = whole(xs)
     np.testing.assert_array_equal(expected, chain_expected(xs))  # the reference itself
-    for rid, want in zip(ids, expected, strict=True):
-        replies = pool.client.replies[rid]
-        assert len(replies) == 1, f"{rid}: {len(replies)} replies"
-        got = replies[0]
-        assert isinstance(got, dict), f"{rid}: error reply {got!r}"
-        np.testing.assert_array_equal(got["y"], want[None, :])
+    assert_answered_once(pool, ids, expected)
 
 
 async def test_real_flexible_worker_follows_the_backlog(

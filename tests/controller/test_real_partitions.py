@@ -13,7 +13,7 @@ import numpy as np
 from conveyor.plan import Partitioning
 from conveyor.topology import hash_partition
 from tests.controller.real_plans import WholeModel, weighted_chain_plan
-from tests.controller.real_rig import RealPool, until
+from tests.controller.real_rig import RealPool, assert_answered_once, until
 from tests.controller.test_partitions import keys_on
 from tests.transport.conftest import BrokerHandle
 from workers.policies import MovePartition
@@ -119,13 +119,7 @@ async def test_real_hot_partition_moves_to_the_lighter_shard(
         assert c.partitions[first.routing_key] == q1
 
         # every request answered once, with what the whole model computes
-        expected = whole(np.concatenate([xs[i] for i in ids]))
-        for rid, want in zip(ids, expected, strict=True):
-            replies = pool.client.replies[rid]
-            assert len(replies) == 1, f"{rid}: {len(replies)} replies"
-            got = replies[0]
-            assert isinstance(got, dict), f"{rid}: error reply {got!r}"
-            np.testing.assert_array_equal(got["y"], want[None, :])
+        assert_answered_once(pool, ids, whole(np.concatenate([xs[i] for i in ids])))
         assert pool.client.dead == []
 
         # same key -> one shard at any moment: in publish order, a key's shard changes
