@@ -6,7 +6,9 @@ RabbitMQ those writes took 15-25% of each process's CPU. ``CoalescingConnection`
 plugs ``CoalescingTCPFactory`` into aiormq (its ``transport_factory`` extension point,
 through aio-pika's ``connection_class``): frames written during one turn of the event
 loop leave in one ``send`` at the start of the next turn. ``drain``, ``write_eof`` and
-``close`` flush first, so aiormq's ordering and flow-control waits are unchanged.
+``close`` flush first, so aiormq's ordering and flow-control waits are unchanged. The
+same factory reads through ``workers.amqp_reader.FrameStream`` (message bodies land in
+their final buffer without passing through a ``StreamReader``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from aio_pika import RobustConnection
 from aiormq.connection import TCPTransportFactory
 from yarl import URL
 
+from workers import amqp_frames
+from workers.amqp_reader import FrameStream
+
 #: Writes at least this large go out at once (after what is pending), without a copy.
 DIRECT_WRITE_BYTES = 16 * 1024
-#: The StreamReader buffer limit asyncio.open_connection uses.
-_READ_LIMIT = 2**16
 
 
 class CoalescingWriter(asyncio.StreamWriter):
@@ -81,15 +84,16 @@ class CoalescingTCPFactory(TCPTransportFactory):
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         kwargs.pop("ssl_context_provider", None)
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        stream = FrameStream(loop)
         try:
             transport, _ = await loop.create_connection(
-                lambda: protocol, host=url.host or "localhost", port=url.port or 5672, **kwargs
+                lambda: stream, host=url.host or "localhost", port=url.port or 5672, **kwargs
             )
         except OSError as exc:
             raise amqp_exc.AMQPConnectionError(*exc.args) from exc
-        return reader, CoalescingWriter(transport, protocol, reader, loop)
+        # FrameStream reads like the StreamReader aiormq expects; the writer needs no reader
+        # (a lost connection reaches drain() through the protocol).
+        return stream, CoalescingWriter(transport, stream, None, loop)  # type: ignore[return-value]
 
 
 class CoalescingConnection(RobustConnection):
@@ -98,5 +102,6 @@ class CoalescingConnection(RobustConnection):
 
     def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any):
         super().__init__(url, loop, **kwargs)
+        amqp_frames.install()
         if self.url.scheme == "amqp":
             self.kwargs["transport_factory"] = CoalescingTCPFactory()
