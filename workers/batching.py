@@ -61,10 +61,52 @@ def batch_rows(tensors: Mapping[str, np.ndarray]) -> int:
 
 
 def concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack requests along the batch axis (no copy for a batch of one)."""
+    """Stack requests along the batch axis.
+
+    No copy for a batch of one, nor for requests whose rows already lie one after the
+    other in one buffer (the requests of one pack or stage message, in order): the batch
+    is then a view of that buffer.
+    """
     if len(parts) == 1:
         return dict(parts[0])
-    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+    batch: dict[str, np.ndarray] = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        view = _adjacent_rows(arrays)
+        batch[name] = np.concatenate(arrays, axis=0) if view is None else view
+    return batch
+
+
+def _root(a: np.ndarray) -> object:
+    base: object = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base
+
+
+def _adjacent_rows(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+    """One view over ``arrays`` if they are consecutive rows of one buffer, else None."""
+    first = arrays[0]
+    if first.ndim == 0 or not first.flags.c_contiguous or first.base is None:
+        return None
+    root = _root(first)
+    end = first.ctypes.data + first.nbytes
+    rows = first.shape[0]
+    for a in arrays[1:]:
+        if (
+            a.dtype != first.dtype
+            or a.shape[1:] != first.shape[1:]
+            or not a.flags.c_contiguous
+            or a.ctypes.data != end
+            or _root(a) is not root
+        ):
+            return None
+        end += a.nbytes
+        rows += a.shape[0]
+    # Every part lies in ``root``, back to back, so the whole span does too.
+    return np.lib.stride_tricks.as_strided(
+        first, shape=(rows, *first.shape[1:]), strides=first.strides, writeable=False
+    )
 
 
 def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]]:

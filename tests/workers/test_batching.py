@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from conveyor import wire
 from conveyor.errors import ConfigError
+from conveyor.packs import split_rows
 from workers.batching import MicroBatcher, batch_rows, concat, shape_key, split
 
 
@@ -116,6 +118,27 @@ def test_concat_and_split_round_trip_per_request() -> None:
     pieces = split({"y": joined["x"] * 2}, [1, 3, 2])
     for part, piece in zip(parts, pieces, strict=True):
         np.testing.assert_array_equal(piece["y"], part["x"] * 2)
+
+
+def test_concat_of_consecutive_rows_of_one_message_is_a_view() -> None:
+    # The requests of one pack arrive as row slices of one decoded tensor.
+    body = wire.decode(wire.encode({"x": np.arange(24, dtype=np.float32).reshape(6, 4)}))
+    message = body.tensors["x"]
+    parts = split_rows({"x": message}, [2, 1, 3])
+    joined = concat(parts)["x"]
+    np.testing.assert_array_equal(joined, message)
+    assert np.shares_memory(joined, message)
+    assert not joined.flags.writeable
+
+
+@pytest.mark.parametrize("order", [[0, 2], [1, 0, 2], [2, 1, 0]])
+def test_concat_copies_rows_that_are_not_consecutive(order: list[int]) -> None:
+    message = np.arange(24, dtype=np.float32).reshape(6, 4)
+    rows = split_rows({"x": message}, [2, 1, 3])
+    parts = [rows[i] for i in order]
+    joined = concat(parts)["x"]
+    np.testing.assert_array_equal(joined, np.concatenate([p["x"] for p in parts]))
+    assert not np.shares_memory(joined, message)
 
 
 def test_split_refuses_outputs_without_matching_rows() -> None:
