@@ -108,6 +108,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Publishes of bodies from this size on wait until the socket has taken them.
+DRAIN_BODIES_FROM = 64 * 1024
+
 
 class TransportState(enum.Enum):
     OPEN = "open"
@@ -344,7 +347,10 @@ class AmqpTransport:
                 properties=properties,
                 mandatory=mandatory,
                 timeout=timeout,
-                wait=False,  # the broker's confirm is what we wait for, not the socket
+                # The broker's confirm is what we wait for, not the socket; but a large body
+                # also waits for the socket to take it, or with many in flight the
+                # transport's buffer grows by whole bodies, copied at each growth.
+                wait=len(message.body) >= DRAIN_BODIES_FROM,
             )
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> AmqpConsumer:

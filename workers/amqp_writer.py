@@ -44,9 +44,10 @@ class CoalescingWriter(asyncio.StreamWriter):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) >= DIRECT_WRITE_BYTES:
-            # Large frames (tensors) gain nothing from joining and would cost a copy.
+            # Large frames (tensors) gain nothing from joining and would cost a copy; as a
+            # view, what the socket does not take at once is copied once, not twice.
             self.flush()
-            super().write(data)
+            super().write(memoryview(data))
             return
         if not self._pending:
             self._loop_ref.call_soon(self.flush)
