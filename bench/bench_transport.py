@@ -18,6 +18,9 @@ Throughput = ``--messages`` messages published with their confirms kept in fligh
 acked; the clock stops when the last message has been acked. "publish" columns time the
 confirmed publishes alone (the consumer drains afterwards).
 
+The CPU column is this process's CPU time per message over the end-to-end run: the
+publisher and the consumer both run here (RabbitMQ's own CPU is not in it).
+
 Targets (issue 3): brokerless p50 <= 50 us; RabbitMQ p50 <= 1 ms; RabbitMQ >= 5,000 msg/s
 for 1 KB messages with confirms in flight.
 """
@@ -54,6 +57,8 @@ class Throughput:
     messages: int
     end_to_end_per_s: float
     publish_per_s: float
+    #: Process CPU (publisher and consumer both run here) per message, end to end.
+    cpu_ms_per_msg: float = float("nan")
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -151,10 +156,11 @@ async def publish_windows(
 
 async def transport_throughput(
     connect: Callable[[], Awaitable[Transport]], size: int, messages: int, window: int
-) -> tuple[float, float]:
-    """(end-to-end msg/s, publish-only msg/s) through a Transport."""
+) -> tuple[float, float, float]:
+    """(end-to-end msg/s, publish-only msg/s, end-to-end CPU ms/msg) through a Transport."""
     body = os.urandom(size)
     results = []
+    cpu_ms = float("nan")
     for consume_while_publishing in (True, False):
         transport = await connect()
         queue = f"bench.{uuid.uuid4().hex[:8]}"
@@ -170,10 +176,11 @@ async def transport_throughput(
 
         if consume_while_publishing:
             consumer = await transport.consume(queue, handler, prefetch=PREFETCH)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await publish_windows(publish, messages, window)
             await counter.done.wait()
             results.append(messages / (time.perf_counter() - start))
+            cpu_ms = (time.process_time() - cpu) / messages * 1e3
         else:
             elapsed = await publish_windows(publish, messages, window)
             results.append(messages / elapsed)
@@ -182,7 +189,7 @@ async def transport_throughput(
         await consumer.cancel()
         await transport.delete_queue(queue)
         await transport.close(grace=1.0)
-    return results[0], results[1]
+    return results[0], results[1], cpu_ms
 
 
 # -- plain aio-pika baseline -----------------------------------------------------------
@@ -247,13 +254,16 @@ async def aio_pika_runs(
                 )
 
             tag = await queue.consume(counting)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await publish_windows(publish, messages, window)
             await counter.done.wait()
             rate = messages / (time.perf_counter() - start)
+            cpu_ms = (time.process_time() - cpu) / messages * 1e3
             await queue.cancel(tag)
             await queue.delete(if_unused=False, if_empty=False)
-            rows.append(Throughput("aio-pika (baseline)", size, messages, rate, float("nan")))
+            rows.append(
+                Throughput("aio-pika (baseline)", size, messages, rate, float("nan"), cpu_ms)
+            )
         return latency, rows
     finally:
         await consume_connection.close()
@@ -289,8 +299,8 @@ async def brokerless_runs(
 
     rows = []
     for size, messages in sizes.items():
-        e2e, pub = await transport_throughput(connect, size, messages, window)
-        rows.append(Throughput("brokerless", size, messages, e2e, pub))
+        e2e, pub, cpu_ms = await transport_throughput(connect, size, messages, window)
+        rows.append(Throughput("brokerless", size, messages, e2e, pub, cpu_ms))
     return latencies, rows
 
 
@@ -299,6 +309,8 @@ async def rabbitmq_runs(
 ) -> tuple[list[Latency], list[Throughput]]:
     from workers.amqp import AmqpTransport
 
+    # The baseline runs first: AmqpTransport's first connection patches aiormq's body
+    # framing for the whole process (workers/amqp_frames.py).
     base_latency, base_rows = await aio_pika_runs(url, hops, warmup, sizes, window)
 
     transport = await AmqpTransport.connect(url)
@@ -316,8 +328,8 @@ async def rabbitmq_runs(
 
     rows = list(base_rows)
     for size, messages in sizes.items():
-        e2e, pub = await transport_throughput(connect, size, messages, window)
-        rows.append(Throughput("AmqpTransport", size, messages, e2e, pub))
+        e2e, pub, cpu_ms = await transport_throughput(connect, size, messages, window)
+        rows.append(Throughput("AmqpTransport", size, messages, e2e, pub, cpu_ms))
     return latencies, rows
 
 
@@ -328,19 +340,20 @@ def print_tables(latencies: list[Latency], rows: list[Throughput]) -> None:
         print(f"{lat.name:<26}{lat.p50_us:>10.0f}{lat.p99_us:>10.0f}")
     print("\nthroughput, confirms in flight")
     print(
-        f"{'transport':<26}{'size':>8}{'msgs':>8}{'end-to-end/s':>14}{'publish/s':>12}{'MB/s':>8}"
+        f"{'transport':<26}{'size':>8}{'msgs':>8}{'end-to-end/s':>14}{'publish/s':>12}"
+        f"{'MB/s':>8}{'CPU ms/msg':>12}"
     )
     for row in rows:
         size = f"{row.size // MB} MB" if row.size >= MB else f"{row.size // KB} KB"
         mbps = row.end_to_end_per_s * row.size / MB
         print(
             f"{row.name:<26}{size:>8}{row.messages:>8}{row.end_to_end_per_s:>14,.0f}"
-            f"{row.publish_per_s:>12,.0f}{mbps:>8.1f}"
+            f"{row.publish_per_s:>12,.0f}{mbps:>8.1f}{row.cpu_ms_per_msg:>12.3f}"
         )
 
 
 async def main(args: argparse.Namespace) -> None:
-    sizes = {KB: args.messages, MB: args.big_messages}
+    sizes = {KB: args.messages, MB: args.big_messages, 3 * MB: args.pack_messages}
     latencies: list[Latency] = []
     rows: list[Throughput] = []
     if args.only in (None, "brokerless"):
@@ -366,6 +379,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--messages", type=int, default=20000, help="1 KB messages")
     parser.add_argument("--big-messages", type=int, default=200, help="1 MB messages")
+    parser.add_argument("--pack-messages", type=int, default=100,
+                        help="3 MB messages (a W2 request pack is 3.6 MB)")
     parser.add_argument("--window", type=int, default=256, help="publishes in flight")
     return parser.parse_args()
 
