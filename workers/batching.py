@@ -63,9 +63,9 @@ def batch_rows(tensors: Mapping[str, np.ndarray]) -> int:
 def concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack requests along the batch axis.
 
-    No copy for a batch of one, nor for requests whose rows already lie one after the
-    other in one buffer (the requests of one pack or stage message, in order): the batch
-    is then a view of that buffer.
+    No copy for a batch of one, nor for a large batch (``VIEW_FROM_BYTES``) whose requests'
+    rows already lie one after the other in one buffer (the requests of one pack or stage
+    message, in order): the batch is then a view of that buffer.
     """
     if len(parts) == 1:
         return dict(parts[0])
@@ -84,10 +84,17 @@ def _root(a: np.ndarray) -> object:
     return base
 
 
+#: Batches from this size try to be a view: below it the check costs more than the copy
+#: (16 rows of 3 KB: 26 us to check, 3.5 us to concatenate).
+VIEW_FROM_BYTES = 256 * 1024
+
+
 def _adjacent_rows(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     """One view over ``arrays`` if they are consecutive rows of one buffer, else None."""
     first = arrays[0]
-    if first.ndim == 0 or not first.flags.c_contiguous or first.base is None:
+    if first.nbytes * len(arrays) < VIEW_FROM_BYTES or first.base is None:
+        return None
+    if first.ndim == 0 or not first.flags.c_contiguous:
         return None
     root = _root(first)
     end = first.ctypes.data + first.nbytes

@@ -11,7 +11,14 @@ import pytest
 from conveyor import wire
 from conveyor.errors import ConfigError
 from conveyor.packs import split_rows
-from workers.batching import MicroBatcher, batch_rows, concat, shape_key, split
+from workers.batching import (
+    VIEW_FROM_BYTES,
+    MicroBatcher,
+    batch_rows,
+    concat,
+    shape_key,
+    split,
+)
 
 
 def x(rows: int, width: int = 4, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -122,7 +129,8 @@ def test_concat_and_split_round_trip_per_request() -> None:
 
 def test_concat_of_consecutive_rows_of_one_message_is_a_view() -> None:
     # The requests of one pack arrive as row slices of one decoded tensor.
-    body = wire.decode(wire.encode({"x": np.arange(24, dtype=np.float32).reshape(6, 4)}))
+    width = VIEW_FROM_BYTES // 4  # a batch big enough to be worth a view
+    body = wire.decode(wire.encode({"x": np.arange(6 * width, dtype=np.float32).reshape(6, -1)}))
     message = body.tensors["x"]
     parts = split_rows({"x": message}, [2, 1, 3])
     joined = concat(parts)["x"]
@@ -131,9 +139,16 @@ def test_concat_of_consecutive_rows_of_one_message_is_a_view() -> None:
     assert not joined.flags.writeable
 
 
+def test_concat_copies_small_batches_even_of_consecutive_rows() -> None:
+    message = np.arange(24, dtype=np.float32).reshape(6, 4)
+    joined = concat(split_rows({"x": message}, [2, 1, 3]))["x"]
+    np.testing.assert_array_equal(joined, message)
+    assert not np.shares_memory(joined, message)
+
+
 @pytest.mark.parametrize("order", [[0, 2], [1, 0, 2], [2, 1, 0]])
 def test_concat_copies_rows_that_are_not_consecutive(order: list[int]) -> None:
-    message = np.arange(24, dtype=np.float32).reshape(6, 4)
+    message = np.arange(6 * VIEW_FROM_BYTES, dtype=np.float32).reshape(6, -1)
     rows = split_rows({"x": message}, [2, 1, 3])
     parts = [rows[i] for i in order]
     joined = concat(parts)["x"]
