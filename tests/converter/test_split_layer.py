@@ -42,6 +42,44 @@ def test_optimal_cuts_match_brute_force(compute: list[float], transfer: list[flo
     assert _bottleneck(c, t, cuts) == pytest.approx(best, rel=1e-9, abs=1e-9)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    compute=st.lists(st.floats(0, 100), min_size=2, max_size=9),
+    transfer=st.lists(st.floats(0, 100), min_size=10, max_size=10),
+    k=st.integers(2, 5),
+)
+def test_with_slack_the_least_transfer_among_nearly_best_splits(
+    compute: list[float], transfer: list[float], k: int
+) -> None:
+    c = np.concatenate([[0.0], np.cumsum(compute)])
+    t = np.array(transfer[: len(c)])
+    m = len(c)
+    if k > m - 1:
+        return
+    cuts = optimal_cuts(c, t, k, slack=0.1)
+    splits = [list(comb) for comb in itertools.combinations(range(1, m - 1), k - 1)]
+    best = min(_bottleneck(c, t, cut) for cut in splits)
+    assert _bottleneck(c, t, cuts) <= best * (1 + 0.1) * (1 + 1e-9) + 1e-12
+    near = [cut for cut in splits if _bottleneck(c, t, cut) <= best * 1.1 * (1 + 1e-12) + 1e-15]
+    least = min(sum(t[i] for i in cut) for cut in near)
+    assert sum(t[i] for i in cuts) == pytest.approx(least, rel=1e-9, abs=1e-9)
+    if _bottleneck(c, t, cuts) > best * (1 + 1e-9) + 1e-12:
+        # Balance was given up only for fewer bytes than every best-balanced split sends.
+        balanced = [cut for cut in splits if _bottleneck(c, t, cut) <= best * (1 + 1e-9) + 1e-12]
+        assert sum(t[i] for i in cuts) < min(sum(t[i] for i in cut) for cut in balanced)
+
+
+def test_slack_trades_a_little_balance_for_a_narrower_cut() -> None:
+    # A cut at 2: stages of 20 and 20 + 1.0 sent; one node later: 21.5 and 18.5 + 0.5
+    # sent. The slowest stage is 2.4% slower, the bytes halve.
+    c = np.array([0.0, 10.0, 20.0, 21.5, 30.0, 40.0])
+    t = np.array([0.0, 0.0, 1.0, 0.5, 0.0, 0.0])
+    assert optimal_cuts(c, t, 2) == [2]
+    assert optimal_cuts(c, t, 2, slack=0.03) == [3]
+    # Beyond the slack, balance wins.
+    assert optimal_cuts(c, t, 2, slack=0.001) == [2]
+
+
 def test_transfer_cost_steers_the_cut_to_the_narrow_tensor() -> None:
     # two equal halves of compute; the cut in the middle carries 100x more than one node later
     c = np.array([0.0, 10.0, 20.0, 20.5, 30.0, 40.0])
