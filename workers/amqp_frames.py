@@ -51,9 +51,9 @@ _FRAME_HEAD = struct.Struct(">BHI")
 JOIN_ABOVE = 64 * 1024
 
 _installed = False
-#: aiormq's own versions, for tests that compare bytes and for ``uninstall``.
-ORIGINAL_SPLIT_BODY = aiormq.channel.Channel._split_body
-ORIGINAL_MARSHALL = aiormq.abc.ChannelFrame.__dict__["marshall"]
+#: aiormq's own versions (tests compare bytes with them); None if this aiormq lacks one.
+ORIGINAL_SPLIT_BODY = getattr(aiormq.channel.Channel, "_split_body", None)
+ORIGINAL_MARSHALL = aiormq.abc.ChannelFrame.__dict__.get("marshall")
 ORIGINAL_RECEIVER = aiormq.connection.FrameReceiver
 
 
@@ -205,16 +205,14 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    if ORIGINAL_SPLIT_BODY is None or not isinstance(ORIGINAL_MARSHALL, classmethod):
+        log.warning(
+            "aiormq %s does not have the pieces workers.amqp_frames replaces; large "
+            "messages take aiormq's own (slower) path", getattr(aiormq, "__version__", "?"),
+        )
+        return
     aiormq.channel.Channel._split_body = split_body  # type: ignore[method-assign]
     aiormq.abc.ChannelFrame.marshall = classmethod(marshall)  # type: ignore[method-assign,assignment]
     aiormq.connection.FrameReceiver = BodyJoiningReceiver  # type: ignore[misc]
     _installed = True
 
-
-def uninstall() -> None:
-    """Put aiormq's own pieces back (connections already open keep their receiver)."""
-    global _installed
-    aiormq.channel.Channel._split_body = ORIGINAL_SPLIT_BODY  # type: ignore[method-assign]
-    aiormq.abc.ChannelFrame.marshall = ORIGINAL_MARSHALL  # type: ignore[method-assign]
-    aiormq.connection.FrameReceiver = ORIGINAL_RECEIVER  # type: ignore[misc]
-    _installed = False

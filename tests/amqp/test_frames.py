@@ -53,6 +53,7 @@ def _publish_frames(body: bytes, split: Any) -> list[Any]:
 def test_publish_bytes_equal_aiormqs(size: int) -> None:
     body = os.urandom(size)
     ours = _marshal(_publish_frames(body, amqp_frames.split_body), 3, amqp_frames.marshall)
+    assert isinstance(amqp_frames.ORIGINAL_MARSHALL, classmethod)
     theirs = _marshal(
         _publish_frames(body, amqp_frames.ORIGINAL_SPLIT_BODY), 3,
         amqp_frames.ORIGINAL_MARSHALL.__func__,
@@ -175,3 +176,16 @@ async def test_bodies_of_every_size_arrive_intact_through_rabbitmq(rabbit: Rabbi
         await done.wait()
     assert {k: len(v) for k, v in received.items()} == {str(i): n for i, n in enumerate(sizes)}
     assert all(received[str(i)] == b for i, b in enumerate(bodies))
+
+
+def test_install_leaves_an_unknown_aiormq_alone_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(amqp_frames, "_installed", False)
+    monkeypatch.setattr(amqp_frames, "ORIGINAL_SPLIT_BODY", None)
+    receiver = aiormq.connection.FrameReceiver
+    with caplog.at_level("WARNING", logger="workers.amqp_frames"):
+        amqp_frames.install()
+    assert aiormq.connection.FrameReceiver is receiver
+    assert not amqp_frames._installed
+    assert "aiormq's own (slower) path" in caplog.text
