@@ -65,7 +65,7 @@ def prepare(cache: Path, workloads: list[str], profile: bool) -> None:
 
     from converter import convert
     from converter.export import load_model
-    from conveyor.demo import build_mlp
+    from conveyor.app.demo import build_mlp
 
     for name in workloads:
         kind, stages, _ = WORKLOADS[name]
@@ -224,7 +224,7 @@ def pipeline_batch(plan: Any, max_batch: int | None, workload: str) -> int:
 
 def leg_brokerless(cache: Path, name: str, seconds: float, max_batch: int | None,
                    max_delay_ms: float | None, batch_wait: str | None = None) -> dict[str, Any]:
-    from conveyor.client import connect
+    from conveyor.app.connect import connect
     from conveyor.plan import Plan
     from workers.settings import WorkerSettings
 
@@ -272,7 +272,7 @@ def isolated_copy(plan: Any, directory: Path) -> Any:
 def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: int | None,
                  max_delay_ms: float | None, batch_wait: str | None = None,
                  one_process: bool = False) -> dict[str, Any]:
-    from conveyor.client import connect
+    from conveyor.app.connect import connect
     from conveyor.plan import Plan
 
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
@@ -345,8 +345,8 @@ def worker_batches(logs: Path, stages: list[str]) -> dict[str, dict[str, float]]
 
 async def _delete_topology(url: str, plan: Any) -> None:
     from conveyor.topology import Topology
+    from conveyor.topology_setup import stage_queues
     from workers.amqp import AmqpTransport
-    from workers.topology_setup import stage_queues
 
     topo = Topology.of(plan)
     admin = await AmqpTransport.connect(url)

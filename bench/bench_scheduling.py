@@ -40,12 +40,12 @@ import numpy as np
 from conveyor.errors import ConveyorError
 from conveyor.plan import Plan, Scheduling, StageSchedule
 from conveyor.topology import Topology
+from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
 from workers.control_agent import ControlAgent, command_queue
 from workers.controller import Controller, heartbeat_queue, state_queue
 from workers.policies import POLICIES, PolicyConfig, PolicyKind
 from workers.synthetic import Route, SyntheticWorker, synthetic_plan
-from workers.topology_setup import declare_plan_topology, delete_plan_topology
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"  # the local test broker (guest only)
 CAPACITY_B = 225.0

@@ -11,13 +11,13 @@ __all__ = ["ConveyorError", "Plan", "connect"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from conveyor.client import connect
+    from conveyor.app.connect import connect
 
 
 def __getattr__(name: str) -> Any:
-    # The client pulls in asyncio machinery and the transports; import it on first use.
+    # The application pulls in asyncio machinery and the transports; import it on first use.
     if name == "connect":
-        from conveyor.client import connect
+        from conveyor.app.connect import connect
 
         return connect
     raise AttributeError(f"module 'conveyor' has no attribute {name!r}")

@@ -5,9 +5,10 @@
         async for outputs in client.infer_many(batches, concurrency=16):
             ...
 
-With ``url=None`` the client starts an embedded ``brokerless`` broker and runs the plan's
-workers in the same process (``local_workers``), so the same code serves a model with no
-RabbitMQ at all.
+``Client`` works on any ``conveyor.transport.Transport`` (the way httpx's
+``Client(transport=...)`` does): ``Client(plan, transport)`` uses a transport the caller
+opened and closes; ``conveyor.connect`` (``conveyor.app.connect``) is the convenience that
+opens one from a URL or starts the embedded broker with in-process workers.
 
 How a request travels (docs/wire.md): one message to the plan's input exchange, body =
 ``wire.encode(inputs)``, properties from ``envelope.RequestMeta`` (request id, reply queue,
@@ -23,10 +24,10 @@ that is how duplicates on the wire are removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
-import os
 import time
 import uuid
 from collections import deque
@@ -34,12 +35,13 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
+    Callable,
     Iterable,
     Iterator,
     Mapping,
 )
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
@@ -60,13 +62,12 @@ from conveyor.errors import (
 from conveyor.packs import REPLY_PACK_TYPE, pack_requests, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
-from conveyor.transport import Message
+from conveyor.topology_setup import declare_plan_topology
+from conveyor.transport import Message, QueueSpec
 from conveyor.wire import check_tensor, encode
 
 if TYPE_CHECKING:
-    from brokerless import Broker
     from conveyor.transport import Consumer, Delivery, Transport
-    from workers.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
 
@@ -115,30 +116,42 @@ class _Outgoing:
     nbytes: int
 
 
+#: Opens the client's transport when it opens; registers what it opened on the stack,
+#: which the client closes (last in, first out) when it closes.
+Opener = Callable[[contextlib.AsyncExitStack], Awaitable["Transport"]]
+
+
 class Client:
-    """A connection to a served plan. Create it with ``conveyor.connect``."""
+    """A connection to a served plan on a ``Transport``.
+
+    ``Client(plan, transport)`` uses a transport that the caller opened and closes;
+    ``Client(plan, opener=...)`` opens one when the client opens and closes what the
+    opener put on its stack when the client closes (``conveyor.connect`` does this).
+    ``declare_topology`` (default on) declares the plan's exchanges and queues at open;
+    turn it off where an admin step declared them and this client may not.
+    """
 
     def __init__(
         self,
-        url: str | None,
         plan: Plan,
+        transport: Transport | None = None,
         *,
+        opener: Opener | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        local_workers: bool | None = None,
         reply_prefetch: int = 1024,
-        worker_options: Mapping[str, Any] | None = None,
         durable: bool = False,
         pack: bool = True,
+        declare_topology: bool = True,
     ) -> None:
+        if (transport is None) == (opener is None):
+            raise ConfigError("give a Client exactly one of transport= and opener=")
         if not plan.hash:
             raise ConfigError(f"plan {plan.name!r} has no hash; load it with Plan.load")
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
-        self.url = url
         self.plan = plan
         self.topology = Topology.of(plan)
         self.default_timeout = timeout
-        self.local_workers = url is None if local_workers is None else local_workers
         self.reply_queue = f"{self.topology.base}.reply.{uuid.uuid4().hex}"
         # Request ids: a random per-client prefix and a counter (unique, and cheap).
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
@@ -161,14 +174,14 @@ class Client:
         ]
         self._reply_prefetch = reply_prefetch
         self._durable = durable
-        self._worker_options = dict(worker_options or {})
+        self._declare_topology = declare_topology
         self._state = ClientState.NEW
         self._pending: dict[str, asyncio.Future[Outputs]] = {}
+        self._given = transport
+        self._opener = opener
         self._transport: Transport | None = None
-        self._broker: Broker | None = None
         self._consumer: Consumer | None = None
-        self._workers: StageWorker | None = None
-        self._closers: list[Transport] = []
+        self._stack = contextlib.AsyncExitStack()
         self._sent = self._answered = self._failed = self._dropped = 0
         self._messages = self._reply_messages = 0
 
@@ -176,6 +189,11 @@ class Client:
     @property
     def state(self) -> ClientState:
         return self._state
+
+    @property
+    def transport(self) -> Transport | None:
+        """The transport requests go out on (None before ``open`` and after ``close``)."""
+        return self._transport
 
     async def open(self) -> Client:
         if self._state is not ClientState.NEW:
@@ -190,33 +208,14 @@ class Client:
         return self
 
     async def _open(self) -> None:
-        # Lazy imports: conveyor never imports the transports or workers at module level.
-        from conveyor.transport import QueueSpec
-        from workers.topology_setup import declare_plan_topology
-
-        if self.url is None:
-            from brokerless import Broker
-
-            broker = self._broker = Broker()
-            transport: Transport = broker.connect()
-            self._closers.append(transport)
-            if self.local_workers:
-                worker_transport = broker.connect()
-                self._closers.append(worker_transport)
-                self._workers = await _start_local_workers(
-                    self.plan, worker_transport, self._worker_options
-                )
+        if self._opener is not None:
+            transport = await self._opener(self._stack)
         else:
-            from workers.amqp import AmqpTransport
-
-            transport = await AmqpTransport.connect(self.url)
-            self._closers.append(transport)
-            if self.local_workers:
-                self._workers = await _start_local_workers(
-                    self.plan, transport, self._worker_options
-                )
+            assert self._given is not None  # __init__ checked: exactly one of the two
+            transport = self._given
         self._transport = transport
-        await declare_plan_topology(transport, self.plan, durable=self._durable)
+        if self._declare_topology:
+            await declare_plan_topology(transport, self.plan, durable=self._durable)
         await transport.declare_queue(
             QueueSpec(self.reply_queue, durable=False, auto_delete=True, exclusive=True)
         )
@@ -225,7 +224,7 @@ class Client:
         )
 
     async def close(self) -> None:
-        """Stop listening, fail what is still awaited, stop local workers, disconnect."""
+        """Stop listening, fail what is still awaited, close what the client opened."""
         if self._state is ClientState.CLOSED:
             return
         self._state = ClientState.CLOSED
@@ -251,11 +250,7 @@ class Client:
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await _quietly(consumer.cancel(), "cancelling the reply consumer")
-        if self._workers is not None:
-            workers, self._workers = self._workers, None
-            await workers.stop()
-        while self._closers:
-            await _quietly(self._closers.pop().close(grace=1.0), "closing a transport")
+        await _quietly(self._stack.aclose(), "closing what the client opened")
         self._transport = None
 
     async def __aenter__(self) -> Client:
@@ -331,24 +326,7 @@ class Client:
             raise ConfigError(f"timeout must be positive, got {wait}")
         arrays = self.validate(inputs)
         request_id = f"{self._id_prefix}{next(self._ids):x}"
-        deadline = time.time() + wait
-        if key is None and trace_id is None and self._random_partitions and wait < _NO_DEADLINE:
-            # The fields every request shares were checked once in __init__.
-            routing_key = ""
-            meta = RequestMeta.trusted(
-                request_id, self.reply_queue, deadline, self.plan.hash, self.pack
-            )
-        else:
-            routing_key = partition_routing_key(self.plan.partitioning, key)
-            meta = RequestMeta(
-                request_id=request_id,
-                reply_to=self.reply_queue,
-                deadline=deadline,
-                plan_hash=self.plan.hash,
-                trace_id=trace_id,
-                key=key,
-                packed_replies=self.pack,
-            )
+        routing_key, meta = self._meta(request_id, wait, key, trace_id)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         self._pending[request_id] = future
@@ -372,6 +350,28 @@ class Client:
         finally:
             expiry.cancel()
             self._pending.pop(request_id, None)
+
+    def _meta(
+        self, request_id: str, wait: float, key: str | None, trace_id: str | None
+    ) -> tuple[str, RequestMeta]:
+        """The routing key and envelope of one request due within ``wait`` seconds."""
+        deadline = time.time() + wait
+        if key is None and trace_id is None and self._random_partitions and wait < _NO_DEADLINE:
+            # The fields every request shares were checked once in __init__.
+            meta = RequestMeta.trusted(
+                request_id, self.reply_queue, deadline, self.plan.hash, self.pack
+            )
+            return "", meta
+        meta = RequestMeta(
+            request_id=request_id,
+            reply_to=self.reply_queue,
+            deadline=deadline,
+            plan_hash=self.plan.hash,
+            trace_id=trace_id,
+            key=key,
+            packed_replies=self.pack,
+        )
+        return partition_routing_key(self.plan.partitioning, key), meta
 
     # -- request packs ------------------------------------------------------------------
     def _enqueue(self, routing_key: str, item: _Outgoing) -> None:
@@ -539,66 +539,12 @@ class Client:
             reply_messages=self._reply_messages,
         )
 
-    @property
-    def workers(self) -> StageWorker | None:
-        """The in-process workers when ``local_workers`` is on (``workers.serve``'s handle:
-        ``stats()``, ``providers``)."""
-        return self._workers
-
-    @property
-    def broker(self) -> Broker | None:
-        """The embedded broker when ``url`` is None (connect more transports to it)."""
-        return self._broker
-
     def _require_open(self) -> Transport:
         if self._state is ClientState.CLOSED:
             raise TransportClosed("client is closed; open a new one with conveyor.connect")
         if self._state is not ClientState.OPEN or self._transport is None:
             raise ConfigError(f"client is {self._state.value}; use it inside 'async with'")
         return self._transport
-
-
-def connect(
-    url: str | None = None,
-    *,
-    plan: Plan | str | os.PathLike[str],
-    timeout: float = DEFAULT_TIMEOUT,
-    local_workers: bool | None = None,
-    reply_prefetch: int = 1024,
-    worker_options: Mapping[str, Any] | None = None,
-    durable: bool = False,
-    pack: bool = True,
-) -> Client:
-    """A client for ``plan`` on the broker at ``url`` (``None``: embedded brokerless).
-
-    Use it as ``async with connect(...) as client``. ``local_workers`` (default: true
-    exactly when ``url`` is None) runs the plan's workers in this process;
-    ``worker_options`` are passed to them (``workers.serve``). ``durable`` must match the
-    workers' ``--durable`` (RabbitMQ refuses a queue re-declared with other flags).
-    ``pack`` (default on) sends the requests made in one event-loop turn for one
-    partition as one message and lets workers answer several in one message
-    (``conveyor.packs``); off, every request and reply is a message of its own.
-    """
-    loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
-    return Client(
-        url,
-        loaded,
-        timeout=timeout,
-        local_workers=local_workers,
-        reply_prefetch=reply_prefetch,
-        worker_options=worker_options,
-        durable=durable,
-        pack=pack,
-    )
-
-
-async def _start_local_workers(
-    plan: Plan, transport: Transport, options: Mapping[str, Any]
-) -> StageWorker:
-    import workers
-
-    worker: StageWorker = await workers.serve(plan, transport, **options)
-    return worker
 
 
 def _packable(arrays: Mapping[str, np.ndarray]) -> int:

@@ -75,7 +75,7 @@ def command_queue(topology: Topology, worker_id: str) -> str:
 async def declare_control_exchange(
     transport: Transport, topology: Topology, *, durable: bool = False
 ) -> None:
-    """The control exchange, declared as ``workers.topology_setup`` declares it."""
+    """The control exchange, declared as ``conveyor.topology_setup`` declares it."""
     await transport.declare_exchange(
         ExchangeSpec(topology.control_exchange, ExchangeType.TOPIC, durable=durable)
     )

@@ -55,6 +55,7 @@ from conveyor.control import (
 from conveyor.errors import ConfigError, ConveyorError, TransportClosed, TransportError
 from conveyor.plan import MODEL_INPUT, Plan
 from conveyor.topology import Topology, initial_bindings
+from conveyor.topology_setup import stage_queues
 from conveyor.transport import Consumer, Delivery, Message, QueueSpec, QueueStats, Transport
 from workers.control_agent import command_queue, declare_control_exchange
 from workers.policies import (
@@ -69,7 +70,6 @@ from workers.policies import (
     message_rows,
     stage_loads,
 )
-from workers.topology_setup import stage_queues
 
 log = logging.getLogger(__name__)
 

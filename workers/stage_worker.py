@@ -56,6 +56,7 @@ from conveyor.errors import (
 )
 from conveyor.plan import MODEL_INPUT, Plan, StageSpec
 from conveyor.topology import Topology
+from conveyor.topology_setup import declare_plan_topology, stage_queues
 from conveyor.transport import Consumer, Delivery, Transport
 from workers.intake import Intake
 from workers.outbox import Outbox
@@ -64,7 +65,6 @@ from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
 from workers.settlement import Lot, Outcome
 from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
-from workers.topology_setup import declare_plan_topology, stage_queues
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from conveyor.plan import (
     TensorSpec,
 )
 from conveyor.topology import Topology
+from conveyor.topology_setup import stage_queues
 from conveyor.transport import Consumer, Delivery, Message, Transport
-from workers.topology_setup import stage_queues
 
 #: Weight of the newest sample in the service-time moving average.
 ALPHA = 0.2

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conveyor.client import Client, connect
+from conveyor.app.connect import connect
+from conveyor.client import Client
 from conveyor.envelope import RequestMeta, reply_error, reply_ok
 from conveyor.errors import (
     CodecError,

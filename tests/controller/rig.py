@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from conveyor.errors import ConveyorError, UnroutableError
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
+from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
 from tests.transport.conftest import BrokerHandle
 from workers.control_agent import ControlAgent, command_queue
 from workers.controller import Controller, heartbeat_queue, state_queue
 from workers.policies import PolicyConfig, PolicyKind
 from workers.synthetic import Route, SyntheticWorker
-from workers.topology_setup import declare_plan_topology, delete_plan_topology
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from conveyor import cli
+from conveyor.app import cli
 from conveyor.plan import Plan
 from tests.converter import graphs
 from tests.converter.conftest import assert_reproduces
@@ -17,7 +17,7 @@ from tests.converter.conftest import assert_reproduces
 @pytest.fixture(autouse=True)
 def _converter_commands_only(monkeypatch: pytest.MonkeyPatch) -> None:
     # the converter's commands must work whatever else is (or is not yet) installed
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("converter.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("conveyor.app.cmd_convert",))
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:

@@ -9,7 +9,7 @@ import pytest
 
 from converter import convert
 from converter.split_layer import allowed_cuts
-from conveyor import cli
+from conveyor.app import cli
 from conveyor.plan import MODEL_INPUT, Plan
 from tests.converter.conftest import Exports, assert_batched_cuts, assert_reproduces, rel
 
@@ -99,7 +99,7 @@ def test_keras_object_and_keras_file(exports: Exports, tmp_path: Path,
     assert plan.inputs[0].shape == ("batch", 784)
     assert_reproduces(tmp_path / "from_object", exports.get("mlp"))
     model.save(tmp_path / "mlp.keras")
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("converter.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("conveyor.app.cmd_convert",))
     assert cli.main(["convert", str(tmp_path / "mlp.keras"), "--out", str(tmp_path / "cli"),
                      "--stages", "2"]) == 0
     assert Plan.load(tmp_path / "cli").stage_names == ["stage0", "stage1"]

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conveyor.client import Client, connect
-from conveyor.demo import Reference, build_mlp, relative_error
+from conveyor.app.connect import connect
+from conveyor.app.demo import Reference, build_mlp, relative_error
+from conveyor.client import Client
 from conveyor.plan import Plan
 
 #: Relative error allowed between a served answer and the whole model's output.
@@ -215,8 +216,8 @@ async def wait_until_consumed(url: str, plan: Plan, procs: WorkerProcesses,
     Requests published earlier would wait in the queues anyway; waiting keeps worker
     start-up (seconds on a loaded 2-core machine) out of the requests' deadlines.
     """
+    from conveyor.topology_setup import stage_queues
     from workers.amqp import AmqpTransport
-    from workers.topology_setup import stage_queues
 
     queues = [q for s in plan.stages for q in stage_queues(plan, s)]
     admin = await AmqpTransport.connect(url)
@@ -249,8 +250,8 @@ async def consumers(admin: Any, queue: str) -> int:
 
 async def delete_topology(url: str, plan: Plan) -> None:
     from conveyor.topology import Topology
+    from conveyor.topology_setup import stage_queues
     from workers.amqp import AmqpTransport
-    from workers.topology_setup import stage_queues
 
     topo = Topology.of(plan)
     queues = {q for s in plan.stages for q in stage_queues(plan, s)} | {topo.dead_letter_queue}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conveyor.client import connect
+from conveyor.app.connect import connect
 from conveyor.plan import Plan
 from tests.e2e.conftest import Case, Pipeline, Request
 

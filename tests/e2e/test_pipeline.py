@@ -170,7 +170,7 @@ async def test_durable_deployment_needs_a_durable_client(
     rabbitmq_url: str, tmp_path: Path, mlp: Case
 ) -> None:
     """Workers started with ``--durable``: a durable client is served, a plain one refused."""
-    from conveyor.client import connect
+    from conveyor.app.connect import connect
     from conveyor.errors import TransportError
     from tests.e2e.conftest import (
         WorkerProcesses,

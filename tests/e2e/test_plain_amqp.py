@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from conveyor.demo import relative_error
+from conveyor.app.demo import relative_error
 from conveyor.topology import Topology
 from tests.e2e.conftest import Case, Pipeline
 

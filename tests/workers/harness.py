@@ -17,8 +17,8 @@ from conveyor.errors import ConveyorError
 from conveyor.packs import REPLY_PACK_TYPE, pack_requests, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
+from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
-from workers.topology_setup import declare_plan_topology, delete_plan_topology
 
 Result = Mapping[str, np.ndarray] | ConveyorError
 

@@ -18,13 +18,13 @@ import pytest
 from conveyor.envelope import RequestMeta
 from conveyor.plan import Partitioning, Plan
 from conveyor.topology import Topology, partition_routing_key
+from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Transport
 from tests.transport.conftest import BrokerHandle
 from tests.workers.harness import Harness
 from tests.workers.plans import chain_expected, chain_plan
 from workers import serve
 from workers.settings import WorkerSettings
-from workers.topology_setup import declare_plan_topology, delete_plan_topology
 
 
 class ShardReader:

@@ -1,37 +1,45 @@
 """``conveyor worker`` and ``conveyor run``: serve a plan's stages (docs/operations.md).
 
 Light at import: onnxruntime, aio-pika and the brokerless broker load inside the commands.
+Where they connect is ``conveyor.app.transports.BrokerTarget``'s choice.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conveyor.errors import ConfigError
+from conveyor.app.transports import AMQP_URL_ENV, BrokerTarget
 
 if TYPE_CHECKING:
     from conveyor.plan import Plan
-    from conveyor.transport import Transport
     from workers.settings import WorkerSettings
-
-#: Read when ``--broker`` is not given.
-BROKER_ENV = "CONVEYOR_AMQP_URL"
 
 
 def add_parsers(sub: Any) -> None:
-    from conveyor.commands_client import add_demo_parser, add_infer_parser
-
     add_worker_parser(sub)
     add_run_parser(sub)
-    # The client side of the pipeline (conveyor/commands_client.py).
-    add_infer_parser(sub)
-    add_demo_parser(sub)
+
+
+def add_broker_options(p: argparse.ArgumentParser, *, embedded: bool) -> None:
+    """``--broker URL`` (default ``$CONVEYOR_AMQP_URL``) and, where a command can run on
+    the embedded broker, ``--embedded`` to force it."""
+    default = f"${AMQP_URL_ENV}" + (", else the embedded broker" if embedded else "")
+    p.add_argument("--broker", metavar="URL", default=None,
+                   help=f"RabbitMQ URL (amqp://...); default {default}")
+    if embedded:
+        p.add_argument("--embedded", action="store_true",
+                       help=f"run on the embedded broker in this process even if "
+                       f"${AMQP_URL_ENV} is set")
+
+
+def broker_target(args: argparse.Namespace) -> BrokerTarget:
+    """The target a command's ``--broker`` / ``--embedded`` / environment name."""
+    return BrokerTarget.resolve(args.broker, embedded=getattr(args, "embedded", False))
 
 
 def _add_serving_options(p: argparse.ArgumentParser) -> None:
@@ -110,12 +118,7 @@ def add_worker_parser(sub: Any) -> None:
         metavar="NAME",
         help="a stage to host (repeat for several)",
     )
-    p.add_argument(
-        "--broker",
-        metavar="URL",
-        default=None,
-        help=f"RabbitMQ URL (amqp://...); default ${BROKER_ENV}",
-    )
+    add_broker_options(p, embedded=False)
     p.add_argument(
         "--shard",
         type=int,
@@ -136,12 +139,7 @@ def add_run_parser(sub: Any) -> None:
         "until SIGTERM / SIGINT.",
     )
     _add_serving_options(p)
-    p.add_argument(
-        "--broker",
-        metavar="URL",
-        default=None,
-        help="RabbitMQ URL (amqp://...); default: the embedded broker",
-    )
+    add_broker_options(p, embedded=True)
     p.set_defaults(func=cmd_run)
 
 
@@ -165,15 +163,10 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
 def cmd_worker(args: argparse.Namespace) -> int:
     from conveyor.plan import Plan
 
-    url = args.broker or os.environ.get(BROKER_ENV)
-    if not url:
-        raise ConfigError(
-            f"conveyor worker needs a RabbitMQ URL: --broker amqp://... or ${BROKER_ENV} "
-            "(for one process on the embedded broker use `conveyor run`)"
-        )
+    target = BrokerTarget.required(args.broker, "worker")
     settings = _settings(args)
     plan = Plan.load(args.plan)  # PlanError (exit 2) when the files do not match the hash
-    return asyncio.run(_serve(plan, url, args.stage, settings))
+    return asyncio.run(_serve(plan, target, args.stage, settings))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -181,21 +174,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     plan = Plan.load(args.plan)
-    return asyncio.run(_serve(plan, args.broker, None, settings))
-
-
-async def _connect(url: str | None) -> Transport:
-    if url is None:
-        from brokerless import Broker
-
-        return Broker().connect()
-    from workers.amqp import AmqpTransport
-
-    return await AmqpTransport.connect(url)
+    return asyncio.run(_serve(plan, broker_target(args), None, settings))
 
 
 async def _serve(
-    plan: Plan, url: str | None, stages: list[str] | None, settings: WorkerSettings
+    plan: Plan, target: BrokerTarget, stages: list[str] | None, settings: WorkerSettings
 ) -> int:
     from conveyor.topology import Topology
     from workers.control_agent import ControlAgent
@@ -205,11 +188,11 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    transport = await _connect(url)
+    transport = await target.connect()
     try:
         worker = StageWorker(plan, transport, stages, settings)
         await worker.start()
-        _announce(plan, worker, url)
+        _announce(plan, worker, target)
         # heartbeats out, controller commands in (docs/scheduling.md)
         agent = ControlAgent(
             transport, Topology.of(plan), worker, worker.worker_id, durable=settings.durable
@@ -231,20 +214,20 @@ async def _serve(
     return 0
 
 
-def _announce(plan: Plan, worker: Any, url: str | None) -> None:
+def _announce(plan: Plan, worker: Any, target: BrokerTarget) -> None:
     from conveyor.topology import Topology
 
     topo = Topology.of(plan)
     providers = ", ".join(f"{s}={p}" for s, p in worker.providers.items())
     print(
         f"conveyor: serving plan {plan.name!r} ({plan.short_hash}) stages {list(worker.hosted)} "
-        f"[{providers}] as worker {worker.worker_id}",
+        f"[{providers}] as worker {worker.worker_id} on {target.describe()}",
         flush=True,
     )
     print(f"conveyor: consuming {', '.join(worker.queues)}", flush=True)
     if worker.hosts_ingress:
         p = plan.partitioning
-        where = "the embedded broker (this process only)" if url is None else "the broker"
+        where = target.describe()
         print(
             f"conveyor: publish requests to exchange {topo.input_exchange!r} on {where}; "
             f"partitioning {p.kind} over {p.shards} shard(s) (docs/wire.md); "

@@ -1,9 +1,8 @@
-"""The ``conveyor`` command line.
+"""The ``conveyor`` command line: every sub-command is registered here.
 
-Each component registers its own sub-commands (``converter.commands``,
-``workers.commands``); those modules are light and import heavy libraries (TensorFlow,
-onnxruntime) only inside the command that needs them. Every ``ConveyorError`` ends the
-program with its message and exit code 2.
+The command modules (``conveyor.app.cmd_*``) are light at import; heavy libraries
+(TensorFlow, onnxruntime, aio-pika) load inside the command that needs them. Every
+``ConveyorError`` ends the program with its message and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,20 +13,32 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from conveyor import __version__
 from conveyor.errors import ConveyorError
 
 #: Modules with ``add_parsers(subparsers)``; each sets ``func`` on its sub-parsers.
-COMMAND_MODULES = ("converter.commands", "workers.commands", "workers.controller_commands")
+COMMAND_MODULES = (
+    "conveyor.app.cmd_convert",  # convert, inspect
+    "conveyor.app.cmd_serve",  # worker, run
+    "conveyor.app.cmd_client",  # infer, demo
+    "conveyor.app.cmd_controller",  # controller
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conveyor", description="Split a model into ONNX stages and serve them."
     )
+    parser.add_argument("--version", action="version", version=f"conveyor {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub)
+    for command in sub.choices.values():
+        # -v after the sub-command too (``conveyor worker PLAN -v``).
+        command.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
+        )
     return parser
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conveyor.app.cmd_serve import add_broker_options, broker_target
 from conveyor.errors import CodecError, ConfigError
 
 
@@ -23,12 +24,13 @@ def add_infer_parser(sub: Any) -> None:
         "infer",
         help="send one request to a served plan and print its outputs",
         description="Send one request (a .npy for a one-input model, or a .npz of named "
-        "inputs) and print the output tensors. Without --broker the plan's workers run "
-        "in this process on the embedded broker.",
+        "inputs) and print the output tensors. With --broker or $CONVEYOR_AMQP_URL it is "
+        "sent to the plan's workers on RabbitMQ; otherwise the plan's workers run in this "
+        "process on the embedded broker. stderr says which.",
     )
     p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
     p.add_argument("input", type=Path, metavar="INPUT", help="INPUT.npy or INPUT.npz")
-    p.add_argument("--broker", metavar="URL", default=None, help="RabbitMQ URL (amqp://...)")
+    add_broker_options(p, embedded=True)
     p.add_argument("--key", default=None, help="partition key (hash / range partitioning)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds (30)")
     p.add_argument("--out", type=Path, default=None, metavar="OUT.npz", help="save outputs")
@@ -75,15 +77,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from conveyor.client import connect
+    from conveyor.app.connect import connect
     from conveyor.plan import Plan
 
     plan = Plan.load(args.plan)
     inputs = load_inputs(args.input, [t.name for t in plan.inputs])
+    target = broker_target(args)
+    where = "in-process workers on " if target.embedded else ""
+    print(f"conveyor infer: plan {plan.name!r} on {where}{target.describe()}", file=sys.stderr)
 
     async def one() -> dict[str, np.ndarray]:
         async with connect(
-            args.broker, plan=plan, timeout=args.timeout, durable=args.durable
+            target.url, plan=plan, timeout=args.timeout, durable=args.durable
         ) as client:
             return await client.infer(inputs, key=args.key)
 
@@ -104,7 +109,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from conveyor.demo import run_demo
+    from conveyor.app.demo import run_demo
 
     result = run_demo(
         requests=args.requests,

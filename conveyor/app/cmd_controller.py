@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from pathlib import Path
 from typing import Any
 
+from conveyor.app.cmd_serve import add_broker_options
+from conveyor.app.transports import BrokerTarget
 from conveyor.errors import ConfigError
-
-BROKER_ENV = "CONVEYOR_AMQP_URL"
 
 
 def add_parsers(sub: Any) -> None:
@@ -30,8 +29,7 @@ def add_parsers(sub: Any) -> None:
         ),
     )
     p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
-    p.add_argument("--broker", default=None, metavar="URL",
-                   help=f"RabbitMQ URL (amqp://...); default ${BROKER_ENV}")
+    add_broker_options(p, embedded=False)
     p.add_argument("--policy", choices=("static", "dynamic", "hybrid"), default="hybrid")
     p.add_argument("--period", type=float, default=1.0, metavar="S",
                    help="seconds between decisions (1.0)")
@@ -45,24 +43,18 @@ def add_parsers(sub: Any) -> None:
 def cmd_controller(args: argparse.Namespace) -> int:
     from conveyor.plan import Plan
 
-    url = args.broker or os.environ.get(BROKER_ENV)
-    if not url:
-        raise ConfigError(
-            f"conveyor controller needs a RabbitMQ URL: --broker amqp://... or ${BROKER_ENV} "
-            "(on the embedded broker, run workers.controller.Controller in the same process)"
-        )
+    target = BrokerTarget.required(args.broker, "controller")
     if args.period <= 0:
         raise ConfigError(f"--period must be > 0, got {args.period}")
     plan = Plan.load(args.plan)
-    return asyncio.run(_run(plan, url, args))
+    return asyncio.run(_run(plan, target, args))
 
 
-async def _run(plan: Any, url: str, args: argparse.Namespace) -> int:
-    from workers.amqp import AmqpTransport
+async def _run(plan: Any, target: BrokerTarget, args: argparse.Namespace) -> int:
     from workers.controller import Controller
     from workers.policies import PolicyConfig
 
-    transport = await AmqpTransport.connect(url)
+    transport = await target.connect()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,7 +65,8 @@ async def _run(plan: Any, url: str, args: argparse.Namespace) -> int:
     )
     try:
         async with controller:
-            print(f"controller: plan {plan.name} ({plan.short_hash}), policy {args.policy}, "
+            print(f"controller: plan {plan.name} ({plan.short_hash}) on {target.describe()}, "
+                  f"policy {args.policy}, "
                   f"period {args.period:g} s; Ctrl-C to stop (settings stay)", flush=True)
             await stop.wait()
     finally:

@@ -26,6 +26,7 @@ from conveyor.errors import ConfigError
 from conveyor.plan import Plan
 
 if TYPE_CHECKING:
+    from conveyor.app.connect import LocalClient
     from conveyor.client import Client
 
 #: Relative error allowed between a served answer and the whole model's output.
@@ -194,7 +195,7 @@ async def send_all(
     return results, latencies
 
 
-def served_providers(client: Client) -> tuple[str, ...]:
+def served_providers(client: LocalClient) -> tuple[str, ...]:
     """Execution providers the in-process workers' sessions got (as they report them)."""
     workers = client.workers
     if workers is None:
@@ -211,13 +212,14 @@ async def serve_and_check(
     progress: bool,
 ) -> tuple[int, float, list[float], float, tuple[str, ...]]:
     """Serve ``x`` row by row; (mismatches, seconds, latencies, max rel err, providers)."""
-    from conveyor.client import connect
+    from conveyor.app.connect import connect
 
     input_name = plan.inputs[0].name
     requests = [{input_name: x[i : i + 1]} for i in range(len(x))]
     want = reference.run({input_name: x})
     bar = ProgressBar(len(requests)) if progress else None
-    async with connect(None, plan=plan) as client:
+    client = connect(None, plan=plan)
+    async with client:
         # Warm up first (session start, first batches of each size): not counted.
         await send_all(client, requests[: 4 * concurrency], concurrency=concurrency)
         start = time.perf_counter()

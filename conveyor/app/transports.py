@@ -1,0 +1,101 @@
+"""Where a process connects: a RabbitMQ URL, or the embedded ``brokerless`` broker.
+
+The one place that reads ``CONVEYOR_AMQP_URL`` and chooses a transport; ``connect()``, the
+CLI (``infer``, ``worker``, ``run``, ``controller``, ``demo``) and anything added later go
+through it::
+
+    target = BrokerTarget.resolve(args.broker)   # --broker, $CONVEYOR_AMQP_URL, or embedded
+    transport = await target.connect()               # a new connection each call
+    log.info("plan %s on %s", plan.name, target.describe())
+
+Every ``connect()`` of an embedded target opens another connection to the same in-process
+``Broker``, so a client and in-process workers share one broker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from conveyor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from brokerless import Broker
+    from conveyor.transport import Transport
+
+#: The environment variable naming the RabbitMQ URL (credentials belong here, not in argv).
+AMQP_URL_ENV = "CONVEYOR_AMQP_URL"
+
+
+def url_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """``$CONVEYOR_AMQP_URL``, or None when it is unset or empty."""
+    value = (os.environ if env is None else env).get(AMQP_URL_ENV, "").strip()
+    return value or None
+
+
+@dataclass
+class BrokerTarget:
+    """A broker to connect to: ``url`` for RabbitMQ, None for the embedded broker."""
+
+    url: str | None
+    _broker: Broker | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(
+        cls,
+        explicit: str | None = None,
+        *,
+        embedded: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> BrokerTarget:
+        """``explicit`` (``--broker``) wins, then ``$CONVEYOR_AMQP_URL``; ``embedded``
+        (``--embedded``) forces the in-process broker and refuses an explicit URL."""
+        if embedded:
+            if explicit:
+                raise ConfigError("--embedded and --broker exclude each other; give one")
+            return cls(None)
+        return cls(explicit or url_from_env(env))
+
+    @classmethod
+    def required(cls, explicit: str | None, command: str) -> BrokerTarget:
+        """A RabbitMQ target for a command that cannot run on the embedded broker."""
+        target = cls.resolve(explicit)
+        if target.url is None:
+            raise ConfigError(
+                f"conveyor {command} needs a RabbitMQ URL: --broker amqp://... or "
+                f"${AMQP_URL_ENV} (for one process on the embedded broker use `conveyor run`)"
+            )
+        return target
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+    @property
+    def broker(self) -> Broker | None:
+        """The in-process broker once an embedded target has connected (else None)."""
+        return self._broker
+
+    def describe(self) -> str:
+        """Where this target is, for logs and stderr: host, port and vhost, no credentials."""
+        if self.url is None:
+            return "the embedded broker (in this process)"
+        parts = urlsplit(self.url)
+        vhost = parts.path[1:] or "/"
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        return f"RabbitMQ at {parts.hostname or 'localhost'}:{port} (vhost {vhost!r})"
+
+    async def connect(self) -> Transport:
+        """A new connection (``Transport``) to this target; the caller closes it."""
+        if self.url is None:
+            if self._broker is None:
+                from brokerless import Broker
+
+                self._broker = Broker()
+            return self._broker.connect()
+        from workers.amqp import AmqpTransport
+
+        return await AmqpTransport.connect(self.url)
