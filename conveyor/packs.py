@@ -96,9 +96,10 @@ def read_request_entries(raw: object, plan_hash: str) -> list[tuple[RequestMeta,
 
 @dataclass(frozen=True)
 class StageMessage:
-    """A decoded stage message or request pack."""
+    """A decoded stage message, request pack or plain request: its requests (meta, rows)
+    and their stacked tensors. ``plan_hash`` is None for a plain request that names none."""
 
-    plan_hash: str
+    plan_hash: str | None
     source: str
     requests: tuple[tuple[RequestMeta, int], ...]
     tensors: Mapping[str, np.ndarray]
@@ -161,16 +162,46 @@ def pack_requests(
     )
 
 
+def read_requests(message: Message, *, ingress: bool) -> StageMessage:
+    """The one step that reads a message a worker consumes into requests.
+
+    ``ingress``: a message from the input exchange, a plain request (docs/wire.md sections
+    1-2: envelope in the AMQP properties, one request) or a request pack (section 7).
+    Otherwise a stage message (section 6) from another stage's worker. The tensors are
+    read-only views into the body. ``CodecError`` naming what is malformed.
+    """
+    if not ingress or message.type == REQUEST_PACK_TYPE:
+        return decode_stage_message(message.body)
+    meta = RequestMeta.from_message(message)
+    tensors = wire.decode(message.body).tensors
+    return StageMessage(meta.plan_hash, CLIENT_SOURCE, ((meta, request_rows(tensors)),), tensors)
+
+
+def request_rows(tensors: Mapping[str, np.ndarray]) -> int:
+    """Rows (batch dimension) of one request: every tensor but scalars must agree."""
+    rows = {int(a.shape[0]) for a in tensors.values() if a.ndim > 0}
+    if len(rows) > 1:
+        raise CodecError(
+            f"request tensors: inputs disagree on the batch dimension: {sorted(rows)}"
+        )
+    return rows.pop() if rows else 1
+
+
 def unpack_requests(message: Message) -> list[tuple[RequestMeta, dict[str, np.ndarray]]]:
     """The requests a message to the input exchange carries (one, or a pack's), each with
     its tensors as read-only views into the body; ``CodecError`` if malformed."""
-    if message.type != REQUEST_PACK_TYPE:
-        return [(RequestMeta.from_message(message), wire.decode(message.body).tensors)]
-    pack = decode_stage_message(message.body)
-    if pack.source != CLIENT_SOURCE:
-        raise CodecError(f"a request pack must say src {CLIENT_SOURCE!r}, not {pack.source!r}")
-    pieces = split_rows(pack.tensors, [rows for _, rows in pack.requests])
-    return [(meta, piece) for (meta, _), piece in zip(pack.requests, pieces, strict=True)]
+    read = read_requests(message, ingress=True)
+    if read.source != CLIENT_SOURCE:
+        raise CodecError(f"a request pack must say src {CLIENT_SOURCE!r}, not {read.source!r}")
+    return list(zip((meta for meta, _ in read.requests), request_pieces(read), strict=True))
+
+
+def request_pieces(msg: StageMessage) -> list[dict[str, np.ndarray]]:
+    """Each request's own tensors: the whole message for one request (scalars included),
+    else its rows of every tensor."""
+    if len(msg.requests) == 1:
+        return [dict(msg.tensors)]
+    return split_rows(msg.tensors, [rows for _, rows in msg.requests])
 
 
 def pack_replies(

@@ -52,14 +52,6 @@ def shape_key(tensors: Mapping[str, np.ndarray]) -> Hashable:
     return key if len(key) == 1 else tuple(sorted(key, key=lambda k: k[0]))
 
 
-def batch_rows(tensors: Mapping[str, np.ndarray]) -> int:
-    """Rows (batch dim) of a request; every input must agree."""
-    rows = {int(a.shape[0]) for a in tensors.values() if a.ndim > 0}
-    if len(rows) > 1:
-        raise ValueError(f"inputs disagree on the batch dimension: {sorted(rows)}")
-    return rows.pop() if rows else 1
-
-
 def concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack requests along the batch axis.
 

@@ -31,16 +31,9 @@ from conveyor.errors import (
     PlanError,
     PlanHashMismatch,
 )
-from conveyor.packs import (
-    CLIENT_SOURCE,
-    REQUEST_PACK_TYPE,
-    StageMessage,
-    decode_stage_message,
-    split_rows,
-)
+from conveyor.packs import CLIENT_SOURCE, StageMessage, read_requests, request_pieces
 from conveyor.plan import MODEL_INPUT, Plan, TensorSpec
 from conveyor.transport import Delivery, Message
-from workers.batching import batch_rows
 from workers.outbox import Outbox
 from workers.runner import Item, Request, StageRunner, deadline_error
 from workers.settlement import Lot, Outcome
@@ -66,39 +59,10 @@ class Intake:
 
     # -- input shards ---------------------------------------------------------------------
     async def request(self, delivery: Delivery, lot: LotFactory) -> None:
-        """A message on an input shard: one request, or a pack of them."""
-        message = delivery.message
-        if message.type == REQUEST_PACK_TYPE:
-            await self._pack(delivery, lot)
-            return
+        """A message on an input shard: one request, or a pack of them; each goes on as if
+        it had come alone."""
         ingress = self.runners[MODEL_INPUT]
-        self._count_key(delivery.routing_key, 1)
-        settlement = lot(1)
-        try:
-            meta = RequestMeta.from_message(message)
-        except CodecError as exc:
-            ingress.counters.errors += 1
-            await self._fail_unparsed(settlement, message, exc)
-            return
-        request = Request(meta, 0, settlement.request())
-        error = self._admission_error(meta)
-        if error is not None:
-            await self._refuse(ingress, request, error)
-            return
-        try:
-            tensors = wire.decode(message.body).tensors
-            self._model_inputs(tensors)
-            request.rows = _rows(tensors)
-        except CodecError as exc:
-            ingress.counters.errors += 1
-            await self.outbox.fail(request, exc, Outcome.FAILED)
-            return
-        ingress.submit(Item(request, tensors))
-
-    async def _pack(self, delivery: Delivery, lot: LotFactory) -> None:
-        """Several requests in one message: each goes on as if it had come alone."""
-        ingress = self.runners[MODEL_INPUT]
-        msg = await self._decode(ingress, delivery, lot)
+        msg = await self._decode(ingress, delivery, lot, ingress=True)
         if msg is None:
             return
         self._count_key(delivery.routing_key, len(msg.requests))
@@ -122,7 +86,7 @@ class Intake:
     async def stage_message(self, runner: StageRunner, delivery: Delivery, lot: LotFactory) -> None:
         """A message on a stage queue: a batch of requests from another stage's worker."""
         assert runner.spec is not None
-        msg = await self._decode(runner, delivery, lot)
+        msg = await self._decode(runner, delivery, lot, ingress=False)
         if msg is None:
             return
         specs = {i.tensor.name: i.tensor for i in runner.spec.inputs if i.source == msg.source}
@@ -144,10 +108,10 @@ class Intake:
 
     # -- shared steps ---------------------------------------------------------------------
     async def _decode(
-        self, runner: StageRunner, delivery: Delivery, lot: LotFactory
+        self, runner: StageRunner, delivery: Delivery, lot: LotFactory, *, ingress: bool
     ) -> StageMessage | None:
         try:
-            return decode_stage_message(delivery.message.body)
+            return read_requests(delivery.message, ingress=ingress)
         except CodecError as exc:
             runner.counters.errors += 1
             await self._fail_unparsed(lot(1), delivery.message, exc)
@@ -173,8 +137,7 @@ class Intake:
                 check(msg.tensors)
             except CodecError as exc:
                 bad = exc
-        pieces = split_rows(msg.tensors, [rows for _, rows in msg.requests])
-        for (meta, rows), piece in zip(msg.requests, pieces, strict=True):
+        for (meta, rows), piece in zip(msg.requests, request_pieces(msg), strict=True):
             request = Request(meta, rows, settlement.request())
             error = self._admission_error(meta, msg.plan_hash) or wrong_source
             if error is not None:
@@ -217,10 +180,12 @@ class Intake:
     async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
         """A message we cannot read: dead-letter it; answer if its envelope allows."""
         meta: RequestMeta | None = None
-        if message.message_id and message.reply_to:
+        with contextlib.suppress(CodecError):
+            meta = RequestMeta.from_message(message)  # the envelope may be sound
+        if meta is None and message.message_id and message.reply_to:
             with contextlib.suppress(CodecError):
                 meta = RequestMeta(message.message_id, reply_to=message.reply_to)
-        if meta is not None:
+        if meta is not None and meta.reply_to:
             await self.outbox.send_error(meta, error)
         else:
             log.warning("dead-lettering an unreadable message: %s", error)
@@ -281,10 +246,3 @@ class TensorCheck:
                 if array.shape[axis] != size:
                     return False
         return True
-
-
-def _rows(tensors: Mapping[str, np.ndarray]) -> int:
-    try:
-        return batch_rows(tensors)
-    except ValueError as exc:
-        raise CodecError(f"request tensors: {exc}") from exc

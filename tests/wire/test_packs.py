@@ -14,6 +14,7 @@ from conveyor.packs import (
     encode_stage_message,
     pack_replies,
     pack_requests,
+    request_rows,
     unpack_replies,
     unpack_requests,
 )
@@ -159,3 +160,10 @@ def test_entries_read_fast_equal_those_read_the_slow_way() -> None:
         )
     with pytest.raises(CodecError, match="plan_hash"):
         read_request_entries([GOOD, GOOD], "NOT-HEX")
+
+
+def test_request_rows_needs_agreeing_inputs() -> None:
+    assert request_rows({"a": np.zeros((3, 2)), "b": np.zeros((3,)), "s": np.float32(1)}) == 3
+    assert request_rows({"s": np.zeros(())}) == 1
+    with pytest.raises(CodecError, match="disagree"):
+        request_rows({"a": np.zeros((3, 2)), "b": np.zeros((2, 2))})

@@ -14,7 +14,6 @@ from conveyor.packs import split_rows
 from workers.batching import (
     VIEW_FROM_BYTES,
     MicroBatcher,
-    batch_rows,
     concat,
     shape_key,
     split,
@@ -159,12 +158,6 @@ def test_concat_copies_rows_that_are_not_consecutive(order: list[int]) -> None:
 def test_split_refuses_outputs_without_matching_rows() -> None:
     with pytest.raises(ValueError, match="expected 3 rows"):
         split({"y": np.zeros((2, 4))}, [1, 2])
-
-
-def test_batch_rows_needs_agreeing_inputs() -> None:
-    assert batch_rows({"a": np.zeros((3, 2)), "b": np.zeros((3,))}) == 3
-    with pytest.raises(ValueError, match="disagree"):
-        batch_rows({"a": np.zeros((3, 2)), "b": np.zeros((2, 2))})
 
 
 def test_limits_are_checked() -> None:
