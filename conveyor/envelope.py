@@ -44,7 +44,6 @@ from typing import Any
 import msgpack
 
 from conveyor.errors import (
-    ERROR_CODES,
     CodecError,
     ConveyorError,
     InferenceError,
@@ -276,35 +275,11 @@ def _error_of(message: Message) -> ConveyorError:
             )
         code = _short_str(HEADER_ERROR, header_code, allow_empty=False)
     text = fields.get("message")
-    error = _rebuild(code, text if isinstance(text, str) else f"remote error {code!r}")
+    error = error_from_code(code, text if isinstance(text, str) else f"remote error {code!r}")
     stage = fields.get("stage")
     if isinstance(error, InferenceError) and isinstance(stage, str):
         error.stage = stage
     return error
-
-
-def _rebuild(code: str, text: str) -> ConveyorError:
-    """``error_from_code``, but a code of a subclass it does not list (``unroutable``,
-    ``plan_hash_mismatch``) becomes its nearest listed ancestor, not ``RemoteError``."""
-    if code not in ERROR_CODES:
-        cls = _all_error_classes().get(code)
-        if cls is not None:
-            for ancestor in cls.__mro__:
-                ancestor_code = getattr(ancestor, "code", None)
-                if isinstance(ancestor_code, str) and ancestor_code in ERROR_CODES:
-                    code = ancestor_code
-                    break
-    return error_from_code(code, text)
-
-
-def _all_error_classes() -> dict[str, type[ConveyorError]]:
-    found: dict[str, type[ConveyorError]] = {}
-    todo: list[type[ConveyorError]] = [ConveyorError]
-    while todo:
-        cls = todo.pop()
-        found.setdefault(cls.code, cls)
-        todo.extend(cls.__subclasses__())
-    return found
 
 
 def _error_body(body: bytes) -> dict[str, Any]:

@@ -126,6 +126,8 @@ class RemoteError(ConveyorError):
 
 
 #: Error codes that travel in error replies, mapped back to their classes by the client.
+#: The one map of codes: a code of a class not listed here (``unroutable``,
+#: ``plan_hash_mismatch``) is rebuilt as its nearest listed ancestor.
 ERROR_CODES: dict[str, type[ConveyorError]] = {
     cls.code: cls
     for cls in (
@@ -144,10 +146,21 @@ ERROR_CODES: dict[str, type[ConveyorError]] = {
 
 
 def error_from_code(code: str, message: str) -> ConveyorError:
-    """Rebuild an error received in a reply; unknown codes become ``RemoteError``."""
-    cls = ERROR_CODES.get(code, RemoteError)
+    """Rebuild an error received in a reply; a code of an unlisted subclass becomes its
+    nearest listed ancestor, an unknown code ``RemoteError``."""
+    cls = ERROR_CODES.get(code) or _listed_ancestor(code)
     if cls is BackpressureError:
         return BackpressureError(message)
     if cls is InferenceError:
         return InferenceError(message)
     return cls(message)
+
+
+def _listed_ancestor(code: str) -> type[ConveyorError]:
+    todo: list[type[ConveyorError]] = [ConveyorError]
+    while todo:
+        cls = todo.pop()
+        if cls.code == code:
+            return next(a for a in cls.__mro__ if getattr(a, "code", None) in ERROR_CODES)
+        todo.extend(cls.__subclasses__())
+    return RemoteError

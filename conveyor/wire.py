@@ -127,11 +127,24 @@ def encode(
         if cached is not None:
             # Same names, dtypes and shapes as a message already checked against these
             # limits: only the arrays' bytes differ.
-            parts: list[bytes | memoryview] = [_array_header(len(tensors) + 1), cached]
-            for array in tensors.values():
-                parts.append(_bin_header(array.nbytes))
-                parts.append(_little_endian_c_order(array).data)
-            return b"".join(parts)
+            return _join(_array_header(len(tensors) + 1), cached, list(tensors.values()))
+    arrays, header = _header(tensors, meta, limits, check_meta)
+    array_header = _array_header(len(arrays) + 1)
+    _check_sizes(tensors, arrays, len(array_header) + len(header), limits)
+    if signature is not None:
+        if len(_encoded_headers) >= _CACHE_SIZE:
+            _encoded_headers.clear()
+        _encoded_headers[signature] = header
+    return _join(array_header, header, arrays)
+
+
+def _header(
+    tensors: Mapping[str, np.ndarray],
+    meta: Mapping[str, MetaValue] | None,
+    limits: Limits,
+    check_meta: bool,
+) -> tuple[list[np.ndarray], bytes]:
+    """The checked arrays and the packed header (version, meta, tensor entries)."""
     if len(tensors) > limits.max_tensors:
         raise CodecError(f"{len(tensors)} tensors; the limit is {limits.max_tensors}")
     arrays: list[np.ndarray] = []
@@ -150,28 +163,31 @@ def encode(
                          f"{limits.max_meta_bytes}")
     # {"v": 1, "meta": ..., "tensors": [...]} written key by key so meta is packed once.
     header = b"\x83\xa1v\x01\xa4meta" + meta_bytes + b"\xa7tensors" + _pack(entries, "header")
-    bin_headers: list[bytes] = []
+    return arrays, header
+
+
+def _check_sizes(
+    tensors: Mapping[str, np.ndarray], arrays: list[np.ndarray], head: int, limits: Limits
+) -> None:
+    """``CodecError`` for a tensor too large for a msgpack bin or a message over the limit."""
+    total = head
     for name, array in zip(tensors, arrays, strict=True):
         if array.nbytes > _BIN32_MAX:
             raise CodecError(f"tensor {name!r} is {array.nbytes} bytes; a msgpack bin holds "
                              f"at most {_BIN32_MAX}")
-        bin_headers.append(_bin_header(array.nbytes))
-    array_header = _array_header(len(arrays) + 1)
-    total = (len(array_header) + len(header) + sum(map(len, bin_headers))
-             + sum(a.nbytes for a in arrays))
+        total += len(_bin_header(array.nbytes)) + array.nbytes
     if total > limits.max_message_bytes:
         raise CodecError(f"message would be {total} bytes; the limit is "
                          f"{limits.max_message_bytes}")
-    if signature is not None:
-        if len(_encoded_headers) >= _CACHE_SIZE:
-            _encoded_headers.clear()
-        _encoded_headers[signature] = header
-    # Everything is checked: only now convert the inputs that are not wire-ready.
-    parts = [array_header, header]
-    for bin_header, array in zip(bin_headers, arrays, strict=True):
-        parts.append(bin_header)
+
+
+def _join(array_header: bytes, header: bytes, arrays: list[np.ndarray]) -> bytes:
+    """The body; everything is checked, so only now convert arrays that are not
+    wire-ready. The one copy of each tensor's bytes: join reads every buffer directly."""
+    parts: list[bytes | memoryview] = [array_header, header]
+    for array in arrays:
+        parts.append(_bin_header(array.nbytes))
         parts.append(_little_endian_c_order(array).data)
-    # The one copy of each tensor's bytes: join reads every array's buffer directly.
     return b"".join(parts)
 
 

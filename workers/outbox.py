@@ -103,21 +103,16 @@ class Outbox:
                 await self.fail(request, error, Outcome.FAILED)
             return
 
-        async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
-            outcome = Outcome.OK
-            if request.meta.reply_to is not None:
-                message = reply_ok(request.meta, wire.encode(tensors))
-                outcome = await self._send_reply(request.meta, message)
-            await request.token.done(outcome)
+        await _send_all(self._reply_sends(requests, pieces, host))
 
-        async def packed(group: list[Request], tensors: dict[str, np.ndarray]) -> None:
-            message = pack_replies([(r.meta.request_id, r.rows) for r in group], tensors)
-            outcome = await self._send_reply(group[0].meta, message)
-            for request in group:
-                await request.token.done(outcome)
-
-        # Requests of clients that read reply packs get one message per reply queue.
-        sends: list[Coroutine[Any, Any, None]] = []
+    def _reply_sends(
+        self,
+        requests: list[Request],
+        pieces: list[dict[str, np.ndarray]],
+        host: dict[str, np.ndarray],
+    ) -> list[Coroutine[Any, Any, None]]:
+        """One send per reply message: requests of clients that read reply packs get one
+        message per reply queue, the others one each."""
         singles: list[tuple[Request, dict[str, np.ndarray]]] = []
         groups: dict[str, list[tuple[Request, dict[str, np.ndarray]]]] = {}
         for request, piece in zip(requests, pieces, strict=True):
@@ -126,33 +121,30 @@ class Outbox:
                 groups.setdefault(reply_to, []).append((request, piece))
             else:
                 singles.append((request, piece))
+        sends: list[Coroutine[Any, Any, None]] = []
         for group in groups.values():
             if len(group) == 1:
                 singles.append(group[0])
             elif len(group) == len(requests):
-                sends.append(packed([r for r, _ in group], host))  # the batch as it is
+                sends.append(self._packed([r for r, _ in group], host))  # the batch as it is
             else:
                 stacked = {k: np.concatenate([p[k] for _, p in group]) for k in host}
-                sends.append(packed([r for r, _ in group], stacked))
-        sends.extend(one(request, piece) for request, piece in singles)
+                sends.append(self._packed([r for r, _ in group], stacked))
+        sends.extend(self._one(request, piece) for request, piece in singles)
+        return sends
 
-        # Concurrent like gather, but a reply whose publish and settle need no wait (the
-        # embedded broker's) is done in place: only those that wait get a task.
-        waiting: list[asyncio.Task[None]] = []
-        first_error: Exception | None = None
-        for send in sends:
-            try:
-                task = step(send)
-            except Exception as exc:  # the others still go out; raised below, as gather would
-                first_error = first_error or exc
-                continue
-            if task is not None:
-                waiting.append(task)
-        if first_error is not None:
-            await asyncio.gather(*waiting, return_exceptions=True)
-            raise first_error
-        if waiting:
-            await asyncio.gather(*waiting)
+    async def _one(self, request: Request, tensors: dict[str, np.ndarray]) -> None:
+        outcome = Outcome.OK
+        if request.meta.reply_to is not None:
+            message = reply_ok(request.meta, wire.encode(tensors))
+            outcome = await self._send_reply(request.meta, message)
+        await request.token.done(outcome)
+
+    async def _packed(self, group: list[Request], tensors: dict[str, np.ndarray]) -> None:
+        message = pack_replies([(r.meta.request_id, r.rows) for r in group], tensors)
+        outcome = await self._send_reply(group[0].meta, message)
+        for request in group:
+            await request.token.done(outcome)
 
     async def send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
         log.info("request %s failed: %s", meta.request_id, error)
@@ -181,3 +173,23 @@ class Outbox:
             )
             return Outcome.RETRY
         return Outcome.OK
+
+
+async def _send_all(sends: list[Coroutine[Any, Any, None]]) -> None:
+    """Concurrent like gather, but a send whose publish and settle need no wait (the
+    embedded broker's) is done in place: only those that wait get a task."""
+    waiting: list[asyncio.Task[None]] = []
+    first_error: Exception | None = None
+    for send in sends:
+        try:
+            task = step(send)
+        except Exception as exc:  # the others still go out; raised below, as gather would
+            first_error = first_error or exc
+            continue
+        if task is not None:
+            waiting.append(task)
+    if first_error is not None:
+        await asyncio.gather(*waiting, return_exceptions=True)
+        raise first_error
+    if waiting:
+        await asyncio.gather(*waiting)
