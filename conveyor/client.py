@@ -38,7 +38,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
 )
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
+from conveyor.client_packs import Outgoing, PackSender, packable
 from conveyor.eager import mark_eager
 from conveyor.envelope import (
     RequestMeta,
@@ -59,7 +59,7 @@ from conveyor.errors import (
     DeadlineExceeded,
     TransportClosed,
 )
-from conveyor.packs import REPLY_PACK_TYPE, pack_requests, unpack_replies
+from conveyor.packs import REPLY_PACK_TYPE, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology
@@ -78,11 +78,6 @@ Outputs = dict[str, np.ndarray]
 DEFAULT_TIMEOUT = 30.0
 #: Waits from this long on (or not finite) go through RequestMeta's checks.
 _NO_DEADLINE = 1e9
-#: A request pack holds at most this many requests and (past its first) this many bytes
-#: of tensors. Large requests gain from packs too (W2, 602 KB images: RabbitMQ's CPU per
-#: request 1.8 -> 1.1 ms); the byte cap bounds how long a pack holds up a queue.
-PACK_MAX_REQUESTS = 64
-PACK_MAX_BYTES = 4 << 20
 
 
 class ClientState(enum.Enum):
@@ -104,16 +99,6 @@ class ClientStats:
     #: Messages published (a request pack counts once) and reply messages received.
     messages_sent: int = 0
     reply_messages: int = 0
-
-
-@dataclass
-class _Outgoing:
-    """A request waiting for this loop turn's flush (``Client(pack=True)``)."""
-
-    meta: RequestMeta
-    arrays: dict[str, np.ndarray]
-    future: asyncio.Future[Outputs]
-    nbytes: int
 
 
 #: Opens the client's transport when it opens; registers what it opened on the stack,
@@ -163,9 +148,7 @@ class Client:
         self.pack = pack and not any(
             t.shape and isinstance(t.shape[0], int) and t.shape[0] >= 0 for t in plan.inputs
         )
-        self._outgoing: dict[str, list[_Outgoing]] = {}
-        self._flush_scheduled = False
-        self._publishing: set[asyncio.Task[None]] = set()
+        self._packs = PackSender(plan.hash, self.topology.input_exchange)
         self._ids = itertools.count(1)
         self._input_checks = [
             (t.name, np.dtype(t.dtype), len(t.shape),
@@ -213,7 +196,7 @@ class Client:
         else:
             assert self._given is not None  # __init__ checked: exactly one of the two
             transport = self._given
-        self._transport = transport
+        self._transport = self._packs.transport = transport
         if self._declare_topology:
             await declare_plan_topology(transport, self.plan, durable=self._durable)
         await transport.declare_queue(
@@ -239,14 +222,7 @@ class Client:
                 # Nobody may be awaiting it any more; do not log "never retrieved".
                 fut.exception()
         self._pending.clear()
-        for item in (i for items in self._outgoing.values() for i in items):
-            if not item.future.done():
-                item.future.cancel()
-        self._outgoing.clear()
-        if self._publishing:
-            for task in self._publishing:
-                task.cancel()
-            await asyncio.gather(*self._publishing, return_exceptions=True)
+        await self._packs.close()
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await _quietly(consumer.cancel(), "cancelling the reply consumer")
@@ -334,9 +310,9 @@ class Client:
         expiry = loop.call_later(wait, _expire, future, request_id, wait)
         try:
             if self.pack:
-                # Sent with the other requests of this loop turn (``_flush``); a publish
+                # Sent with the other requests of this loop turn (``PackSender``); a publish
                 # failure lands on the future.
-                self._enqueue(routing_key, _Outgoing(meta, arrays, future, _packable(arrays)))
+                self._packs.enqueue(routing_key, Outgoing(meta, arrays, future, packable(arrays)))
             else:
                 await transport.publish(
                     self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
@@ -372,46 +348,6 @@ class Client:
             packed_replies=self.pack,
         )
         return partition_routing_key(self.plan.partitioning, key), meta
-
-    # -- request packs ------------------------------------------------------------------
-    def _enqueue(self, routing_key: str, item: _Outgoing) -> None:
-        self._outgoing.setdefault(routing_key, []).append(item)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Publish the requests queued in this loop turn: one message per routing key (a
-        request pack, ``conveyor.packs``) up to the pack limits; a lone one as it is."""
-        self._flush_scheduled = False
-        outgoing, self._outgoing = self._outgoing, {}
-        transport = self._transport
-        for routing_key, items in outgoing.items():
-            # Abandoned (cancelled or timed out) before it went out: not sent at all.
-            live = [item for item in items if not item.future.done()]
-            if transport is None:
-                _fail_all(live, TransportClosed("client closed before the request was sent"))
-                continue
-            for chunk in _chunks(live):
-                # A task of its own: this runs in a loop callback, and AMQP publishes need
-                # a task (asyncio.timeout) to wait for their confirm.
-                task = asyncio.create_task(self._send(transport, routing_key, chunk))
-                self._publishing.add(task)
-                task.add_done_callback(self._publishing.discard)
-
-    async def _send(self, transport: Transport, routing_key: str, items: list[_Outgoing]) -> None:
-        try:
-            if len(items) == 1:
-                item = items[0]
-                message = item.meta.to_message(encode(item.arrays))
-            else:
-                message = pack_requests(self.plan.hash, [(i.meta, i.arrays) for i in items])
-            await transport.publish(self.topology.input_exchange, message, routing_key)
-        except Exception as exc:  # each caller gets it from its future (typed if ours)
-            _fail_all(items, exc)
-            return
-        self._sent += len(items)
-        self._messages += 1
 
     @overload
     def infer_many(
@@ -530,12 +466,12 @@ class Client:
     # -- introspection ------------------------------------------------------------------
     def stats(self) -> ClientStats:
         return ClientStats(
-            sent=self._sent,
+            sent=self._sent + self._packs.sent,
             answered=self._answered,
             failed=self._failed,
             in_flight=len(self._pending),
             dropped_replies=self._dropped,
-            messages_sent=self._messages,
+            messages_sent=self._messages + self._packs.messages,
             reply_messages=self._reply_messages,
         )
 
@@ -545,42 +481,6 @@ class Client:
         if self._state is not ClientState.OPEN or self._transport is None:
             raise ConfigError(f"client is {self._state.value}; use it inside 'async with'")
         return self._transport
-
-
-def _packable(arrays: Mapping[str, np.ndarray]) -> int:
-    """The bytes a request adds to a pack; -1 when it must go alone (its tensors do not
-    agree on a batch size, so stacking would mix requests' rows)."""
-    if len(arrays) == 1:  # the common case, without building a set
-        (array,) = arrays.values()
-        return array.nbytes if array.ndim else -1
-    sizes = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
-    if len(sizes) != 1 or -1 in sizes:
-        return -1
-    return sum(a.nbytes for a in arrays.values())
-
-
-def _chunks(items: list[_Outgoing]) -> Iterator[list[_Outgoing]]:
-    """``items`` in packs of at most PACK_MAX_REQUESTS requests and (past the first)
-    PACK_MAX_BYTES bytes; a request that cannot be stacked goes alone."""
-    chunk: list[_Outgoing] = []
-    size = 0
-    for item in items:
-        if item.nbytes < 0:
-            yield [item]
-            continue
-        if chunk and (len(chunk) >= PACK_MAX_REQUESTS or size + item.nbytes > PACK_MAX_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += item.nbytes
-    if chunk:
-        yield chunk
-
-
-def _fail_all(items: list[_Outgoing], error: Exception) -> None:
-    for item in items:
-        if not item.future.done():
-            item.future.set_exception(error)
 
 
 def _expire(future: asyncio.Future[Outputs], request_id: str, wait: float) -> None:

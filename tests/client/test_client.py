@@ -410,21 +410,27 @@ async def test_unreachable_broker_raises_a_transport_error(plan: Plan) -> None:
 
 
 def test_packs_are_cut_by_count_and_bytes_and_unstackable_requests_go_alone() -> None:
-    from conveyor.client import PACK_MAX_BYTES, PACK_MAX_REQUESTS, _chunks, _Outgoing, _packable
+    from conveyor.client_packs import (
+        PACK_MAX_BYTES,
+        PACK_MAX_REQUESTS,
+        Outgoing,
+        chunks,
+        packable,
+    )
 
     loop = asyncio.new_event_loop()
     try:
-        def item(nbytes: int) -> _Outgoing:
-            return _Outgoing(RequestMeta("r"), {}, loop.create_future(), nbytes)
+        def item(nbytes: int) -> Outgoing:
+            return Outgoing(RequestMeta("r"), {}, loop.create_future(), nbytes)
 
-        sizes = [len(c) for c in _chunks([item(10) for _ in range(PACK_MAX_REQUESTS + 5)])]
+        sizes = [len(c) for c in chunks([item(10) for _ in range(PACK_MAX_REQUESTS + 5)])]
         assert sizes == [PACK_MAX_REQUESTS, 5]
         big = PACK_MAX_BYTES // 2 + 1
-        assert [len(c) for c in _chunks([item(big) for _ in range(3)])] == [1, 1, 1]
+        assert [len(c) for c in chunks([item(big) for _ in range(3)])] == [1, 1, 1]
         # A request over the limit still goes (alone); one that cannot be stacked too.
         mixed = [item(10), item(-1), item(10), item(PACK_MAX_BYTES * 2), item(10)]
-        assert [len(c) for c in _chunks(mixed)] == [1, 2, 1, 1]
+        assert [len(c) for c in chunks(mixed)] == [1, 2, 1, 1]
     finally:
         loop.close()
-    assert _packable({"a": np.zeros((2, 3), np.float32), "b": np.zeros((2,), np.int64)}) == 40
-    assert _packable({"a": np.zeros((2, 3)), "b": np.zeros((3,))}) == -1
+    assert packable({"a": np.zeros((2, 3), np.float32), "b": np.zeros((2,), np.int64)}) == 40
+    assert packable({"a": np.zeros((2, 3)), "b": np.zeros((3,))}) == -1
