@@ -51,7 +51,6 @@ from conveyor.eager import mark_eager
 from conveyor.errors import (
     ConfigError,
     ConveyorError,
-    PlanError,
     TransportError,
 )
 from conveyor.plan import MODEL_INPUT, Plan, StageSpec
@@ -60,6 +59,7 @@ from conveyor.topology_setup import declare_plan_topology, stage_queues
 from conveyor.transport import Consumer, Delivery, Transport
 from workers.intake import Intake
 from workers.outbox import Outbox
+from workers.routes import Routes, build_routes, check_model_outputs
 from workers.runner import Batch, Request, StageRunner, stage_sources
 from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
@@ -78,15 +78,6 @@ class WorkerState(Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class Destination:
-    stage: str
-    names: tuple[str, ...]
-    #: Handed over in memory (the stage is hosted here and all its inputs are made here).
-    local: bool
-    join: bool
 
 
 @dataclass
@@ -144,8 +135,7 @@ class StageWorker:
         self._declare = declare
         self._state = WorkerState.NEW
         self._runners: dict[str, StageRunner] = {}
-        self._routes: dict[str, list[Destination]] = {}
-        self._replies: dict[str, tuple[str, ...]] = {}
+        self._routes = Routes({}, {})
         self._records: dict[str, _ConsumerRecord] = {}
         self.outbox = Outbox(transport, self.topology, plan.hash)
         self._intake = Intake(plan, self._runners, self.outbox)
@@ -155,7 +145,7 @@ class StageWorker:
         self._open_lots = 0
         self._settled = asyncio.Event()
         self._settled.set()
-        _check_model_outputs(plan)
+        check_model_outputs(plan)
 
     # -- public surface -------------------------------------------------------------------
     @property
@@ -206,7 +196,7 @@ class StageWorker:
                     self.transport, self.plan, durable=self.settings.durable
                 )
             await self._build_runners()
-            self._build_routes()
+            self._routes = build_routes(self.plan, self.hosted, self.hosts_ingress)
             self._link_runners()
             for runner in self._runners.values():
                 runner.start()
@@ -333,8 +323,8 @@ class StageWorker:
         return next(self._batch_ids)
 
     async def route(self, source: str, batch: Batch, outputs: Mapping[str, Tensor]) -> None:
-        dests = self._routes.get(source, [])
-        reply_names = self._replies.get(source, ())
+        dests = self._routes.destinations.get(source, [])
+        reply_names = self._routes.replies.get(source, ())
         branches = len(dests) + (1 if reply_names else 0)
         if branches == 0:
             log.warning("stage %s: outputs go nowhere (plan lists no consumer)", source)
@@ -462,41 +452,12 @@ class StageWorker:
                 batch_wait=s.batch_wait,
             )
 
-    def _local(self, spec: StageSpec) -> bool:
-        if spec.name not in self.hosted:
-            return False
-        return all(
-            (src == MODEL_INPUT and self.hosts_ingress) or src in self.hosted
-            for src in stage_sources(spec)
-        )
-
-    def _build_routes(self) -> None:
-        sources = [MODEL_INPUT] if self.hosts_ingress else []
-        for source in [*sources, *self.hosted]:
-            wanted: dict[str, list[str]] = {}
-            for spec in self.plan.stages:
-                for inp in spec.inputs:
-                    if inp.source == source:
-                        wanted.setdefault(spec.name, []).append(inp.tensor.name)
-            self._routes[source] = [
-                Destination(
-                    stage,
-                    tuple(names),
-                    self._local(self.plan.stage(stage)),
-                    self.plan.stage(stage).is_join,
-                )
-                for stage, names in wanted.items()
-            ]
-            if source != MODEL_INPUT:
-                spec = self.plan.stage(source)
-                self._replies[source] = tuple(o.tensor.name for o in spec.outputs if o.model_output)
-
     def _link_runners(self) -> None:
         """The ingress can start a batch only when the local stages it feeds can."""
         ingress = self._runners.get(MODEL_INPUT)
         if ingress is None:
             return
-        for dest in self._routes.get(MODEL_INPUT, []):
+        for dest in self._routes.destinations.get(MODEL_INPUT, []):
             if dest.local:
                 runner = self._runners[dest.stage]
                 ingress.hands_to.append(runner)
@@ -564,14 +525,3 @@ class StageWorker:
                 consumer, record.consumer = record.consumer, None
                 with contextlib.suppress(TransportError):
                     await consumer.cancel()
-
-
-def _check_model_outputs(plan: Plan) -> None:
-    producers = {s.name for s in plan.stages for o in s.outputs if o.model_output}
-    if len(producers) > 1:
-        raise PlanError(
-            f"plan {plan.name!r}: model outputs come from several stages {sorted(producers)}; "
-            "workers need one stage (the last, or a join) to produce all of them"
-        )
-    if not producers:
-        raise PlanError(f"plan {plan.name!r}: no stage produces a model output")
