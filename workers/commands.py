@@ -198,7 +198,7 @@ async def _serve(
     plan: Plan, url: str | None, stages: list[str] | None, settings: WorkerSettings
 ) -> int:
     from conveyor.topology import Topology
-    from workers.control_agent import ControlAgent
+    from workers.control.agent import ControlAgent
     from workers.stage_worker import StageWorker
 
     stop = asyncio.Event()

@@ -59,8 +59,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 async def _run(plan: Any, url: str, args: argparse.Namespace) -> int:
     from workers.amqp import AmqpTransport
-    from workers.controller import Controller
-    from workers.policies import PolicyConfig
+    from workers.control.controller import Controller
+    from workers.control.policies import PolicyConfig
 
     transport = await AmqpTransport.connect(url)
     stop = asyncio.Event()

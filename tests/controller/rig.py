@@ -14,11 +14,11 @@ from conveyor.errors import ConveyorError, UnroutableError
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
+from tests.support.synthetic import Route, SyntheticWorker
 from tests.transport.conftest import BrokerHandle
-from workers.control_agent import ControlAgent, command_queue
-from workers.controller import Controller, heartbeat_queue, state_queue
-from workers.policies import PolicyConfig, PolicyKind
-from workers.synthetic import Route, SyntheticWorker
+from workers.control.agent import ControlAgent, command_queue
+from workers.control.controller import Controller, heartbeat_queue, state_queue
+from workers.control.policies import PolicyConfig, PolicyKind
 from workers.topology_setup import declare_plan_topology, delete_plan_topology
 
 

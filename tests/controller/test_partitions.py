@@ -10,8 +10,8 @@ from collections.abc import Callable
 from conveyor.plan import Partitioning, Plan
 from conveyor.topology import PARTITIONS, hash_partition
 from tests.controller.rig import Rig
-from workers.policies import MovePartition
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
+from workers.control.policies import MovePartition
 from workers.topology_setup import declare_plan_topology
 
 

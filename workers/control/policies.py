@@ -1,6 +1,6 @@
 """Scheduling policies as pure functions: an observation and the previous state in, decisions
 (each with its reason and figures) and the next state out. No broker, no clock, no I/O:
-``workers.controller`` gathers the observation and applies the decisions.
+``workers.control.controller`` gathers the observation and applies the decisions.
 
 Three levers (docs/scheduling.md):
 

@@ -1,5 +1,5 @@
 """The controller: reads heartbeats and queue depths every period, runs a policy
-(``workers.policies``), and applies its decisions as worker commands and binding changes.
+(``workers.control.policies``), and applies its decisions as worker commands and binding changes.
 
     async with Controller(transport, plan, PolicyConfig.from_plan(plan, "dynamic")) as c:
         ...                      # c.metrics, c.workers, c.partitions, c.decisions
@@ -56,8 +56,8 @@ from conveyor.errors import ConfigError, ConveyorError, TransportClosed, Transpo
 from conveyor.plan import MODEL_INPUT, Plan
 from conveyor.topology import Topology, initial_bindings
 from conveyor.transport import Consumer, Delivery, Message, QueueSpec, QueueStats, Transport
-from workers.control_agent import command_queue, declare_control_exchange
-from workers.policies import (
+from workers.control.agent import command_queue, declare_control_exchange
+from workers.control.policies import (
     Decision,
     MovePartition,
     MoveWorker,
