@@ -310,7 +310,7 @@ async def rabbitmq_runs(
     from workers.amqp import AmqpTransport
 
     # The baseline runs first: AmqpTransport's first connection patches aiormq's body
-    # framing for the whole process (workers/amqp_frames.py).
+    # framing for the whole process (workers/amqp/frames.py).
     base_latency, base_rows = await aio_pika_runs(url, hops, warmup, sizes, window)
 
     transport = await AmqpTransport.connect(url)

@@ -1,4 +1,4 @@
-"""``workers.amqp_frames``: aiormq's body framing with fewer copies, same bytes.
+"""``workers.amqp.frames``: aiormq's body framing with fewer copies, same bytes.
 
 The unit tests compare the replacements with aiormq's own code on the same frames and
 feed hand-made frame streams to the receiver; the RabbitMQ tests send bodies around the
@@ -25,7 +25,7 @@ from pamqp.heartbeat import Heartbeat
 
 from conveyor.transport import Delivery, Message, QueueSpec
 from tests.amqp.conftest import Rabbit
-from workers import amqp_frames
+from workers.amqp import frames as amqp_frames
 
 FRAME_MAX = 131_072
 CONTENT = FRAME_MAX - 8  # body bytes per frame
@@ -184,7 +184,7 @@ def test_install_leaves_an_unknown_aiormq_alone_and_says_so(
     monkeypatch.setattr(amqp_frames, "_installed", False)
     monkeypatch.setattr(amqp_frames, "ORIGINAL_SPLIT_BODY", None)
     receiver = aiormq.connection.FrameReceiver
-    with caplog.at_level("WARNING", logger="workers.amqp_frames"):
+    with caplog.at_level("WARNING", logger="workers.amqp.frames"):
         amqp_frames.install()
     assert aiormq.connection.FrameReceiver is receiver
     assert not amqp_frames._installed

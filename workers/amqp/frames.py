@@ -184,7 +184,7 @@ class BodyJoiningReceiver(aiormq.connection.FrameReceiver):
             )
         slot = memoryview(body.buffer)[body.filled : end]
         readinto = getattr(self.reader, "readinto", None)
-        if readinto is not None:  # workers.amqp_reader.FrameStream: no copy of ours
+        if readinto is not None:  # workers.amqp.reader.FrameStream: no copy of ours
             await self._io(readinto(slot))
             frame_end = await self._read(1)
         else:
@@ -207,7 +207,7 @@ def install() -> None:
         return
     if ORIGINAL_SPLIT_BODY is None or not isinstance(ORIGINAL_MARSHALL, classmethod):
         log.warning(
-            "aiormq %s does not have the pieces workers.amqp_frames replaces; large "
+            "aiormq %s does not have the pieces workers.amqp.frames replaces; large "
             "messages take aiormq's own (slower) path", getattr(aiormq, "__version__", "?"),
         )
         return

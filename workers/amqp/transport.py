@@ -90,11 +90,11 @@ from conveyor.transport import (
     QueueSpec,
     QueueStats,
 )
-from workers.amqp_consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
-from workers.amqp_convert import exchange_arguments, queue_arguments, to_properties
-from workers.amqp_errors import translated
-from workers.amqp_settings import AmqpSettings
-from workers.amqp_writer import CoalescingConnection
+from workers.amqp.consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
+from workers.amqp.convert import exchange_arguments, queue_arguments, to_properties
+from workers.amqp.errors import translated
+from workers.amqp.settings import AmqpSettings
+from workers.amqp.writer import CoalescingConnection
 
 __all__ = [
     "AmqpConsumer",
@@ -127,7 +127,7 @@ async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustC
             reconnect_interval=settings.reconnect_interval_s,
             fail_fast=True,
             client_properties={"connection_name": f"{settings.connection_name}-{role}"},
-            # one socket write per loop turn instead of one per frame (workers.amqp_writer)
+            # one socket write per loop turn instead of one per frame (workers.amqp.writer)
             connection_class=CoalescingConnection,
         )
     except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
