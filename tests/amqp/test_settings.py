@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conveyor.errors import ConfigError
-from workers.amqp_settings import AmqpSettings
+from workers.amqp.settings import AmqpSettings
 
 URL = "amqp://worker:s3cret@rabbit.internal:5673/conveyor"
 

@@ -90,11 +90,11 @@ from conveyor.transport import (
     QueueSpec,
     QueueStats,
 )
-from workers.amqp_consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
-from workers.amqp_convert import exchange_arguments, queue_arguments, to_properties
-from workers.amqp_errors import translated
-from workers.amqp_settings import AmqpSettings
-from workers.amqp_writer import CoalescingConnection
+from workers.amqp import speedups
+from workers.amqp.consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
+from workers.amqp.convert import exchange_arguments, queue_arguments, to_properties
+from workers.amqp.errors import translated
+from workers.amqp.settings import AmqpSettings
 
 __all__ = [
     "AmqpConsumer",
@@ -127,8 +127,8 @@ async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustC
             reconnect_interval=settings.reconnect_interval_s,
             fail_fast=True,
             client_properties={"connection_name": f"{settings.connection_name}-{role}"},
-            # one socket write per loop turn instead of one per frame (workers.amqp_writer)
-            connection_class=CoalescingConnection,
+            # the faster byte paths, or plain aio-pika (workers.amqp.speedups)
+            connection_class=speedups.connection_class(settings.speedups),
         )
     except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
         cause = str(exc) or type(exc).__name__

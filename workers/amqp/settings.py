@@ -26,6 +26,7 @@ ENV_FIELDS: dict[str, str] = {
     "CONVEYOR_AMQP_OPERATION_TIMEOUT": "operation_timeout_s",
     "CONVEYOR_AMQP_RECONNECT_INTERVAL": "reconnect_interval_s",
     "CONVEYOR_AMQP_CONNECTION_NAME": "connection_name",
+    "CONVEYOR_AMQP_SPEEDUPS": "speedups",
 }
 
 #: URL query parameters ``from_url`` accepts, mapped to field names.
@@ -36,6 +37,7 @@ QUERY_FIELDS: dict[str, str] = {
     "operation_timeout": "operation_timeout_s",
     "reconnect_interval": "reconnect_interval_s",
     "name": "connection_name",
+    "speedups": "speedups",
 }
 
 
@@ -59,6 +61,9 @@ class AmqpSettings:
     connection_name: str = "conveyor"
     #: AMQP delivery mode 2 (written to disk on durable queues) for every publish.
     persistent: bool = False
+    #: The faster byte paths through aiormq (``workers.amqp.speedups``); off = plain
+    #: aio-pika/aiormq. ``?speedups=off`` in the URL, ``CONVEYOR_AMQP_SPEEDUPS=0``.
+    speedups: bool = True
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -149,6 +154,23 @@ class AmqpSettings:
         return urlunsplit(parts._replace(query=query))
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """``True``/``False`` from a bool or one of 1/0, true/false, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in (*_TRUE, *_FALSE):
+        raise ConfigError(
+            f"AMQP setting {name} expects one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, "
+            f"got {value!r}"
+        )
+    return text in _TRUE
+
+
 def _convert(name: str, type_name: str, value: Any) -> Any:
     try:
         if type_name == "int":
@@ -156,12 +178,7 @@ def _convert(name: str, type_name: str, value: Any) -> Any:
         if type_name == "float":
             return float(value)
         if type_name == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text in ("1", "true", "yes")
+            return parse_bool(name, value)
     except ValueError as exc:
         raise ConfigError(f"AMQP setting {name} expects {type_name}, got {value!r}") from exc
     return str(value)
