@@ -126,6 +126,13 @@ def add_worker_parser(sub: Any) -> None:
         metavar="I",
         help="consume only input (or join) shard I; default all shards",
     )
+    p.add_argument(
+        "--no-declare",
+        dest="declare",
+        action="store_false",
+        help="do not declare the plan's topology (an admin step did: `conveyor topology`); "
+        "a least-privilege worker user may not",
+    )
     p.set_defaults(func=cmd_worker)
 
 
@@ -166,7 +173,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     target = BrokerTarget.required(args.broker, "worker")
     settings = _settings(args)
     plan = Plan.load(args.plan)  # PlanError (exit 2) when the files do not match the hash
-    return asyncio.run(_serve(plan, target, args.stage, settings))
+    return asyncio.run(_serve(plan, target, args.stage, settings, declare=args.declare))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -178,7 +185,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _serve(
-    plan: Plan, target: BrokerTarget, stages: list[str] | None, settings: WorkerSettings
+    plan: Plan,
+    target: BrokerTarget,
+    stages: list[str] | None,
+    settings: WorkerSettings,
+    *,
+    declare: bool = True,
 ) -> int:
     from conveyor.topology import Topology
     from workers.control.agent import ControlAgent
@@ -190,7 +202,7 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     transport = await target.connect()
     try:
-        worker = StageWorker(plan, transport, stages, settings)
+        worker = StageWorker(plan, transport, stages, settings, declare=declare)
         await worker.start()
         _announce(plan, worker, target)
         # heartbeats out, controller commands in (docs/scheduling.md)
