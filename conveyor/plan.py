@@ -230,7 +230,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("directory")
-        d["scheduling"]["stages"] = dict(self.scheduling.stages)
+        d["scheduling"]["stages"] = {k: asdict(v) for k, v in self.scheduling.stages.items()}
         if self.queues == QueueSettings():
             # absent when not chosen: plans written before the setting keep their hash
             d.pop("queues")

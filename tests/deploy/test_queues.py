@@ -55,3 +55,14 @@ def test_topology_declares_quorum_queues(
         assert queues[name]["arguments"]["x-delivery-limit"] == 3
     # declaring again is idempotent (the same arguments)
     assert main(["topology", str(plan.directory), "--queue-type", "quorum"]) == 0
+
+
+def test_a_plan_with_per_stage_schedules_saves_and_loads(tmp_path: Path) -> None:
+    # the generated stacks take replicas from here; saving such a plan used to fail in
+    # json.dumps (the schedules stayed dataclasses)
+    from conveyor.plan import Scheduling, StageSchedule
+
+    plan = chain_plan(tmp_path / "plan")
+    sched = Scheduling(stages={"b": StageSchedule(workers=3, prefetch=8)})
+    plan.with_settings(scheduling=sched).save(tmp_path / "plan")
+    assert Plan.load(tmp_path / "plan").scheduling.for_stage("b") == StageSchedule(3, 8)

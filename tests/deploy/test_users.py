@@ -154,3 +154,21 @@ async def test_a_client_that_declares_the_topology_is_refused(
     with pytest.raises(TransportError, match="ACCESS_REFUSED"):
         async with connect(urls["client"], plan=plan, local_workers=False):
             pass
+
+
+async def test_the_controller_user_reads_queue_depths_for_keda(
+    deployed: tuple[Plan, dict[str, str]],
+) -> None:
+    """KEDA's RabbitMQ scaler and the controller read depths with a passive declare."""
+    from workers.amqp import AmqpTransport
+
+    plan, urls = deployed
+    topo = Topology.of(plan)
+    transport = await AmqpTransport.connect(urls["controller"])
+    try:
+        for queue in (topo.input_queue(0), topo.stage_queue("b")):
+            assert (await transport.queue_stats(queue)).depth == 0
+        with pytest.raises(TransportError, match="ACCESS_REFUSED"):
+            await transport.delete_queue(topo.stage_queue("b"))
+    finally:
+        await transport.close(grace=0.5)
