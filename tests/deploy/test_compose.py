@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose"
 #: The generated files that are checked in (the others hold secrets or random salts).
 CHECKED_IN = ("docker-compose.yml", "enabled_plugins", "rabbitmq/rabbitmq.conf",
-              "prometheus/prometheus.yml", "grafana/provisioning/datasources/conveyor.yml")
+              "prometheus/prometheus.yml", "grafana/provisioning/datasources/conveyor.yml",
+              "grafana/provisioning/dashboards/conveyor.yml")
 
 
 def demo_plan(root: Path) -> Plan:
@@ -171,3 +172,17 @@ def test_gpu_reserves_devices_for_the_chosen_stages(tmp_path: Path) -> None:
     assert gpu_services(tmp_path / "none") == set()
     left = _load(tmp_path / "one")["services"]["stage-left"]
     assert left["image"] == "conveyor:cuda" and "cuda" in left["command"]
+
+
+def test_the_gateway_joins_the_stack_once_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor.app.deploy import stack
+
+    plan = dataclasses.replace(join_plan(), directory=tmp_path / "plan")
+    monkeypatch.setattr(stack, "has_gateway", lambda: True)
+    write_compose(plan, tmp_path / "out")
+    gateway = _load(tmp_path / "out")["services"]["gateway"]
+    assert gateway["command"][:2] == ["conveyor", "gateway"]
+    assert gateway["environment"]["CONVEYOR_AMQP_URL"].startswith("amqp://conveyor-client:")
+    assert gateway["ports"] == ["127.0.0.1:8000:8000"]

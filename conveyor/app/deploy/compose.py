@@ -116,6 +116,11 @@ def compose_document(plan: Plan, plan_dir: str, *, gpu: bool = False,
     controller = _conveyor("controller", CPU_IMAGE, plan_dir, stack.controller_command())
     controller["healthcheck"] = _healthcheck()
     services["controller"] = controller
+    if stack.has_gateway():
+        gateway = _conveyor("client", CPU_IMAGE, plan_dir, stack.gateway_command())
+        gateway["healthcheck"] = _healthcheck()
+        gateway["ports"] = [f"127.0.0.1:{stack.GATEWAY_PORT}:{stack.GATEWAY_PORT}"]
+        services["gateway"] = gateway
     services["prometheus"] = {
         "image": PROMETHEUS_IMAGE,
         "volumes": ["./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"],
@@ -124,7 +129,8 @@ def compose_document(plan: Plan, plan_dir: str, *, gpu: bool = False,
     }
     services["grafana"] = {
         "image": GRAFANA_IMAGE,
-        "volumes": ["./grafana/provisioning:/etc/grafana/provisioning:ro"],
+        "volumes": ["./grafana/provisioning:/etc/grafana/provisioning:ro",
+                    "./grafana/dashboards:/etc/grafana/dashboards:ro"],
         "ports": ["127.0.0.1:3000:3000"],
         "environment": {"GF_AUTH_ANONYMOUS_ENABLED": "true"},
         "depends_on": ["prometheus"],
@@ -144,6 +150,11 @@ def prometheus_config(plan: Plan) -> dict[str, Any]:
         ],
     }
 
+
+GRAFANA_DASHBOARDS = {"apiVersion": 1, "providers": [
+    {"name": "conveyor", "type": "file", "options": {"path": "/etc/grafana/dashboards"}}]}
+#: Dashboards shipped in the repository (issue 13), copied into every generated project.
+DASHBOARDS = Path(__file__).resolve().parents[3] / "compose" / "grafana" / "dashboards"
 
 GRAFANA_DATASOURCE = {"apiVersion": 1, "datasources": [
     {"name": "Prometheus", "type": "prometheus", "access": "proxy",
@@ -176,7 +187,13 @@ def write_compose(plan: Plan, out: Path, *, gpu: bool = False, gpu_stages: tuple
         out / "prometheus" / "prometheus.yml": _yaml(prometheus_config(plan)),
         out / "grafana" / "provisioning" / "datasources" / "conveyor.yml":
             _yaml(GRAFANA_DATASOURCE),
+        out / "grafana" / "provisioning" / "dashboards" / "conveyor.yml":
+            _yaml(GRAFANA_DASHBOARDS),
     }
+    (out / "grafana" / "dashboards").mkdir(parents=True, exist_ok=True)
+    if DASHBOARDS.is_dir() and DASHBOARDS.resolve() != (out / "grafana" / "dashboards").resolve():
+        for board in sorted(DASHBOARDS.glob("*.json")):
+            written[out / "grafana" / "dashboards" / board.name] = board.read_text()
     for path, text in written.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

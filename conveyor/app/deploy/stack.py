@@ -109,6 +109,21 @@ def controller_command() -> list[str]:
             "--metrics-port", str(METRICS_PORT)]
 
 
+GATEWAY_PORT = 8000
+
+
+def has_gateway() -> bool:
+    """True once ``conveyor gateway`` exists (issue 14): the stacks then include it."""
+    import importlib.util
+
+    return importlib.util.find_spec("conveyor.app.cmd_gateway") is not None
+
+
+def gateway_command() -> list[str]:
+    return ["conveyor", "gateway", PLAN_MOUNT, "--port", str(GATEWAY_PORT),
+            "--metrics-port", str(METRICS_PORT)]
+
+
 def topology_command(queue_type: str) -> list[str]:
     return ["conveyor", "topology", PLAN_MOUNT, "--durable", "--queue-type", queue_type]
 
