@@ -165,3 +165,21 @@ def test_the_secret_is_mode_600_and_the_cli_writes_it_all(tmp_path: Path,
     configmap = next(o for o in _objects(tmp_path / "k8s") if o["kind"] == "ConfigMap")
     assert set(configmap["binaryData"]) == {"a.onnx", "b.onnx"}
     assert "plan.json" in configmap["data"]
+
+
+def test_the_gateway_gets_a_deployment_and_a_service_once_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from conveyor.app.deploy import stack
+
+    monkeypatch.setattr(stack, "has_gateway", lambda: True)
+    plan = chain_plan(tmp_path / "plan")
+    write_k8s(plan, tmp_path / "k8s")
+    objects = [o for o in _objects(tmp_path / "k8s") if o["metadata"]["name"] == "gateway"]
+    assert {o["kind"] for o in objects} == {"Deployment", "Service"}
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"]["key"] == "client-url"

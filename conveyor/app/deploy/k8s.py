@@ -9,7 +9,8 @@ Files written into ``out`` (apply them with ``kubectl apply -f out``):
 * ``20-stage-<name>.yaml``: a Deployment per stage, one per shard of a join stage; probes on
   ``/v2/health/ready``; resource requests from the plan's cost estimates
   (``stack.cpu_request_millis`` / ``memory_request_mib``).
-* ``30-controller.yaml``: the controller (one replica, ``Recreate``).
+* ``30-controller.yaml``: the controller (one replica, ``Recreate``); ``35-gateway.yaml``:
+  the HTTP gateway and its Service, once ``conveyor gateway`` exists.
 * ``40-keda.yaml``: a TriggerAuthentication and one ``ScaledObject`` per stage on its
   queues' length (the RabbitMQ scaler), from the plan's workers to ``max_scale`` times them.
 * ``rabbitmq-definitions.json``: the users of ``conveyor users`` for the broker.
@@ -133,6 +134,19 @@ def scaled_object(p: stack.StageProcess, ns: str, max_scale: int) -> dict[str, A
     }
 
 
+def _gateway(ns: str, plan_fits: bool) -> list[dict[str, Any]]:
+    """The HTTP gateway (issue 14) as the client user, with a Service in front."""
+    container = _container("gateway", "client", stack.gateway_command(), probes=True)
+    container["ports"].append({"name": "http", "containerPort": stack.GATEWAY_PORT})
+    container["resources"] = {"requests": {"cpu": "250m", "memory": "256Mi"}}
+    deployment = _deployment("gateway", ns, "gateway", _pod([container], plan_fits), 2)
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta("gateway", ns, "gateway"),
+               "spec": {"selector": deployment["spec"]["selector"]["matchLabels"],
+                        "ports": [{"name": "http", "port": stack.GATEWAY_PORT,
+                                   "targetPort": "http"}]}}
+    return [deployment, service]
+
+
 def _trigger_auth(ns: str) -> dict[str, Any]:
     return {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
             "metadata": _meta("conveyor-rabbitmq", ns, "autoscaling"),
@@ -185,6 +199,8 @@ def manifests(plan: Plan, passwords: dict[str, str], *, namespace: str = "convey
         "30-controller.yaml": [_deployment("controller", ns, "controller",
                                            _pod([controller], fits), 1, "Recreate")],
     }
+    if stack.has_gateway():
+        out["35-gateway.yaml"] = _gateway(ns, fits)
     processes = stack.stage_processes(plan)
     for p in processes:
         out[f"20-{p.service}.yaml"] = [stage_deployment(p, ns, fits)]
