@@ -45,8 +45,10 @@ HEADER = """\
 #
 #   docker compose -f {rel}/docker-compose.yml up
 #
-# Passwords live in .env and secrets/ (mode 600, written by the command, never committed);
-# the services read them from the environment, never from a command line.
+# The plan: {plan_dir} (mounted read-only at /plan). The one-shot `topology` service
+# checks it first: a missing or corrupt plan stops the stack there, with its error, instead
+# of a restart loop. Passwords live in .env and secrets/ (mode 600, written by the command,
+# never committed); the services read them from the environment, never from a command line.
 """
 
 
@@ -109,7 +111,7 @@ def compose_document(plan: Plan, plan_dir: str, *, gpu: bool = False,
         },
         "topology": {**_conveyor("admin", CPU_IMAGE, plan_dir, stack.topology_command(
             stack.queue_type_of(plan, queue_type)), after_topology=False),
-            "restart": "on-failure"},
+            "restart": "no"},
     }
     for p in stack.stage_processes(plan, gpu=gpu, gpu_stages=gpu_stages):
         services[p.service] = _stage_service(p, plan_dir)
@@ -176,7 +178,7 @@ def write_compose(plan: Plan, out: Path, *, gpu: bool = False, gpu_stages: tuple
     passwords = role_passwords(out / "secrets", ROLES)
     written = {
         out / "docker-compose.yml": HEADER.format(
-            stages=len(stack.stage_processes(plan)), rel=out.name or ".")
+            stages=len(stack.stage_processes(plan)), rel=out.name or ".", plan_dir=plan_dir)
         + _yaml(compose_document(plan, plan_dir, gpu=gpu, gpu_stages=gpu_stages,
                                  queue_type=queue_type)),
         out / "enabled_plugins": "[" + ",".join(PLUGINS) + "].\n",
