@@ -3,7 +3,9 @@ job and the client nothing more (issue 12, "Least privilege")."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import stat
 import urllib.parse
 from pathlib import Path
@@ -172,3 +174,37 @@ async def test_the_controller_user_reads_queue_depths_for_keda(
             await transport.delete_queue(topo.stage_queue("b"))
     finally:
         await transport.close(grace=0.5)
+
+
+def test_the_rabbitmqctl_script_creates_working_users(
+    tmp_path: Path, rabbitmq_url: str, management: Management, vhost: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+    import subprocess
+
+    local = urllib.parse.urlsplit(rabbitmq_url).hostname in ("127.0.0.1", "localhost")
+    if shutil.which("rabbitmqctl") is None or not local:
+        pytest.skip("needs rabbitmqctl for the local broker")
+    plan = chain_plan(tmp_path / "plan")
+    prefix = f"s{plan.short_hash[:8]}"
+    assert main(["users", str(plan.directory), "--format", "rabbitmqctl", "--vhost", vhost,
+                 "--prefix", prefix, "--secrets", str(tmp_path / "s")]) == 0
+    script = tmp_path / "users.sh"
+    script.write_text(capsys.readouterr().out)
+    try:
+        done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=180,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        perms = management.call("GET", f"/users/{prefix}-client/permissions")
+        assert [(p["vhost"], p["write"]) for p in perms] == [
+            (vhost, f"^({re.escape(Topology.of(plan).input_exchange)})$")]
+        client = pika.URLParameters(_url(rabbitmq_url, f"{prefix}-client",
+                                         (tmp_path / "s" / "client.password").read_text()
+                                         .strip(), vhost))
+        with pika.BlockingConnection(client):
+            pass  # the password from the file logs in
+    finally:
+        for role in ("admin", "client", "worker", "controller"):
+            with contextlib.suppress(OSError):
+                management.call("DELETE", f"/users/{prefix}-{role}")
