@@ -1,8 +1,9 @@
 """Connection settings for the RabbitMQ transport, as one frozen record.
 
-``AmqpSettings.from_url("amqp://user:pass@host:5672/vhost")`` or
-``AmqpSettings.from_env()`` (reads ``CONVEYOR_AMQP_URL`` and the optional
-``CONVEYOR_AMQP_*`` variables below). The URL carries the credentials; the record's
+``AmqpSettings.from_url("amqp://user:pass@host:5672/vhost")``, or
+``AmqpSettings.from_url_and_env(url)`` (the URL, then the optional ``CONVEYOR_AMQP_*``
+variables below). Which URL a process uses is the application's choice
+(``conveyor.app.transports``, the one reader of ``CONVEYOR_AMQP_URL``). The URL carries the credentials; the record's
 ``repr`` and every error message use ``safe_url``, which hides the password.
 """
 
@@ -17,9 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from conveyor.errors import ConfigError
 
-ENV_URL = "CONVEYOR_AMQP_URL"
-
-#: Optional environment variables read by ``from_env``, mapped to field names.
+#: Optional environment variables read by ``from_url_and_env``, mapped to field names.
 ENV_FIELDS: dict[str, str] = {
     "CONVEYOR_AMQP_HEARTBEAT": "heartbeat_s",
     "CONVEYOR_AMQP_CONNECT_TIMEOUT": "connect_timeout_s",
@@ -151,15 +150,6 @@ class AmqpSettings:
             values[QUERY_FIELDS[key]] = raw
         base = cls(url=urlunsplit(parts._replace(query="", fragment="")))
         return base.with_values({**values, **overrides})
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AmqpSettings:
-        """Settings from ``CONVEYOR_AMQP_URL`` and the optional ``CONVEYOR_AMQP_*``."""
-        env = os.environ if env is None else env
-        url = env.get(ENV_URL)
-        if not url:
-            raise ConfigError(f"{ENV_URL} is not set; it should name the RabbitMQ URL")
-        return cls.from_url_and_env(url, env)
 
     @classmethod
     def from_url_and_env(cls, url: str, env: Mapping[str, str] | None = None) -> AmqpSettings:

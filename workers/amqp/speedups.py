@@ -20,7 +20,7 @@ They are used only when all of these hold (``decide``):
 
 * ``CONVEYOR_AMQP_SPEEDUPS`` is not off (``0``/``false``/``no``/``off``). It is read at
   every connect and applies to every transport of the process (the framing is
-  process-wide anyway); ``AmqpSettings.from_env`` also reads it into the field;
+  process-wide anyway); ``AmqpSettings.from_url_and_env`` also reads it into the field;
 * the transport's ``AmqpSettings.speedups`` is true (``?speedups=off`` in the URL);
 * the installed aiormq (``importlib.metadata``) is one of ``TESTED_AIORMQ``, the versions
   the replacements were tested against;

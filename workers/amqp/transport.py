@@ -238,11 +238,9 @@ class AmqpTransport:
         self._closed = asyncio.Event()
 
     @classmethod
-    async def connect(cls, target: str | AmqpSettings | None = None) -> AmqpTransport:
-        """Connect to RabbitMQ (``target`` = URL, settings, or None for the environment)."""
-        if target is None:
-            settings = AmqpSettings.from_env()
-        elif isinstance(target, str):
+    async def connect(cls, target: str | AmqpSettings) -> AmqpTransport:
+        """Connect to RabbitMQ (``target`` = URL or settings)."""
+        if isinstance(target, str):
             settings = AmqpSettings.from_url(target)
         else:
             settings = target
