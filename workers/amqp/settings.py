@@ -3,8 +3,9 @@
 ``AmqpSettings.from_url("amqp://user:pass@host:5672/vhost")``, or
 ``AmqpSettings.from_url_and_env(url)`` (the URL, then the optional ``CONVEYOR_AMQP_*``
 variables below). Which URL a process uses is the application's choice
-(``conveyor.app.transports``, the one reader of ``CONVEYOR_AMQP_URL``). The URL carries the credentials; the record's
-``repr`` and every error message use ``safe_url``, which hides the password.
+(``conveyor.app.transports``, the one reader of ``CONVEYOR_AMQP_URL``). The URL carries
+the credentials; the record's ``repr`` and every error message use ``safe_url``, which
+hides the password.
 """
 
 from __future__ import annotations

@@ -240,10 +240,7 @@ class AmqpTransport:
     @classmethod
     async def connect(cls, target: str | AmqpSettings) -> AmqpTransport:
         """Connect to RabbitMQ (``target`` = URL or settings)."""
-        if isinstance(target, str):
-            settings = AmqpSettings.from_url(target)
-        else:
-            settings = target
+        settings = AmqpSettings.from_url(target) if isinstance(target, str) else target
         publish = await _open_connection(settings, "pub")
         try:
             consume = await _open_connection(settings, "con")
