@@ -181,7 +181,7 @@ async def _serve(
     plan: Plan, target: BrokerTarget, stages: list[str] | None, settings: WorkerSettings
 ) -> int:
     from conveyor.topology import Topology
-    from workers.control_agent import ControlAgent
+    from workers.control.agent import ControlAgent
     from workers.stage_worker import StageWorker
 
     stop = asyncio.Event()
