@@ -26,9 +26,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.bench_pipeline import REPO, isolated_copy
+from bench.bench_pipeline import REPO, cpu_seconds, isolated_copy
 
-LEVELS = "1,4,16,64"
+LEVELS = ["1,4,16,64"]  # a list, so that --levels can replace it
 #: W2 is compute-bound: batches of 8 let the two stages work at once (bench_pipeline).
 MAX_BATCH = {"W1": None, "W2": 8}
 AMQP = os.environ.get("CONVEYOR_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -40,7 +40,7 @@ def conveyor(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subpro
 
 
 def bench_leg(plan: Path, seconds: float, extra: list[str], env: dict[str, str]) -> Any:
-    proc = conveyor("bench", str(plan), "--concurrency", LEVELS, "--seconds", str(seconds),
+    proc = conveyor("bench", str(plan), "--concurrency", LEVELS[0], "--seconds", str(seconds),
                     "--warmup", "0.5", "--json", "--no-progress", *extra, env=env,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=600)
@@ -63,14 +63,27 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], limit: float = 60.0) -> No
     raise SystemExit("gateway not ready in time")
 
 
+def answered(url: str) -> float:
+    """Infer requests the gateway has answered (its /metrics)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                   if line.startswith("conveyor_gateway_requests_total"))
+
+
 def with_gateway(plan: Path, seconds: float, gw_args: list[str], env: dict[str, str]) -> Any:
+    """The HTTP leg; adds the gateway process's CPU ms per request (warm-ups included)."""
     port = "8765"
     gw = conveyor("gateway", str(plan), "--port", port, *gw_args, env=env,
                   stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, gw)
-        return bench_leg(plan, seconds, ["--gateway", url], env)
+        cpu0, n0 = cpu_seconds(gw.pid), answered(url)
+        points = bench_leg(plan, seconds, ["--gateway", url], env)
+        cpu, n = cpu_seconds(gw.pid) - cpu0, answered(url) - n0
+        for p in points:
+            p["gateway_cpu_ms_per_request"] = round(cpu * 1e3 / n, 3) if n else 0.0
+        return points
     finally:
         gw.terminate()
         gw.wait(30)
@@ -112,14 +125,17 @@ def rabbitmq(plan_dir: Path, name: str, seconds: float) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = ["| workload | transport | c | SDK req/s | SDK p50 / p99 ms | HTTP req/s | "
-             "HTTP p50 / p99 ms | HTTP / SDK |", "|---|---|---|---|---|---|---|---|"]
+             "HTTP p50 / p99 ms | HTTP / SDK | CPU ms/req SDK | CPU ms/req HTTP (client + "
+             "gateway) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, legs in results.items():
         w, transport = key.split("/")
         for s, h in zip(legs["sdk"], legs["http"], strict=True):
             ratio = h["throughput"] / s["throughput"] if s["throughput"] else 0.0
             lines.append(f"| {w} | {transport} | {s['level']:g} | {s['throughput']:,.0f} | "
                          f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} | {h['throughput']:,.0f} | "
-                         f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} | {ratio:.0%} |")
+                         f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} | {ratio:.0%} | "
+                         f"{s['cpu_ms_per_request']:.2f} | {h['cpu_ms_per_request']:.2f} + "
+                         f"{h['gateway_cpu_ms_per_request']:.2f} |")
     return "\n".join(lines)
 
 
@@ -130,15 +146,21 @@ def main(argv: list[str] | None = None) -> int:
                    default=Path(tempfile.gettempdir()) / "conveyor-bench" / "profile")
     p.add_argument("--only", choices=["W1", "W2"], action="append")
     p.add_argument("--no-rabbitmq", action="store_true")
+    p.add_argument("--levels", default=LEVELS[0], help="concurrency levels (1,4,16,64)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every leg pair (SDK then HTTP) this many times (1)")
     args = p.parse_args(argv)
+    LEVELS[0] = args.levels
     results: dict[str, Any] = {}
     for name in args.only or ["W1", "W2"]:
         plan = args.cache / name / "plan"
         if not (plan / "plan.json").exists():
             raise SystemExit(f"no plan at {plan}: run python -m bench.bench_pipeline first")
-        results[f"{name}/brokerless"] = brokerless(plan, name, args.seconds)
-        if not args.no_rabbitmq:
-            results[f"{name}/rabbitmq"] = rabbitmq(plan, name, args.seconds)
+        for r in range(args.rounds):
+            tag = f" r{r + 1}" if args.rounds > 1 else ""
+            results[f"{name}/brokerless{tag}"] = brokerless(plan, name, args.seconds)
+            if not args.no_rabbitmq:
+                results[f"{name}/rabbitmq{tag}"] = rabbitmq(plan, name, args.seconds)
     print(table(results))
     print(json.dumps(results))
     return 0

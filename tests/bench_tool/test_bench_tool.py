@@ -42,6 +42,7 @@ async def test_closed_loop_matches_a_known_service_time(concurrency: int) -> Non
     assert 70 <= point.throughput <= 101
     assert point.p50_ms == pytest.approx(concurrency * SERVICE_S * 1e3, rel=0.35)
     assert point.p50_ms <= point.p90_ms <= point.p99_ms
+    assert point.cpu_ms_per_request < SERVICE_S * 1e3  # the server sleeps: little CPU
 
 
 async def test_open_loop_sends_at_the_rate_asked() -> None:
@@ -88,7 +89,7 @@ def test_cli_sweep_on_a_real_plan_prints_json(
     report = json.loads(capsys.readouterr().out)
     assert [p["level"] for p in report["points"]] == [1, 4]
     for p in report["points"]:
-        assert p["errors"] == 0 and p["requests"] > 0
+        assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0
         assert p["throughput"] == pytest.approx(p["requests"] / p["seconds"], rel=1e-3)
     assert report["stages"][0]["stage"] == "scale"
     assert report["stages"][0]["requests"] >= sum(p["requests"] for p in report["points"])
