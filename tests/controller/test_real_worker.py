@@ -61,7 +61,7 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         c = controller
         await until(lambda: len(c.workers) == 3 and all(
             st.requests > 0 for hb in c.workers.values() for st in hb.stats.stages),
-            limit=10, what="heartbeats with figures from all three workers")
+            timeout=10, what="heartbeats with figures from all three workers")
         hb0 = c.workers["real-s0"]
         assert hb0.stats.consuming[0].queue == topo.input_queue(0)
         assert hb0.stats.consuming[0].stage == "s0"
