@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from converter.graph import Analysis
+from converter.tensors import random_inputs_for_model
 from conveyor.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ def estimate_costs(analysis: Analysis) -> CostModel:
 def profile_costs(analysis: Analysis, *, runs: int = 10, seed: int = 0) -> CostModel:
     """Measured onnxruntime CPU time per node (batch 1, graph optimisations off)."""
     import onnxruntime as ort
-
-    from converter.verify import random_inputs_for_model
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

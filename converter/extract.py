@@ -23,7 +23,6 @@ import onnx
 from onnx import helper
 
 from converter.graph import Analysis, TensorInfo
-from converter.split_function import StageDraft
 from conveyor.errors import SplitError
 from conveyor.plan import BATCH, MODEL_INPUT
 
@@ -31,6 +30,15 @@ from conveyor.plan import BATCH, MODEL_INPUT
 PROTO_LIMIT = 2**31 - 2**24
 #: Group (and stage name suffix) of the stage that gathers model outputs made by several stages.
 GATHER = "gather"
+
+
+@dataclass(frozen=True)
+class StageDraft:
+    """A stage before wiring: its nodes (indices into the analysis order) and its key."""
+
+    name: str
+    nodes: tuple[int, ...]
+    group: str | None = None
 
 
 @dataclass(frozen=True)
