@@ -96,6 +96,9 @@ def wire_dag(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[WiredStag
             for o in analysis.nodes[v].output:
                 if o and (o in readers or o in model_outputs):
                     outputs.append((o, tuple(readers.get(o, {})), o in model_outputs))
+        # model outputs in the model's order, whatever the order of the nodes making them
+        rank = {o: i for i, o in enumerate(analysis.outputs)}
+        outputs.sort(key=lambda o: rank.get(o[0], -1) if o[2] else -1)
         out.append(WiredStage(d.name, d.nodes, d.group, inputs, tuple(outputs)))
     for x in model_outputs - set(analysis.producer):
         raise SplitError(f"model output {x!r} is not computed by any node")
