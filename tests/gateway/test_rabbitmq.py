@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conveyor.app.gateway import GatewaySettings
-from conveyor.plan import Plan
+from tests.support.plans import isolated_copy
 
 from .conftest import CLASSES, WIDTH, GatewayThread, Served
 
@@ -20,20 +17,12 @@ httpclient = pytest.importorskip("tritonclient.http")
 pytestmark = pytest.mark.rabbitmq
 
 
-def renamed(plan: Plan, directory: Path) -> Plan:
-    """The plan under a fresh name (fresh queues on the shared broker)."""
-    directory.mkdir(parents=True)
-    for stage in plan.stages:
-        shutil.copy2(plan.directory / stage.file, directory / stage.file)
-    return dataclasses.replace(plan, name=f"gw{uuid.uuid4().hex[:8]}", hash="").save(directory)
-
-
 def test_gateway_on_rabbitmq_answers_like_the_whole_model(
     mlp: Served, rabbitmq_url: str, tmp_path: Path
 ) -> None:
     from conveyor.app.demo_serving import start_workers, stop_workers
 
-    plan = renamed(mlp.plan, tmp_path / "plan")
+    plan = isolated_copy(mlp.plan, tmp_path / "plan")
     loop = asyncio.new_event_loop()
     procs = loop.run_until_complete(start_workers(plan, rabbitmq_url, tmp_path))
     try:
