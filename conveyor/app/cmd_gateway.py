@@ -29,6 +29,8 @@ def add_parsers(sub: Any) -> None:
     add_broker_options(p, embedded=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0: any)")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help="also serve the KServe v2 gRPC service here (needs tritonclient[grpc])")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds a request may take unless it says (30)")
     p.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB",
@@ -65,6 +67,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from conveyor.plan import Plan
 
     settings = GatewaySettings(host=args.host, port=args.port, timeout=args.timeout,
+                               grpc_port=args.grpc_port,
                                max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     plan = Plan.load(args.plan)
     return asyncio.run(_serve(plan, args, settings))
@@ -85,6 +88,9 @@ async def _serve(plan: Any, args: argparse.Namespace, settings: Any) -> int:
         print(f"conveyor gateway: model {plan.name!r} ({plan.short_hash}) at "
               f"{running.url}/v2/models/{plan.name} on {where}{target.describe()}; "
               "Ctrl-C to stop", file=sys.stderr, flush=True)
+        if running.grpc_address is not None:
+            print(f"conveyor gateway: gRPC (KServe v2) at {running.grpc_address}",
+                  file=sys.stderr, flush=True)
         await stop.wait()
     print("conveyor gateway: stopped", file=sys.stderr, flush=True)
     return 0

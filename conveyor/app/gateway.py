@@ -73,6 +73,8 @@ class GatewaySettings:
     timeout: float = 30.0
     #: The ``Retry-After`` (seconds) of a 503 answered for a full queue.
     retry_after_s: int = 1
+    #: Also serve the KServe v2 gRPC service on this port (0: any); None: REST only.
+    grpc_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -268,6 +270,8 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 class RunningGateway:
     url: str
     gateway: Gateway
+    #: ``host:port`` of the gRPC service, None when it is off.
+    grpc_address: str | None = None
 
 
 @contextlib.asynccontextmanager
@@ -288,6 +292,7 @@ async def serve_gateway(
         gateway = Gateway(plan, client, settings)
         runner = web.AppRunner(gateway.application(), access_log=None)
         await runner.setup()
+        stack = contextlib.AsyncExitStack()
         try:
             site = web.TCPSite(runner, settings.host, settings.port)
             try:
@@ -296,10 +301,19 @@ async def serve_gateway(
                 raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
                                   f"{exc.strerror or exc}") from exc
             host, port = runner.addresses[0][:2]
+            grpc_address = None
+            if settings.grpc_port is not None:
+                from conveyor.app.gateway_grpc import start_grpc
+
+                grpc_server, grpc_port = await start_grpc(gateway, settings.host,
+                                                          settings.grpc_port)
+                stack.push_async_callback(grpc_server.stop, 1.0)
+                grpc_address = f"{host}:{grpc_port}"
             gateway.state = GatewayState.SERVING
             log.info("gateway: plan %r on http://%s:%s via %s", plan.name, host, port,
                      target.describe())
-            yield RunningGateway(f"http://{host}:{port}", gateway)
+            yield RunningGateway(f"http://{host}:{port}", gateway, grpc_address)
         finally:
             gateway.state = GatewayState.STOPPING
+            await stack.aclose()
             await runner.cleanup()
