@@ -120,12 +120,13 @@ class BrokerTarget:
                 self._broker = Broker()
             return self._broker.connect()
         from conveyor.errors import BrokerUnreachable
-        from workers.amqp import AmqpTransport
+        from workers.amqp import AmqpSettings, AmqpTransport
 
         nodes = self.urls
         for i, url in enumerate(nodes):
             try:
-                return await AmqpTransport.connect(url)
+                # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment.
+                return await AmqpTransport.connect(AmqpSettings.from_url_and_env(url))
             except BrokerUnreachable:
                 if i == len(nodes) - 1:
                     raise

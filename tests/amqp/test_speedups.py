@@ -85,8 +85,8 @@ def test_off_from_the_url_leaves_aiormq_untouched(
 def test_off_from_the_environment_holds_for_every_transport(
     pristine: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, value: str
 ) -> None:
-    env = {"CONVEYOR_AMQP_URL": URL, speedups.ENV_SWITCH: value}
-    assert AmqpSettings.from_env(env).speedups is False
+    env = {speedups.ENV_SWITCH: value}
+    assert AmqpSettings.from_url_and_env(URL, env).speedups is False
     pristine.setenv(speedups.ENV_SWITCH, value)
     with caplog.at_level("INFO", logger=LOGGER):
         # a transport built from a URL alone (speedups=True) is plain too

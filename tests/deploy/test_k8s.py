@@ -110,8 +110,8 @@ def test_every_stage_and_shard_has_a_deployment_with_probes_and_requests(
 ) -> None:
     plan, objects = four
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
-    assert set(deployments) == {"stage-head", "stage-left", "stage-right",
-                                "stage-join-shard-0", "stage-join-shard-1", "controller"}
+    assert set(deployments) == {"stage-head", "stage-left", "stage-right", "stage-join-shard-0",
+                                "stage-join-shard-1", "controller", "gateway"}
     heavy = deployments["stage-left"]["spec"]["template"]["spec"]["containers"][0]
     light = deployments["stage-join-shard-0"]["spec"]["template"]["spec"]["containers"][0]
     for c in (heavy, light):
@@ -149,7 +149,7 @@ def test_keda_owns_replicas_and_the_controller_prefetch_and_bindings(
     # that would move workers between KEDA-scaled Deployments) has nothing to move
     for name, d in deployments.items():
         command = d["spec"]["template"]["spec"]["containers"][0]["command"]
-        if name != "controller":
+        if name.startswith("stage-"):
             assert command.count("--stage") == 1 and "--no-declare" in command
     controller = deployments["controller"]["spec"]
     assert controller["replicas"] == 1 and controller["strategy"]["type"] == "Recreate"

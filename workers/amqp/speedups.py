@@ -20,7 +20,7 @@ They are used only when all of these hold (``decide``):
 
 * ``CONVEYOR_AMQP_SPEEDUPS`` is not off (``0``/``false``/``no``/``off``). It is read at
   every connect and applies to every transport of the process (the framing is
-  process-wide anyway); ``AmqpSettings.from_env`` also reads it into the field;
+  process-wide anyway); ``AmqpSettings.from_url_and_env`` also reads it into the field;
 * the transport's ``AmqpSettings.speedups`` is true (``?speedups=off`` in the URL);
 * the installed aiormq (``importlib.metadata``) is one of ``TESTED_AIORMQ``, the versions
   the replacements were tested against;
@@ -78,69 +78,68 @@ def aiormq_version() -> str:
 # -- the three replaced pieces ---------------------------------------------------------
 
 
-def _split_body_piece() -> Any:
-    return aiormq.channel.Channel.__dict__.get("_split_body")
+def _unwrap(value: Any) -> Any:
+    return value.__func__ if isinstance(value, classmethod) else value
 
 
-def _marshall_piece() -> Any:
-    return aiormq.abc.ChannelFrame.__dict__.get("marshall")
+@dataclass(frozen=True)
+class _Piece:
+    """One replaced piece of aiormq: where it lives, aiormq's own, ours."""
+
+    name: str
+    owner: Any  # the class or module that holds it
+    attribute: str
+    #: aiormq's own, as ``frames`` found it at import (None where this aiormq lacks it)
+    original: Any
+    replacement: Any
+    #: what aiormq's own must look like for the replacement to fit
+    shaped: Callable[[Any], bool]
+
+    def current(self) -> Any:
+        return vars(self.owner).get(self.attribute)
+
+    def is_ours(self) -> bool:
+        return _unwrap(self.current()) is _unwrap(self.replacement)
+
+    def fits(self) -> bool:
+        """Ours already, or aiormq's own in the expected shape and not changed since."""
+        if self.is_ours():
+            return True
+        original = self.original
+        return original is not None and self.shaped(original) and self.current() is original
 
 
-def _receiver_piece() -> Any:
-    return getattr(aiormq.connection, "FrameReceiver", None)
-
-
-def _is_ours_split(piece: Any) -> bool:
-    return piece is frames.split_body
-
-
-def _is_ours_marshall(piece: Any) -> bool:
-    return isinstance(piece, classmethod) and piece.__func__ is frames.marshall
-
-
-def _is_ours_receiver(piece: Any) -> bool:
-    return piece is frames.BodyJoiningReceiver
-
-
-#: name, current value, "is the replacement", aiormq's own (as imported), shape check
-_PIECES: tuple[tuple[str, Callable[[], Any], Callable[[Any], bool], Any, Callable[[Any], bool]],
-               ...] = (
-    ("Channel._split_body", _split_body_piece, _is_ours_split, frames.ORIGINAL_SPLIT_BODY,
-     callable),
-    ("ChannelFrame.marshall", _marshall_piece, _is_ours_marshall, frames.ORIGINAL_MARSHALL,
-     lambda p: isinstance(p, classmethod)),
-    ("aiormq.connection.FrameReceiver", _receiver_piece, _is_ours_receiver,
-     frames.ORIGINAL_RECEIVER, lambda p: isinstance(p, type) and hasattr(p, "get_frame")),
+_PIECES = (
+    _Piece("Channel._split_body", aiormq.channel.Channel, "_split_body",
+           frames.ORIGINAL_SPLIT_BODY, frames.split_body, callable),
+    _Piece("ChannelFrame.marshall", aiormq.abc.ChannelFrame, "marshall",
+           frames.ORIGINAL_MARSHALL, classmethod(frames.marshall),
+           lambda p: isinstance(p, classmethod)),
+    _Piece("aiormq.connection.FrameReceiver", aiormq.connection, "FrameReceiver",
+           frames.ORIGINAL_RECEIVER, frames.BodyJoiningReceiver,
+           lambda p: isinstance(p, type) and hasattr(p, "get_frame")),
 )
 
 
 def unfit_pieces() -> list[str]:
     """The replaced pieces this aiormq lacks, or has in another shape, or someone changed."""
-    unfit = []
-    for name, current, ours, original, shaped in _PIECES:
-        piece = current()
-        if ours(piece):
-            continue
-        if original is None or not shaped(original) or piece is not original:
-            unfit.append(name)
-    return unfit
+    return [piece.name for piece in _PIECES if not piece.fits()]
 
 
 def installed() -> bool:
     """Whether all three framing replacements are in place (the live aiormq, not a flag)."""
-    return all(ours(current()) for _, current, ours, _, _ in _PIECES)
+    return all(piece.is_ours() for piece in _PIECES)
 
 
 def untouched() -> bool:
     """Whether all three pieces are aiormq's own, as imported."""
-    return all(current() is original for _, current, _, original, _ in _PIECES)
+    return all(piece.current() is piece.original for piece in _PIECES)
 
 
 def install_framing() -> None:
     """Put the three replacements in place (idempotent). Only after ``decide`` said on."""
-    aiormq.channel.Channel._split_body = frames.split_body  # type: ignore[method-assign]
-    aiormq.abc.ChannelFrame.marshall = classmethod(frames.marshall)  # type: ignore[method-assign,assignment]
-    aiormq.connection.FrameReceiver = frames.BodyJoiningReceiver  # type: ignore[misc]
+    for piece in _PIECES:
+        setattr(piece.owner, piece.attribute, piece.replacement)
 
 
 # -- the decision ----------------------------------------------------------------------

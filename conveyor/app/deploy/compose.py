@@ -59,9 +59,9 @@ def _amqp_url(role: str) -> str:
             "@rabbitmq:5672/%2F")
 
 
-def _healthcheck(path: str = stack.HEALTH_PATH) -> dict[str, Any]:
+def _healthcheck(port: int = stack.METRICS_PORT) -> dict[str, Any]:
     probe = (f"import urllib.request; urllib.request.urlopen("
-             f"'http://127.0.0.1:{stack.METRICS_PORT}{path}', timeout=3)")
+             f"'http://127.0.0.1:{port}{stack.HEALTH_PATH}', timeout=3)")
     return {"test": ["CMD", "python", "-c", probe], "interval": "10s", "timeout": "5s",
             "retries": 6, "start_period": "30s"}
 
@@ -120,7 +120,7 @@ def compose_document(plan: Plan, plan_dir: str, *, gpu: bool = False,
     services["controller"] = controller
     if stack.has_gateway():
         gateway = _conveyor("client", CPU_IMAGE, plan_dir, stack.gateway_command())
-        gateway["healthcheck"] = _healthcheck()
+        gateway["healthcheck"] = _healthcheck(stack.GATEWAY_PORT)
         gateway["ports"] = [f"127.0.0.1:{stack.GATEWAY_PORT}:{stack.GATEWAY_PORT}"]
         services["gateway"] = gateway
     services["prometheus"] = {

@@ -137,7 +137,10 @@ def scaled_object(p: stack.StageProcess, ns: str, max_scale: int) -> dict[str, A
 def _gateway(ns: str, plan_fits: bool) -> list[dict[str, Any]]:
     """The HTTP gateway (issue 14) as the client user, with a Service in front."""
     container = _container("gateway", "client", stack.gateway_command(), probes=True)
-    container["ports"].append({"name": "http", "containerPort": stack.GATEWAY_PORT})
+    # the gateway serves /metrics and the health paths on its HTTP port
+    container["ports"] = [{"name": "http", "containerPort": stack.GATEWAY_PORT}]
+    for probe in ("readinessProbe", "livenessProbe"):
+        container[probe]["httpGet"]["port"] = "http"
     container["resources"] = {"requests": {"cpu": "250m", "memory": "256Mi"}}
     deployment = _deployment("gateway", ns, "gateway", _pod([container], plan_fits), 2)
     service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta("gateway", ns, "gateway"),

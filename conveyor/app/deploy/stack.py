@@ -113,15 +113,16 @@ GATEWAY_PORT = 8000
 
 
 def has_gateway() -> bool:
-    """True once ``conveyor gateway`` exists (issue 14): the stacks then include it."""
+    """True where ``conveyor gateway`` exists (issue 14): the stacks include it then."""
     import importlib.util
 
     return importlib.util.find_spec("conveyor.app.cmd_gateway") is not None
 
 
 def gateway_command() -> list[str]:
-    return ["conveyor", "gateway", PLAN_MOUNT, "--port", str(GATEWAY_PORT),
-            "--metrics-port", str(METRICS_PORT)]
+    # its /metrics and /v2/health/* are on its own port
+    return ["conveyor", "gateway", PLAN_MOUNT, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+            "--durable", "--no-declare"]
 
 
 def topology_command(queue_type: str) -> list[str]:
