@@ -208,3 +208,24 @@ def test_the_rabbitmqctl_script_creates_working_users(
         for role in ("admin", "client", "worker", "controller"):
             with contextlib.suppress(OSError):
                 management.call("DELETE", f"/users/{prefix}-{role}")
+
+
+async def test_the_gateway_serves_as_the_client_user_without_declaring(
+    deployed: tuple[Plan, dict[str, str]],
+) -> None:
+    """The stacks run ``conveyor gateway --no-declare`` with the client user's URL."""
+    import aiohttp
+
+    from conveyor.app.gateway import GatewaySettings, serve_gateway
+    from conveyor.app.transports import BrokerTarget
+
+    plan, urls = deployed
+    settings = GatewaySettings(port=0)
+    gateway = serve_gateway(plan, BrokerTarget(urls["client"]), settings,
+                            declare_topology=False)
+    async with gateway as running, aiohttp.ClientSession() as http, \
+            http.get(f"{running.url}/v2/health/ready") as resp:
+        assert resp.status == 200
+    with pytest.raises(TransportError, match="ACCESS_REFUSED"):
+        async with serve_gateway(plan, BrokerTarget(urls["client"]), settings):
+            pass
