@@ -124,9 +124,12 @@ class BrokerTarget:
 
         nodes = self.urls
         for i, url in enumerate(nodes):
+            # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment; a
+            # lost connection later goes on to the other nodes in turn.
+            settings = AmqpSettings.from_url_and_env(url)
+            others = nodes[i + 1:] + nodes[:i]
             try:
-                # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment.
-                return await AmqpTransport.connect(AmqpSettings.from_url_and_env(url))
+                return await AmqpTransport.connect(settings.with_other_nodes(others))
             except BrokerUnreachable:
                 if i == len(nodes) - 1:
                     raise

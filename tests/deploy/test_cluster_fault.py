@@ -7,8 +7,8 @@ URL list ``n2,n3,n1``). Mid-run node 1 is stopped (``stop_app``) and started aga
 later: the quorum queues elect new leaders on the remaining nodes, and every request must be
 answered exactly once to its caller.
 
-What this does not cover: a client or worker whose own node goes down reconnects to that
-node only (aio-pika's robust connection); see docs/deploy.md, "A broker cluster".
+Run twice: once stopping node 1 (the queue leaders), once stopping node 2 (the node every
+process is connected to: they reconnect to node 3, ``workers.amqp.nodes``).
 """
 
 from __future__ import annotations
@@ -122,9 +122,12 @@ def cluster() -> Iterator[list[int]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.parametrize("stopped", [1, 2], ids=["leaders-node", "clients-node"])
 async def test_a_quorum_pipeline_survives_the_loss_of_one_node_of_three(
-    cluster: list[int], tmp_path: Path, record_property: pytest.RecordProperty,
+    cluster: list[int], tmp_path: Path, record_property: pytest.RecordProperty, stopped: int,
 ) -> None:
+    """Node 1 leads the queues; workers and the client connect to node 2 first. Either
+    one stops for 5 s: with node 2, every process reconnects to node 3 (workers.amqp.nodes)."""
     from workers.stage_worker import StageWorker
 
     plan = chain_plan(tmp_path / "plan").with_settings(queues=QueueSettings("quorum"))
@@ -172,13 +175,13 @@ async def test_a_quorum_pipeline_survives_the_loss_of_one_node_of_three(
 
             async def fault() -> None:
                 await quarter.wait()
-                await asyncio.to_thread(_ctl, 1, "stop_app")
-                faults.append(f"node 1 stopped at answer {len(answers)}")
+                await asyncio.to_thread(_ctl, stopped, "stop_app")
+                faults.append(f"node {stopped} stopped at answer {len(answers)}")
                 await asyncio.sleep(5)
-                leaders = await asyncio.to_thread(_leaders, plan, 2)
+                leaders = await asyncio.to_thread(_leaders, plan, 3)
                 faults.append(f"leaders then: {sorted(set(leaders.values()))}")
-                await asyncio.to_thread(_ctl, 1, "start_app")
-                faults.append(f"node 1 started at answer {len(answers)}")
+                await asyncio.to_thread(_ctl, stopped, "start_app")
+                faults.append(f"node {stopped} started at answer {len(answers)}")
 
             started = time.monotonic()
             await asyncio.gather(fault(), *(lane() for _ in range(LANES)))

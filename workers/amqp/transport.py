@@ -82,6 +82,7 @@ import aio_pika
 import aiormq.exceptions as amqp_exc
 from aio_pika.abc import AbstractRobustConnection
 from aiormq import Channel as AmqpChannel
+from yarl import URL
 
 from conveyor.errors import BrokerUnreachable, ChannelBroken, TransportClosed, TransportError
 from conveyor.transport import (
@@ -91,7 +92,7 @@ from conveyor.transport import (
     QueueSpec,
     QueueStats,
 )
-from workers.amqp import speedups
+from workers.amqp import nodes, speedups
 from workers.amqp.consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
 from workers.amqp.convert import exchange_arguments, queue_arguments, to_properties
 from workers.amqp.errors import translated
@@ -122,16 +123,23 @@ class TransportState(enum.Enum):
 
 async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustConnection:
     try:
-        return await aio_pika.connect_robust(
+        # the faster byte paths, or plain aio-pika (workers.amqp.speedups)
+        connection_class = speedups.connection_class(settings.speedups)
+        if settings.other_nodes:
+            connection_class = nodes.rotating(connection_class)
+        connection = await aio_pika.connect_robust(
             settings.aio_pika_url(),
             timeout=settings.connect_timeout_s,
             reconnect_interval=settings.reconnect_interval_s,
             fail_fast=True,
             client_properties={"connection_name": f"{settings.connection_name}-{role}"},
             ssl_context=settings.ssl_context(),
-            # the faster byte paths, or plain aio-pika (workers.amqp.speedups)
-            connection_class=speedups.connection_class(settings.speedups),
+            connection_class=connection_class,
         )
+        if settings.other_nodes:
+            urls = (settings.aio_pika_url(), *map(settings.aio_pika_url, settings.other_nodes))
+            connection.node_urls = tuple(URL(u) for u in urls)  # type: ignore[attr-defined]
+        return connection
     except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
         tls = _tls_error(exc)
         if tls is not None:
