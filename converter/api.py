@@ -13,9 +13,9 @@ from converter.costs import CostModel, estimate_costs, profile_costs
 from converter.export import load_model, sanitize
 from converter.extract import WiredStage, wire_chain, wire_dag
 from converter.graph import Analysis, analyze
-from converter.plan_writer import check_target, write_plan
+from converter.plan_writer import check_target, split_report, write_plan
 from converter.split_function import parse_groups, split_by_function
-from converter.split_layer import split_by_layer
+from converter.split_layer import merge_slivers, split_by_layer
 from conveyor.errors import SplitError
 from conveyor.plan import Partitioning, Plan, Scheduling, SplitInfo
 
@@ -75,10 +75,11 @@ def convert(
     scheduling = scheduling or Scheduling()
     proto = load_model(model, opset=opset, batch_axes=batch_axes)
     analysis = analyze(proto, dims=dims)
-    costs = profile_costs(analysis) if profile else estimate_costs(analysis)
+    estimate = estimate_costs(analysis)
+    costs = profile_costs(analysis) if profile else estimate
+    notes: list[str] = []
     if by == "layer":
-        split = split_by_layer(analysis, costs, stages or DEFAULT_LAYER_STAGES)
-        wired = wire_chain(analysis, split.ranges(analysis.n))
+        wired = layer_stages(analysis, costs, stages or DEFAULT_LAYER_STAGES, notes)
     else:
         wired = function_stages(analysis, costs, compiled, stages or DEFAULT_FUNCTION_STAGES)
     return write_plan(
@@ -89,7 +90,18 @@ def convert(
         scheduling=scheduling,
         external_threshold=external_threshold,
         overwrite=overwrite,
+        report=split_report(analysis, wired, estimate, costs if profile else None, notes),
     )
+
+
+def layer_stages(analysis: Analysis, costs: CostModel, k: int,
+                 notes: list[str]) -> list[WiredStage]:
+    """The layer split into ``k`` stages wired as a chain, slivers merged (``notes`` says)."""
+    split, merged = merge_slivers(analysis, costs, split_by_layer(analysis, costs, k))
+    for note in merged:
+        log.warning("%s", note)
+    notes.extend(merged)
+    return wire_chain(analysis, split.ranges(analysis.n))
 
 
 def function_stages(analysis: Analysis, costs: CostModel,
@@ -101,6 +113,12 @@ def function_stages(analysis: Analysis, costs: CostModel,
     should that pass ``max_stages``, the split is merged one stage further first.
     """
     drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages)
+    if len(drafts) == 1 and analysis.n > 1:
+        raise SplitError(
+            "the function split finds no parallel structure in this model: its layers form "
+            "one chain, so it would be one stage; use --by layer --stages K for a pipeline, "
+            "or name stages with --group NAME=REGEX"
+        )
     wired = wire_dag(analysis, drafts)
     if len(wired) > max_stages:
         drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages - 1)

@@ -90,7 +90,7 @@ def run_convert(args: argparse.Namespace) -> int:
     partitioning = _partitioning(args)
     from converter.api import convert
     from converter.batch_axes import parse_batch_axes
-    from converter.report import stage_table
+    from converter.report import read_report, stage_table
 
     plan = convert(
         args.model, args.out, by=args.by, stages=args.stages, groups=args.group,
@@ -98,7 +98,7 @@ def run_convert(args: argparse.Namespace) -> int:
         external_threshold=args.external_data_threshold, overwrite=args.force,
         dims=parse_dims(args.dims), batch_axes=parse_batch_axes(args.batch_axis),
     )
-    print(stage_table(plan))
+    print(stage_table(plan, read_report(args.out)))
     print(f"wrote {plan.directory} (hash {plan.short_hash})")
     return 0
 

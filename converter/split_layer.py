@@ -29,6 +29,9 @@ INF = float("inf")
 #: A split may be this much slower at its slowest stage than the best one if it sends
 #: fewer bytes (see the module docstring).
 BALANCE_SLACK = 0.03
+#: A stage doing less than this fraction of the ideal (total / K) costs a broker hop for
+#: nothing (a lone Softmax behind a CNN): ``merge_slivers`` folds it into a neighbour.
+MIN_STAGE_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,35 @@ def split_by_layer(analysis: Analysis, costs: CostModel, k: int) -> LayerSplit:
     transfer = costs.transfer(live_bytes[positions])
     cuts = optimal_cuts(compute, transfer, k, slack=BALANCE_SLACK)
     return LayerSplit(tuple(int(positions[i]) for i in cuts), tuple(allowed))
+
+
+def merge_slivers(analysis: Analysis, costs: CostModel,
+                  split: LayerSplit) -> tuple[LayerSplit, list[str]]:
+    """``split`` without stages under ``MIN_STAGE_FRACTION`` of the ideal, and what was merged.
+
+    A sliver goes to the neighbour that stays cheaper with it; the stage count drops by one
+    per sliver (the caller says so: the user asked for more stages than the work fills).
+    """
+    live_bytes, _ = analysis.cut_profile()
+    prefix = costs.prefix()
+    cuts = list(split.cuts)
+    notes: list[str] = []
+    while cuts:
+        bounds = [0, *cuts, analysis.n]
+        cost = [prefix[b] - prefix[a] + costs.transfer(live_bytes[a])
+                for a, b in itertools.pairwise(bounds)]
+        total = sum(cost) or 1.0
+        i = min(range(len(cost)), key=cost.__getitem__)
+        if cost[i] >= MIN_STAGE_FRACTION * total / len(cost):
+            break
+        ops = ", ".join(dict.fromkeys(n.op_type for n in analysis.nodes[bounds[i]:bounds[i + 1]]))
+        notes.append(f"stage {i} of {len(cost)} would do {100 * cost[i] / total:.2f}% of the "
+                     f"work ({bounds[i + 1] - bounds[i]} node(s): {ops}): merged into its "
+                     "neighbour, one broker hop less")
+        before = cost[i - 1] if i > 0 else float("inf")
+        after = cost[i + 1] if i + 1 < len(cost) else float("inf")
+        cuts.pop(i - 1 if before <= after else i)
+    return LayerSplit(tuple(cuts), split.allowed), notes
 
 
 def optimal_cuts(compute: Sequence[float] | np.ndarray, transfer: Sequence[float] | np.ndarray,

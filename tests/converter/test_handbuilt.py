@@ -12,6 +12,7 @@ from converter import convert
 from converter.export import prepare
 from converter.graph import analyze
 from converter.split_layer import allowed_cuts
+from conveyor.errors import SplitError
 from conveyor.plan import MODEL_INPUT, Plan
 from tests.converter import graphs
 from tests.converter.conftest import assert_batched_cuts, assert_reproduces
@@ -22,6 +23,8 @@ CASES = {
     "local_functions": graphs.local_functions,
     "wide": graphs.wide,
 }
+#: Cases whose layers form one chain: a function split has nothing to run in parallel.
+CHAINS = {"local_functions", "wide"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -36,6 +39,10 @@ def test_every_layer_split_and_the_function_split_reproduce_the_model(
         assert len(plan.stages) == k
         assert_batched_cuts(plan)
         assert_reproduces(tmp_path / f"layer{k}", prepare(model))
+    if case in CHAINS:  # issue 11: no parallel structure is an error, not one stage
+        with pytest.raises(SplitError, match="no parallel structure"):
+            convert(model, tmp_path / "function", by="function")
+        return
     convert(model, tmp_path / "function", by="function")
     assert_reproduces(tmp_path / "function", prepare(model))
 
