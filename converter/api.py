@@ -12,6 +12,7 @@ from typing import Any, Literal
 from converter.costs import CostModel, estimate_costs, profile_costs
 from converter.export import load_model, sanitize
 from converter.extract import WiredStage, wire_chain, wire_dag
+from converter.fold import control_flow_note
 from converter.graph import Analysis, analyze
 from converter.plan_writer import check_target, split_report, write_plan
 from converter.split_function import parse_groups, split_by_function
@@ -48,6 +49,7 @@ def convert(
     overwrite: bool = False,
     dims: Mapping[str, int] | None = None,
     batch_axes: Mapping[str, int] | None = None,
+    custom_objects: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Export ``model`` to ONNX, split it and write a plan directory at ``out_dir``.
 
@@ -59,21 +61,17 @@ def convert(
     onnxruntime time instead of FLOP estimates. ``external_threshold`` forces weights of
     at least that many bytes into external data files. ``dims``: representative sizes of
     symbolic dimensions (``height=640``) the costs are taken at; ``batch_axes``: inputs or
-    outputs whose batch is not on axis 0 (``converter.batch_axes``). Raises
+    outputs whose batch is not on axis 0 (``converter.batch_axes``); ``custom_objects``: for
+    loading a Keras file with custom layers. Raises
     ``ConversionError`` subclasses or ``ConfigError``.
     """
     out = Path(out_dir)
-    if by not in ("layer", "function"):
-        raise SplitError(f"unknown split {by!r}; use 'layer' or 'function'")
-    if stages is not None and stages < 1:
-        raise SplitError(f"--stages must be at least 1, got {stages}")
-    if groups and by != "function":
-        raise SplitError("--group applies to --by function only")
-    compiled = parse_groups(groups)
+    compiled = _checked_groups(by, stages, groups)
     check_target(out, overwrite=overwrite)
     partitioning = partitioning or Partitioning()
     scheduling = scheduling or Scheduling()
-    proto = load_model(model, opset=opset, batch_axes=batch_axes)
+    proto = load_model(model, opset=opset, batch_axes=batch_axes,
+                       custom_objects=custom_objects)
     analysis = analyze(proto, dims=dims)
     estimate = estimate_costs(analysis)
     costs = profile_costs(analysis) if profile else estimate
@@ -94,9 +92,27 @@ def convert(
     )
 
 
+def _checked_groups(by: str, stages: int | None,
+                    groups: Sequence[str]) -> list[tuple[str, re.Pattern[str]]]:
+    if by not in ("layer", "function"):
+        raise SplitError(f"unknown split {by!r}; use 'layer' or 'function'")
+    if stages is not None and stages < 1:
+        raise SplitError(f"--stages must be at least 1, got {stages}")
+    if groups and by != "function":
+        raise SplitError("--group applies to --by function only")
+    return parse_groups(groups)
+
+
 def layer_stages(analysis: Analysis, costs: CostModel, k: int,
                  notes: list[str]) -> list[WiredStage]:
     """The layer split into ``k`` stages wired as a chain, slivers merged (``notes`` says)."""
+    total = sum(costs.node_seconds) or 1.0
+    stuck = control_flow_note(analysis.model, {n.name: c / total for n, c in
+                                               zip(analysis.nodes, costs.node_seconds,
+                                                   strict=True)})
+    if stuck and k > 1:
+        raise SplitError(f"{stuck}; serve it unsplit (--stages 1), or export it with the "
+                         "branch fixed")
     split, merged = merge_slivers(analysis, costs, split_by_layer(analysis, costs, k))
     for note in merged:
         log.warning("%s", note)

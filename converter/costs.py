@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 FLOPS_PER_SECOND = 5e10
 BYTES_PER_SECOND = 1e9
+#: onnxruntime threads while profiling (see profile_costs).
+PROFILE_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,13 @@ def profile_costs(analysis: Analysis, *, runs: int = 10, seed: int = 0) -> CostM
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    # optimisations off: with them on, fused and re-laid-out nodes lose their names and
+    # their times (ResNet50: 3 of 4 stages then looked free)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    # one thread: a stage's time on a busy worker, not how well its ops spread over cores
+    # (ResNet50 in 4: 2 threads made the late 1x1 convolutions look 2x cheaper than they run)
+    opts.intra_op_num_threads = PROFILE_THREADS
     with tempfile.TemporaryDirectory(prefix="conveyor-profile-") as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")

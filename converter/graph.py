@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converter.fold import fold_constants
 from converter.probe import Probe, probe_model
 from conveyor.errors import UnsupportedModelError
 from conveyor.plan import BATCH
@@ -172,6 +173,10 @@ def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
     """
     model = infer_shapes(constants_to_initializers(model))
     seen = probe_model(model, dims or {}) if probe else None
+    folded = fold_constants(model, seen) if seen is not None else None
+    if folded is not None:  # plan-time constants became initializers: look again
+        model = infer_shapes(folded)
+        seen = probe_model(model, dims or {})
     g = model.graph
     inits = {t.name: _tensor_bytes(t) for t in g.initializer}
     inits.update({s.values.name: _tensor_bytes(s.values) for s in g.sparse_initializer})

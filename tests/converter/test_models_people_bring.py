@@ -146,3 +146,36 @@ def test_a_scalar_used_as_a_shape_is_refused_naming_the_node(tmp_path: Path) -> 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedModelError, match="scalar read by Reshape 'reshape_by_n'"):
         convert(model, tmp_path / "p", stages=2)
+
+
+def test_long_lived_shape_tensors_are_folded_and_cuts_open(tmp_path: Path) -> None:
+    model = builders.yolo_head()
+    prepared = prepare(model)
+    static = allowed_cuts(analyze(prepared, probe=False))
+    analysis = analyze(prepared)
+    # the grid size lived from the first node to the last: no cut between the convs
+    assert len(allowed_cuts(analysis)) > len(static) + 5
+    assert "cells" in analysis.initializers  # folded: every stage gets its own copy
+    every_layer_split(model, prepared, tmp_path, least=8)
+
+
+def test_a_top_level_if_decided_at_plan_time_is_split_inside(tmp_path: Path) -> None:
+    model = builders.top_level_if()
+    assert len(model.graph.node) == 4
+    analysis = analyze(prepare(model))
+    assert not any(n.op_type == "If" for n in analysis.nodes)
+    every_layer_split(model, prepare(model), tmp_path, least=8)
+
+
+def test_a_top_level_if_decided_by_the_data_is_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    from conveyor.errors import SplitError
+
+    model = builders.top_level_if(by_data=True)
+    with pytest.raises(SplitError, match=r"If 'main_if' does \d+% of the work in one node"):
+        convert(model, tmp_path / "p", by="layer", stages=2)
+    plan = convert(model, tmp_path / "one", by="layer", stages=1)  # unsplit still serves
+    for batch in (1, 3):
+        assert_reproduces(tmp_path / "one", prepare(model), batch=batch)
+    assert len(plan.stages) == 1
