@@ -215,3 +215,36 @@ def top_level_if(*, by_data: bool = False) -> onnx.ModelProto:
                       name="main_if")]
     return _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 16])],
                   [helper.make_tensor_value_info("y", F, ["N", 16])], inits, "wrapped")
+
+
+def two_towers() -> Any:
+    """Two conv towers on one image (tf2onnx's shared layout Transpose is named after one)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(7)
+    img = keras.Input(shape=(16, 16, 3), name="image")
+    towers = []
+    for t in ("towerA", "towerB"):
+        x = img
+        for i in range(3):
+            x = layers.Conv2D(8, 3, padding="same", activation="relu", name=f"{t}_conv{i}")(x)
+        towers.append(layers.GlobalAveragePooling2D(name=f"{t}_pool")(x))
+    joined = layers.Concatenate(name="join")(towers)
+    out = layers.Dense(4, name="head")(joined)
+    return keras.Model(img, out, name="two_towers")
+
+
+def dynamic_image() -> onnx.ModelProto:
+    """A conv net on ``[N, 3, height, width]`` images: its cost depends on the size."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    x, ch = "image", 3
+    for b in range(4):
+        more, w = _conv(f"c{b}", x, ch, 8, 20 + b)
+        nodes += more
+        inits += w
+        x, ch = f"c{b}_out", 8
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"))
+    return _model(nodes, [helper.make_tensor_value_info("image", F, ["N", 3, "height", "width"])],
+                  [helper.make_tensor_value_info("pooled", F, ["N", 8, 1, 1])], inits, "dyn")

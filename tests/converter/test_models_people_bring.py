@@ -179,3 +179,43 @@ def test_a_top_level_if_decided_by_the_data_is_refused_with_the_reason(
     for batch in (1, 3):
         assert_reproduces(tmp_path / "one", prepare(model), batch=batch)
     assert len(plan.stages) == 1
+
+
+@pytest.mark.parametrize("name", ["se_cnn", "transformer"])
+def test_function_split_of_branching_models(name: str, exports: Exports,
+                                            tmp_path: Path) -> None:
+    src = exports.get(name)
+    plan = convert(src, tmp_path / "p", by="function", stages=4)
+    assert 2 <= len(plan.stages) <= 4
+    for batch in (1, 3):
+        assert_reproduces(tmp_path / "p", src, batch=batch)
+
+
+def test_two_towers_run_side_by_side_despite_the_shared_transpose(exports: Exports,
+                                                                   tmp_path: Path) -> None:
+    src = exports.get("two_towers")
+    plan = convert(src, tmp_path / "p", by="function",
+                   groups=["towerA=towerA", "towerB=towerB"])
+    a, b = (next(s for s in plan.stages if s.group == g) for g in ("towerA", "towerB"))
+    # neither tower waits for the other: each reads only what is upstream of both
+    assert b.name not in a.upstream and a.name not in b.upstream
+    assert set(a.upstream) == set(b.upstream)
+    for batch in (1, 3):
+        assert_reproduces(tmp_path / "p", src, batch=batch)
+
+
+def test_symbolic_sizes_are_costed_at_the_given_dims(tmp_path: Path) -> None:
+    model = builders.dynamic_image()
+    small = convert(model, tmp_path / "small", by="layer", stages=2)
+    big = convert(model, tmp_path / "big", by="layer", stages=2,
+                  dims={"height": 64, "width": 48})
+    cut_small = small.stages[1].cost.in_bytes_per_sample
+    cut_big = big.stages[1].cost.in_bytes_per_sample
+    assert cut_big == cut_small * 64 * 48  # one 8-channel map, 1x1 before, 64x48 now
+    assert big.stages[0].cost.flops == pytest.approx(small.stages[0].cost.flops * 64 * 48,
+                                                     rel=0.01)
+    report = read_report(tmp_path / "big")
+    assert report is not None and report["dims"] == {"height": 64, "width": 48}
+    assert big.inputs[0].shape == ("batch", 3, "height", "width")  # the plan stays dynamic
+    for batch in (1, 3):
+        assert_reproduces(tmp_path / "big", prepare(model), batch=batch)
