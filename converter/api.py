@@ -106,10 +106,7 @@ def _checked_groups(by: str, stages: int | None,
 def layer_stages(analysis: Analysis, costs: CostModel, k: int,
                  notes: list[str]) -> list[WiredStage]:
     """The layer split into ``k`` stages wired as a chain, slivers merged (``notes`` says)."""
-    total = sum(costs.node_seconds) or 1.0
-    stuck = control_flow_note(analysis.model, {n.name: c / total for n, c in
-                                               zip(analysis.nodes, costs.node_seconds,
-                                                   strict=True)})
+    stuck = control_flow_note(analysis.model)
     if stuck and k > 1:
         raise SplitError(f"{stuck}; serve it unsplit (--stages 1), or export it with the "
                          "branch fixed")

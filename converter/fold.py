@@ -15,7 +15,6 @@ node: ``control_flow_note`` says why it cannot be split inside.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -119,11 +118,26 @@ def _inlined(graph: onnx.GraphProto, node: onnx.NodeProto,
     return [*branch.node, *bridge]
 
 
-def control_flow_note(model: onnx.ModelProto, share: Mapping[str, float]) -> str | None:
-    """Why a split cannot cut inside the control-flow node that does most of the work."""
+def _nested(graph: onnx.GraphProto) -> int:
+    """Nodes of a graph, those inside its sub-graphs included."""
+    return sum(1 + sum(_nested(g) for a in n.attribute
+                       for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs))
+               for n in graph.node)
+
+
+def control_flow_note(model: onnx.ModelProto) -> str | None:
+    """Why a split cannot cut inside the control-flow node that holds most of the model.
+
+    The share is counted in nodes (sub-graphs included): the FLOPs of a body are not known
+    outside it, and a model wrapped in one If is one node with the whole model inside.
+    """
+    total = _nested(model.graph) or 1
     for node in model.graph.node:
-        if node.op_type in ("If", "Loop", "Scan") and share.get(node.name, 0.0) > 0.5:
-            return (f"{node.op_type} {node.name!r} does {100 * share[node.name]:.0f}% of the "
-                    "work in one node: its condition / trip count depends on the request's "
-                    "data, so no plan-time split can cut inside it")
+        if node.op_type not in ("If", "Loop", "Scan"):
+            continue
+        inside = _nested(onnx.GraphProto(node=[node])) - 1
+        if inside / total > 0.5:
+            return (f"{node.op_type} {node.name!r} holds {100 * inside / total:.0f}% of the "
+                    "model's nodes in one node: its condition / trip count depends on the "
+                    "request's data, so no plan-time split can cut inside it")
     return None

@@ -379,8 +379,8 @@ _ELEMENTWISE_COST = {"Softmax": 5.0, "LogSoftmax": 5.0, "BatchNormalization": 2.
                      "LayerNormalization": 8.0, "InstanceNormalization": 8.0, "Erf": 4.0,
                      "Gelu": 8.0, "Sigmoid": 4.0, "Tanh": 4.0, "Exp": 4.0, "Log": 4.0,
                      "HardSwish": 3.0, "Swish": 4.0, "Pow": 4.0, "Sqrt": 2.0, "Div": 2.0}
-_FREE = {"Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
-         "Constant", "ConstantOfShape", "Cast"}
+FREE_OPS = frozenset({"Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
+         "Constant", "ConstantOfShape", "Cast"})
 
 
 def _elements(info: TensorInfo) -> float:
@@ -413,7 +413,7 @@ def node_flops(node: onnx.NodeProto, reads: Sequence[str], tensors: dict[str, Te
         return out * math.prod(ks)
     if op.startswith(("Global", "Reduce")):
         return _elements(tensors.get(node.input[0], TensorInfo(0, None)))
-    if op in _FREE:
+    if op in FREE_OPS:
         return 0.0
     if any(_subgraphs(a) for a in node.attribute):
         return out * (1 + len(reads))

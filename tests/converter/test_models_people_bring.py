@@ -173,7 +173,8 @@ def test_a_top_level_if_decided_by_the_data_is_refused_with_the_reason(
     from conveyor.errors import SplitError
 
     model = builders.top_level_if(by_data=True)
-    with pytest.raises(SplitError, match=r"If 'main_if' does \d+% of the work in one node"):
+    holds = r"If 'main_if' holds \d+% of the model's nodes in one node"
+    with pytest.raises(SplitError, match=holds):
         convert(model, tmp_path / "p", by="layer", stages=2)
     plan = convert(model, tmp_path / "one", by="layer", stages=1)  # unsplit still serves
     for batch in (1, 3):
