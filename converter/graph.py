@@ -72,6 +72,22 @@ class TensorInfo:
             return self.batch_axis == 0
         return self.shape is None or (len(self.shape) > 0 and self.shape[0] in (BATCH, None))
 
+    @property
+    def cuttable(self) -> bool:
+        """A cut may carry it: batched, or seen batched on another axis (then it crosses
+        batch-first, see ``Analysis.wire_name``)."""
+        return self.batched or (self.probed and self.batch_axis is not None)
+
+    def batch_first(self) -> TensorInfo:
+        """What crosses a cut: the batch axis moved to the front."""
+        a = self.batch_axis
+        if not self.probed or a is None or a == 0:
+            return self
+        shape = self.shape
+        if shape is not None and a < len(shape):
+            shape = (BATCH, *shape[:a], *shape[a + 1:])
+        return replace(self, shape=shape, batch_axis=0)
+
     def concrete(self) -> tuple[int, ...] | None:
         """The shape of one sample with every dimension a number (the batch axis as 1)."""
         if self.sample is not None:
@@ -128,6 +144,12 @@ class Analysis:
     def info(self, name: str) -> TensorInfo:
         return self.tensors.get(name, TensorInfo(0, None))
 
+    def wire_name(self, name: str) -> str:
+        """The name a tensor has between stages: ``NAME__batch_first`` when its batch is
+        not on axis 0 (the sending stage transposes it, the receiving one back)."""
+        info = self.info(name)
+        return name if info.batched or not info.cuttable else f"{name}__batch_first"
+
     def defined_at(self, name: str) -> int:
         """Index of the producing node, -1 for a graph input."""
         return self.producer.get(name, -1)
@@ -153,7 +175,7 @@ class Analysis:
             info = self.info(t)
             delta[start] += info.sample_bytes()
             delta[stop] -= info.sample_bytes()
-            if not info.batched:
+            if not info.cuttable:
                 unbatched[start] += 1
                 unbatched[stop] -= 1
         return np.cumsum(delta)[: n + 1], np.cumsum(unbatched)[: n + 1] == 0

@@ -30,6 +30,7 @@ from conveyor.plan import (
     StageInput,
     StageOutput,
     StageSpec,
+    TensorSpec,
 )
 
 #: The converter's own account of a split, next to plan.json: the sizes the costs were
@@ -62,6 +63,10 @@ def split_report(analysis: Analysis, stages: Sequence[WiredStage], estimate: Cos
     return report
 
 
+def _wire_spec(analysis: Analysis, name: str) -> TensorSpec:
+    return tensor_spec(analysis.wire_name(name), analysis.info(name).batch_first())
+
+
 def build_specs(analysis: Analysis, costs: CostModel,
                 stages: Sequence[WiredStage]) -> tuple[list[StageSpec], float]:
     """Stage specs with their costs, and the balance (slowest over the ideal total/K)."""
@@ -76,8 +81,8 @@ def build_specs(analysis: Analysis, costs: CostModel,
         specs.append(StageSpec(
             name=s.name,
             file=f"{s.name}.onnx",
-            inputs=tuple(StageInput(tensor_spec(t, analysis.info(t)), src) for t, src in s.inputs),
-            outputs=tuple(StageOutput(tensor_spec(t, analysis.info(t)), cons, mo)
+            inputs=tuple(StageInput(_wire_spec(analysis, t), src) for t, src in s.inputs),
+            outputs=tuple(StageOutput(_wire_spec(analysis, t), cons, mo)
                           for t, cons, mo in s.outputs),
             cost=StageCost(
                 nodes=len(s.nodes),

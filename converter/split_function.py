@@ -238,7 +238,7 @@ def _merge_unbatched_edges(analysis: Analysis, graph: _SegmentGraph) -> None:
         for v, reads in enumerate(analysis.node_inputs):
             for x in reads:
                 p = analysis.producer.get(x)
-                if p is not None and seg_of[p] != seg_of[v] and not analysis.info(x).batched:
+                if p is not None and seg_of[p] != seg_of[v] and not analysis.info(x).cuttable:
                     bad = (seg_of[p], seg_of[v], x)
                     break
             if bad:

@@ -107,9 +107,13 @@ def test_time_major_lstm_with_state_batched_on_axis_1(axes: dict[str, int],
     from converter.verify import random_inputs
 
     model = builders.time_major_lstm()
-    top = every_layer_split(model, prepare(model, batch_axes=axes), tmp_path, least=4,
+    top = every_layer_split(model, prepare(model, batch_axes=axes), tmp_path, least=8,
                             batch_axes=axes)
     plan = Plan.load(tmp_path / f"k{top}")
+    carried = {i.tensor.name for k in range(2, top + 1)
+               for s in Plan.load(tmp_path / f"k{k}").stages for i in s.inputs}
+    # cuts inside the time-major LSTM stack: those tensors cross batch-first
+    assert {"y1__batch_first", "seq1__batch_first"} & carried, carried
     shapes = {t.name: t.shape for t in (*plan.inputs, *plan.outputs)}
     assert shapes == {"x": ("batch", "time", 6), "state": ("batch", 1, 8), "y": ("batch", 8),
                       "yh1": ("batch", 1, 8)}
