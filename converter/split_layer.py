@@ -5,8 +5,8 @@ at ``a`` (its input cut). Cuts are allowed only where every live tensor has a ba
 dimension (on axis 0, or on another axis: then it crosses batch-first, see
 ``Analysis.wire_name``), so workers can batch requests at every stage. The optimum is
 exact: a dynamic programme over the m allowed positions finds the smallest bottleneck T*
-in O(K m log m) (the cost of a stage is c[end] + s[start], which makes each level a sweep with heaps),
-then a second one picks, among splits whose stages all cost at most T* (1 +
+in O(K m log m) (the cost of a stage is c[end] + s[start], which makes each level a
+sweep with heaps), then a second one picks, among splits whose stages all cost at most T* (1 +
 ``BALANCE_SLACK``), the one sending the fewest bytes in total: stage costs closer than
 that are within the noise of a profile, and every byte crosses a broker (MobileNetV2 in
 two: a cut before a residual add sends its two 100 KB inputs, one node later the sum
