@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor import cli
+from conveyor.app import cli
 from conveyor.plan import Plan
 from tests.converter.conftest import assert_reproduces
 
@@ -49,7 +49,7 @@ def _custom_model(tmp_path: Path) -> Path:
 def test_custom_objects_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     src = _custom_model(tmp_path)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("converter.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("conveyor.app.cmd_convert",))
     assert cli.main(["convert", str(src), "--out", str(tmp_path / "no")]) == 2
     assert "--custom-objects" in capsys.readouterr().err
     assert cli.main(["convert", str(src), "--out", str(tmp_path / "p"), "--stages", "2",
@@ -72,7 +72,7 @@ def test_a_keras_file_that_is_not_a_zip_says_so(head: bytes, says: str, tmp_path
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "m.keras").write_bytes(head)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("converter.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("conveyor.app.cmd_convert",))
     assert cli.main(["convert", str(tmp_path / "m.keras"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "is not a Keras v3 .keras file" in err and says in err

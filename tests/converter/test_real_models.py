@@ -39,7 +39,7 @@ def test_function_split_of_a_sequential_model_exits_2_with_the_reason(
     exports: Exports, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("converter.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("conveyor.app.cmd_convert",))
     code = cli.main(["convert", str(exports.get("mlp")), "--out", str(tmp_path / "p"),
                      "--by", "function"])
     assert code == 2
