@@ -63,6 +63,7 @@ from conveyor.packs import REPLY_PACK_TYPE, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology
+from conveyor.tracing import current_traceparent
 from conveyor.transport import Message, QueueSpec
 from conveyor.wire import check_tensor, encode
 
@@ -290,7 +291,9 @@ class Client:
 
         ``timeout`` (seconds, default the client's) becomes the request's absolute
         deadline, carried in the message so workers drop it unrun once it has passed.
-        ``key`` is the partition key (hash or range partitioning). Raises
+        ``key`` is the partition key (hash or range partitioning). ``trace_id`` (a W3C
+        ``traceparent``, or any string) names the trace; by default the caller's
+        OpenTelemetry span continues, else a new trace starts (``conveyor.tracing``). Raises
         ``DeadlineExceeded``, ``BackpressureError`` (the input queue is full),
         ``InferenceError`` (the worker's message), ``CodecError``, ``TransportError``
         (``TransportClosed`` when the client closes first). Cancelling the call abandons
@@ -331,13 +334,18 @@ class Client:
         self, request_id: str, wait: float, key: str | None, trace_id: str | None
     ) -> tuple[str, RequestMeta]:
         """The routing key and envelope of one request due within ``wait`` seconds."""
-        deadline = time.time() + wait
-        if key is None and trace_id is None and self._random_partitions and wait < _NO_DEADLINE:
-            # The fields every request shares were checked once in __init__.
-            meta = RequestMeta.trusted(
-                request_id, self.reply_queue, deadline, self.plan.hash, self.pack
-            )
-            return "", meta
+        now = time.time()
+        deadline = now + wait
+        if trace_id is None:
+            trace_id = current_traceparent()
+            if key is None and self._random_partitions and wait < _NO_DEADLINE:
+                # The fields every request shares were checked once in __init__; the
+                # traceparent and the send time are ours.
+                meta = RequestMeta.trusted(
+                    request_id, self.reply_queue, deadline, self.plan.hash, self.pack,
+                    trace_id=trace_id, sent=now,
+                )
+                return "", meta
         meta = RequestMeta(
             request_id=request_id,
             reply_to=self.reply_queue,
@@ -346,6 +354,7 @@ class Client:
             trace_id=trace_id,
             key=key,
             packed_replies=self.pack,
+            sent=now,
         )
         return partition_routing_key(self.plan.partitioning, key), meta
 
