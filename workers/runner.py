@@ -38,6 +38,7 @@ from workers.metrics import StageTimings
 from workers.session import StageSession, Tensor
 from workers.settlement import Obligation, Outcome
 from workers.stats import StageCounters
+from workers.tracing import StageTracer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class StageRunner:
             name, session.provider if session else "", max_batch, max_delay_ms
         )
         self.timings = StageTimings()
+        #: Records a span per request when OpenTelemetry is set up (``workers.tracing``).
+        self.tracer: StageTracer | None = None
         self.batcher: MicroBatcher[Item] = MicroBatcher(
             max_batch, max_delay_ms, policy=batch_wait, can_run=self.can_start
         )
@@ -309,6 +312,8 @@ class StageRunner:
         self.counters.record_batch(len(batch.requests), rows, finished - started)
         self.timings.compute.observe(finished - started)
         self.timings.batch_size.observe(len(batch.requests))
+        if self.tracer is not None:
+            self.tracer.record(batch.requests, started, finished, None)
         for request in batch.requests:
             request.arrived = finished  # at the next stage hosted here, from now on
         await self.router.route(self.name, batch, outputs)

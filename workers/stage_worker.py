@@ -66,6 +66,7 @@ from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
 from workers.settlement import Lot, Outcome
 from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
+from workers.tracing import StageTracer
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +490,7 @@ class StageWorker:
                 join_timeout=s.join_timeout,
                 batch_wait=s.batch_wait,
             )
+            self._runners[name].tracer = StageTracer.for_process(name, self.worker_id)
         if self.hosts_ingress:
             sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)
             self._runners[MODEL_INPUT] = StageRunner(
