@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "conveyor.app.cmd_serve",  # worker, run
     "conveyor.app.cmd_client",  # infer, demo
     "conveyor.app.cmd_controller",  # controller
+    "conveyor.app.cmd_status",  # status
+    "conveyor.app.cmd_dead",  # dead, clean
 )
 
 

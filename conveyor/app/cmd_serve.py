@@ -216,6 +216,8 @@ async def _serve(
             server.add_registry(worker.metrics.registry)
             server.add_check("worker", lambda: None if worker.ready else f"{worker.state.value}")
             server.add_check("broker", broker_check(transport))
+            if target.broker is not None:
+                server.add_registry(_embedded_queues(plan, target.broker))
             print(f"conveyor: metrics on http://localhost:{server.bound_port}/metrics", flush=True)
         await worker.start()
         _announce(plan, worker, target)
@@ -240,6 +242,23 @@ async def _serve(
         if server is not None:
             await server.stop()
     return 0
+
+
+def _embedded_queues(plan: Plan, broker: Any) -> Any:
+    """A registry exporting the embedded broker's queue depths (``conveyor status``)."""
+    from prometheus_client import CollectorRegistry
+
+    from conveyor.app.observe import QueueCollector
+    from conveyor.topology_setup import stage_queues
+
+    def stats(queue: str) -> tuple[int, int]:
+        s = broker.queue_statistics(queue)
+        return int(s.ready), int(s.consumers)
+
+    queues = {q: spec.name for spec in plan.stages for q in stage_queues(plan, spec)}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(queues, stats))
+    return registry
 
 
 def _announce(plan: Plan, worker: Any, target: BrokerTarget) -> None:

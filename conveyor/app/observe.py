@@ -18,11 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from conveyor.errors import ConfigError
+from conveyor.errors import ConfigError, ConveyorError
 
 if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
     from conveyor.transport import Transport
 
@@ -153,3 +154,34 @@ class ObserveServer:
         return web.json_response(
             {"ready": not failing, "failing": failing}, status=503 if failing else 200
         )
+
+
+class QueueCollector:
+    """``conveyor_queue_depth`` and ``conveyor_queue_consumers`` per queue, read at scrape
+    time from ``stats(queue) -> (ready messages, consumers)`` (the embedded broker of a
+    ``conveyor run`` process, whose queues nothing outside the process can see)."""
+
+    def __init__(self, queues: dict[str, str], stats: Callable[[str], tuple[int, int]]) -> None:
+        self.queues = queues  # queue -> stage
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        depth = GaugeMetricFamily(
+            "conveyor_queue_depth", "Messages ready in a stage's queue", labels=["stage", "queue"]
+        )
+        consumers = GaugeMetricFamily(
+            "conveyor_queue_consumers", "Consumers of a stage's queue", labels=["stage", "queue"]
+        )
+        for queue, stage in self.queues.items():
+            try:
+                ready, count = self.stats(queue)
+            except ConveyorError:
+                continue  # not declared (yet)
+            depth.add_metric([stage, queue], ready)
+            consumers.add_metric([stage, queue], count)
+        return [depth, consumers]
