@@ -2,7 +2,7 @@
 
     python -m bench.bench_scheduling [--broker URL | --no-rabbitmq] [--scale 1.0] [--png PATH]
 
-A two-stage pipeline of synthetic workers (``workers.synthetic``: the service time is an
+A two-stage pipeline of synthetic workers (``tests.support.synthetic``: the service time is an
 injected delay, so rates are known and the machine's CPU is not the bottleneck):
 
 * stage ``a``: worker ``a1`` (3 ms) and the flexible worker ``flex`` (home ``a``, 3 ms
@@ -42,10 +42,10 @@ from conveyor.plan import Plan, Scheduling, StageSchedule
 from conveyor.topology import Topology
 from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
-from workers.control_agent import ControlAgent, command_queue
-from workers.controller import Controller, heartbeat_queue, state_queue
-from workers.policies import POLICIES, PolicyConfig, PolicyKind
-from workers.synthetic import Route, SyntheticWorker, synthetic_plan
+from tests.support.synthetic import Route, SyntheticWorker, synthetic_plan
+from workers.control.agent import ControlAgent, command_queue
+from workers.control.controller import Controller, heartbeat_queue, state_queue
+from workers.control.policies import POLICIES, PolicyConfig, PolicyKind
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"  # the local test broker (guest only)
 CAPACITY_B = 225.0

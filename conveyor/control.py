@@ -18,7 +18,7 @@ types), so any language can read and write the control plane. ``decode_*`` valid
 every field and raises ``CodecError`` naming the first thing that is wrong.
 
 A worker is controllable when it implements ``Controllable``: a ``snapshot()`` of its
-figures and three commands. ``workers.control_agent.ControlAgent`` turns that into
+figures and three commands. ``workers.control.agent.ControlAgent`` turns that into
 heartbeats and obeys commands on its behalf.
 """
 

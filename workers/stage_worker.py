@@ -21,7 +21,7 @@ and confirmed (``workers.settlement``); a request that fails decoding, validatio
 inference is rejected to the dead-letter exchange and answered with an error reply; an
 expired one is answered with ``DeadlineExceeded`` and acked, not run.
 
-Control (``conveyor.control.Controllable``, driven by ``workers.control_agent``):
+Control (``conveyor.control.Controllable``, driven by ``workers.control.agent``):
 ``snapshot()``, ``set_prefetch(queue, n)``, ``start_consuming(stage, queue=None)``,
 ``stop_consuming(stage, queue=None)``; ``stats()`` is the fuller local view.
 

@@ -51,8 +51,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 async def _run(plan: Any, target: BrokerTarget, args: argparse.Namespace) -> int:
-    from workers.controller import Controller
-    from workers.policies import PolicyConfig
+    from workers.control.controller import Controller
+    from workers.control.policies import PolicyConfig
 
     transport = await target.connect()
     stop = asyncio.Event()

@@ -198,7 +198,7 @@ async def _serve(
     port: int | None = None,
 ) -> int:
     from conveyor.topology import Topology
-    from workers.control_agent import ControlAgent
+    from workers.control.agent import ControlAgent
     from workers.stage_worker import StageWorker
 
     stop = asyncio.Event()

@@ -27,9 +27,9 @@ from conveyor.transport import (
 )
 from tests.transport.conftest import BrokerHandle
 from tests.workers.harness import Harness
-from workers.control_agent import ControlAgent
-from workers.controller import Controller
-from workers.policies import PolicyConfig, PolicyKind
+from workers.control.agent import ControlAgent
+from workers.control.controller import Controller
+from workers.control.policies import PolicyConfig, PolicyKind
 from workers.settings import WorkerSettings
 from workers.stage_worker import StageWorker
 

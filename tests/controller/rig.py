@@ -15,11 +15,11 @@ from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
+from tests.support.synthetic import Route, SyntheticWorker
 from tests.transport.conftest import BrokerHandle
-from workers.control_agent import ControlAgent, command_queue
-from workers.controller import Controller, heartbeat_queue, state_queue
-from workers.policies import PolicyConfig, PolicyKind
-from workers.synthetic import Route, SyntheticWorker
+from workers.control.agent import ControlAgent, command_queue
+from workers.control.controller import Controller, heartbeat_queue, state_queue
+from workers.control.policies import PolicyConfig, PolicyKind
 
 
 @dataclass(frozen=True)

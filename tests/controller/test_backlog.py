@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from conveyor.plan import Plan
 from tests.controller.rig import Rig
-from workers.policies import MoveWorker
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
+from workers.control.policies import MoveWorker
 
 
 def stages_of(rig: Rig, wid: str) -> set[str]:

@@ -16,8 +16,8 @@ from conveyor.control import Command, CommandKind
 from conveyor.errors import TransportError
 from conveyor.plan import Plan
 from tests.controller.rig import Rig
-from workers.control_agent import command_queue
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
+from workers.control.agent import command_queue
 
 
 async def crash(rig: Rig, worker_id: str) -> None:
@@ -86,7 +86,7 @@ async def test_agent_makes_its_deleted_command_queue_again(
 def test_queue_check_interval_is_validated(every: int) -> None:
     from conveyor.errors import ConfigError
     from conveyor.topology import Topology
-    from workers.control_agent import ControlAgent
+    from workers.control.agent import ControlAgent
 
     plan = synthetic_plan(["s"])
     with pytest.raises(ConfigError, match="queue_check_every"):

@@ -19,7 +19,7 @@ from conveyor.plan import Partitioning, Plan
 from conveyor.topology import hash_partition
 from tests.controller.rig import Rig
 from tests.controller.test_partitions import keys_on, steady
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
 
 
 def saved_plan(directory: Path) -> Plan:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from conveyor.plan import Plan, Scheduling, StageSchedule
 from conveyor.transport import Consumer
 from tests.controller.rig import Rig
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
 
 FAST_S, SLOW_S = 0.010, 0.040
 BURST = 600

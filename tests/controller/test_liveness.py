@@ -13,9 +13,9 @@ from conveyor.control import Heartbeat, WorkerStats, encode_heartbeat
 from conveyor.plan import Plan
 from conveyor.transport import Message
 from tests.controller.rig import Rig
-from workers.controller import Controller
-from workers.policies import PolicyConfig
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
+from workers.control.controller import Controller
+from workers.control.policies import PolicyConfig
 
 
 def heartbeat(worker: str, sent_at: float, seq: int = 1, period: float = 0.2) -> Heartbeat:

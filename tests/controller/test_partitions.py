@@ -11,8 +11,8 @@ from conveyor.plan import Partitioning, Plan
 from conveyor.topology import PARTITIONS, hash_partition
 from conveyor.topology_setup import declare_plan_topology
 from tests.controller.rig import Rig
-from workers.policies import MovePartition
-from workers.synthetic import synthetic_plan
+from tests.support.synthetic import synthetic_plan
+from workers.control.policies import MovePartition
 
 
 def keys_on(shard: int, count: int, shards: int = 2) -> list[str]:

@@ -10,7 +10,8 @@ import pytest
 from conveyor.control import Heartbeat, QueueConsumption, StageStats, WorkerStats
 from conveyor.plan import MODEL_INPUT, Scheduling, StageInput, StageSchedule, TensorSpec
 from conveyor.transport import QueueStats
-from workers.policies import (
+from tests.support.synthetic import synthetic_plan
+from workers.control.policies import (
     Bounds,
     MovePartition,
     MoveWorker,
@@ -27,7 +28,6 @@ from workers.policies import (
     stage_loads,
     static_prefetch,
 )
-from workers.synthetic import synthetic_plan
 
 
 def hb(

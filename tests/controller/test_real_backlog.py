@@ -15,7 +15,7 @@ from tests.controller.real_plans import WholeModel, weighted_chain_plan
 from tests.controller.real_rig import RealPool, assert_answered_once, until
 from tests.transport.conftest import BrokerHandle
 from tests.workers.plans import chain_expected
-from workers.policies import MoveWorker
+from workers.control.policies import MoveWorker
 
 #: Stage s1 lifts each row to 1024 columns and multiplies it 400 times by an identity:
 #: a few milliseconds per row, two orders of magnitude more than s0 and s2.

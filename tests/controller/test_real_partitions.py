@@ -16,7 +16,7 @@ from tests.controller.real_plans import WholeModel, weighted_chain_plan
 from tests.controller.real_rig import RealPool, assert_answered_once, until
 from tests.controller.test_partitions import keys_on
 from tests.transport.conftest import BrokerHandle
-from workers.policies import MovePartition
+from workers.control.policies import MovePartition
 
 #: One stage that lifts each row to 1024 columns and multiplies it 200 times by an identity:
 #: about 35 ms a request, so a shard serves ~30 req/s, a load the test's one event loop

@@ -21,9 +21,9 @@ from conveyor.topology import Topology
 from tests.transport.conftest import BrokerHandle
 from tests.workers.harness import Harness
 from tests.workers.plans import chain_expected, chain_plan
-from workers.control_agent import ControlAgent
-from workers.controller import Controller
-from workers.policies import PolicyConfig
+from workers.control.agent import ControlAgent
+from workers.control.controller import Controller
+from workers.control.policies import PolicyConfig
 from workers.stage_worker import StageWorker
 
 

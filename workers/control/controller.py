@@ -1,5 +1,5 @@
 """The controller: reads heartbeats and queue depths every period, runs a policy
-(``workers.policies``), and applies its decisions as worker commands and binding changes.
+(``workers.control.policies``), and applies its decisions as worker commands and binding changes.
 
     async with Controller(transport, plan, PolicyConfig.from_plan(plan, "dynamic")) as c:
         ...                      # c.metrics, c.workers, c.partitions, c.decisions
@@ -13,17 +13,10 @@ What it owns and how it survives restarts (docs/scheduling.md):
 * A worker silent for three periods is dropped, and its command queue deleted if nobody
   consumes it (a crash leaves it behind; a live agent declares it again).
 * The partition map (input routing key -> shard queue) is the one thing the broker cannot
-  tell back (the Transport protocol has no "list bindings"). After every move the
-  controller publishes the whole map on the control exchange (``partitions``) into the
-  retained-state queue ``<control>.state`` (max length 1, drop-head: it always holds the
-  latest map). A starting controller reads it back and re-applies it.
-* Re-applying ("reconciling") binds every routing key to its assigned shard and unbinds
-  moved keys from their initial shard; the controller does it at start, whenever a worker
-  incarnation it has not seen appears (a restarted worker re-ran the topology setup), and
-  every ``reconcile_every`` periods.
-* A move of a routing key unbinds it from the old shard first and then binds the new one,
-  so a key reaches exactly one shard queue at any moment; a publish in the gap between the
-  two calls raises ``UnroutableError`` (never lost silently) and may be retried.
+  tell back; ``partition_keeper.PartitionKeeper`` retains it on the broker after every
+  move and reads it back at start; the controller re-applies ("reconciles") it then,
+  whenever a worker incarnation it has not seen appears, and every ``reconcile_every``
+  periods.
 * When it stops or dies, nothing is undone: workers keep their prefetch and consumers,
   bindings stay as they are.
 """
@@ -41,24 +34,15 @@ from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 
-from conveyor.control import (
-    PARTITIONS_KEY,
-    Command,
-    CommandKind,
-    Heartbeat,
-    PartitionMap,
-    decode_heartbeat,
-    decode_partition_map,
-    encode_command,
-    encode_partition_map,
-)
+from conveyor.control import Command, CommandKind, Heartbeat, decode_heartbeat, encode_command
 from conveyor.errors import ConfigError, ConveyorError, TransportClosed, TransportError
 from conveyor.plan import MODEL_INPUT, Plan
-from conveyor.topology import Topology, initial_bindings
+from conveyor.topology import Topology
 from conveyor.topology_setup import stage_queues
 from conveyor.transport import Consumer, Delivery, Message, QueueSpec, QueueStats, Transport
-from workers.control_agent import command_queue, declare_control_exchange
-from workers.policies import (
+from workers.control.agent import command_queue, declare_control_exchange
+from workers.control.partition_keeper import PartitionKeeper, state_queue
+from workers.control.policies import (
     Decision,
     MovePartition,
     MoveWorker,
@@ -73,6 +57,16 @@ from workers.policies import (
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "HEARTBEAT_TTL_MS",
+    "Controller",
+    "ControllerState",
+    "LoggedDecision",
+    "PendingCommand",
+    "heartbeat_queue",
+    "state_queue",
+]
+
 
 #: Heartbeats older than this are dropped by the broker. A constant (not a multiple of the
 #: period): RabbitMQ refuses to re-declare a queue with other arguments.
@@ -81,10 +75,6 @@ HEARTBEAT_TTL_MS = 10_000
 
 def heartbeat_queue(topology: Topology) -> str:
     return f"{topology.control_exchange}.controller"
-
-
-def state_queue(topology: Topology) -> str:
-    return f"{topology.control_exchange}.state"
 
 
 @dataclass(frozen=True)
@@ -143,9 +133,7 @@ class Controller:
         self.queue_stats: dict[str, QueueStats] = {}
         self._policy_state = PolicyState()
         self._feeds = self._stage_feeds()
-        self._initial = self._initial_partitions()
-        self.partitions: dict[str, str] = dict(self._initial)
-        self.epoch = 0
+        self._keeper = PartitionKeeper(transport, plan, self.topology, self.metrics)
         self._steps = 0
         self._task: asyncio.Task[None] | None = None
         self._consumer: Consumer | None = None
@@ -161,11 +149,8 @@ class Controller:
                       message_ttl_ms=HEARTBEAT_TTL_MS, max_length=10_000, overflow="drop-head")
         )
         await self.transport.bind_queue(heartbeat_queue(topo), topo.control_exchange, "heartbeat.*")
-        await self.transport.declare_queue(
-            QueueSpec(state_queue(topo), durable=self.durable, max_length=1, overflow="drop-head")
-        )
-        await self.transport.bind_queue(state_queue(topo), topo.control_exchange, PARTITIONS_KEY)
-        await self._load_partition_map()
+        await self._keeper.declare(durable=self.durable)
+        await self._keeper.load(self.period)
         await self.reconcile_partitions("controller start")
         self._consumer = await self.transport.consume(
             heartbeat_queue(topo), self._on_heartbeat, prefetch=256
@@ -233,52 +218,6 @@ class Controller:
     def expiry_s(self, hb: Heartbeat) -> float:
         """A worker silent this long is gone (three of its periods, or of ours)."""
         return 3 * max(hb.period_s, self.period)
-
-    async def _load_partition_map(self) -> None:
-        """Read the retained map back (without consuming it: the delivery is never settled
-        and goes back to the queue when the consumer is cancelled)."""
-        queue = state_queue(self.topology)
-        if (await self.transport.queue_stats(queue)).depth == 0:
-            return
-        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-        async def take(delivery: Delivery) -> None:
-            if not got.done():
-                got.set_result(delivery.message.body)
-
-        consumer = await self.transport.consume(queue, take, prefetch=1)
-        try:
-            body = await asyncio.wait_for(got, timeout=max(5.0, 5 * self.period))
-        except TimeoutError:
-            log.warning("controller: the retained partition map did not arrive; starting fresh")
-            return
-        finally:
-            await consumer.cancel()
-        try:
-            pm = decode_partition_map(body)
-        except ConveyorError as exc:
-            log.warning("controller: ignoring an unreadable retained partition map: %s", exc)
-            return
-        if pm.exchange != self.topology.input_exchange:
-            log.warning("controller: retained map is for %s, not this plan; ignored", pm.exchange)
-            return
-        for key, queue_name in pm.assignments.items():
-            if key in self.partitions:
-                self.partitions[key] = queue_name
-        self.epoch = pm.epoch
-        self.metrics["partition_map_loaded"] += 1
-        log.info("controller: resumed partition map epoch %d (%d keys moved)",
-                 pm.epoch, len(pm.assignments))
-
-    def _initial_partitions(self) -> dict[str, str]:
-        part = self.plan.partitioning
-        if part.kind == "random":
-            return {}
-        return {
-            key: self.topology.input_queue(shard)
-            for shard, keys in initial_bindings(part).items()
-            for key in keys
-        }
 
     def _stage_feeds(self) -> dict[str, tuple[str, ...]]:
         """Stage -> the stages whose batches its queue messages carry (a worker publishes a
@@ -461,42 +400,26 @@ class Controller:
         self.pending[cmd.id] = PendingCommand(cmd, cmd.issued_at)
         self.metrics["commands_sent"] += 1
 
+    # -- the partition map (partition_keeper) ----------------------------------------------
+    @property
+    def partitions(self) -> dict[str, str]:
+        """Routing key -> shard queue in force (empty for random partitioning)."""
+        return self._keeper.partitions
+
+    @property
+    def epoch(self) -> int:
+        """How many times the partition map was published (resumed from the retained map)."""
+        return self._keeper.epoch
+
     async def move_partition(self, d: MovePartition, now: float) -> None:
-        log.info("controller: partition %s %s -> %s: %s", d.routing_key, d.from_queue,
-                 d.to_queue, d.reason)
-        exchange = self.topology.input_exchange
-        # unbind first: the key reaches one shard at any moment (never two)
-        await self.transport.unbind_queue(d.from_queue, exchange, d.routing_key)
-        await self.transport.bind_queue(d.to_queue, exchange, d.routing_key)
-        self.partitions[d.routing_key] = d.to_queue
-        self.metrics["partition_moves"] += 1
-        await self.publish_partition_map(now, d.reason)
+        await self._keeper.move(d, now)
 
     async def publish_partition_map(self, now: float, reason: str) -> None:
-        self.epoch += 1
-        moved = {k: q for k, q in self.partitions.items() if self._initial.get(k) != q}
-        pm = PartitionMap(self.epoch, self.topology.input_exchange, moved, now, reason)
-        await self.transport.publish(
-            self.topology.control_exchange,
-            Message(body=encode_partition_map(pm), type="partition_map"),
-            PARTITIONS_KEY,
-        )
+        await self._keeper.publish(now, reason)
 
     async def reconcile_partitions(self, why: str) -> None:
-        """Make the broker's input bindings match the map (idempotent): every key bound to
-        its assigned shard, moved keys unbound from their initial shard (where a topology
-        setup run elsewhere may have bound them again)."""
-        if not self.partitions:
-            return
-        exchange = self.topology.input_exchange
-        for key, queue in sorted(self.partitions.items()):
-            await self.transport.bind_queue(queue, exchange, key)
-        moved = {k: q for k, q in self.partitions.items() if self._initial.get(k) != q}
-        for key in sorted(moved):
-            await self.transport.unbind_queue(self._initial[key], exchange, key)
-        self.metrics["partition_reconciles"] += 1
-        if moved:
-            log.info("controller: re-applied %d moved partition(s) (%s)", len(moved), why)
+        """Make the broker's input bindings match the map (idempotent)."""
+        await self._keeper.reconcile(why)
 
     @staticmethod
     def _command_id() -> str:
