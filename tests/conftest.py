@@ -36,4 +36,12 @@ def rabbitmq_url() -> str:
         if os.environ.get("CI"):
             pytest.fail(f"CI needs RabbitMQ at {url}, and nothing answers there")
         pytest.skip(f"no RabbitMQ at {url} (set CONVEYOR_AMQP_URL)")
+    from tests.support.rabbit_plugins import fix_command, missing_plugins
+
+    missing = missing_plugins(url)
+    if missing:
+        reason = f"RabbitMQ at {url} lacks plugins {missing}: run `{fix_command(missing)}`"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     return url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ async def main(plan_dir: str, stage: str, out: str) -> None:
     trace.set_tracer_provider(provider)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    transport = await AmqpTransport.connect()
+    transport = await AmqpTransport.connect(os.environ["CONVEYOR_AMQP_URL"])
     worker = StageWorker(Plan.load(Path(plan_dir)), transport, [stage])
     await worker.start()
     print("ready", flush=True)
