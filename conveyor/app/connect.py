@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.app.transports import BrokerTarget
 from conveyor.client import DEFAULT_TIMEOUT, Client
+from conveyor.client_checks import NoConsumerPolicy
 from conveyor.plan import Plan
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ def connect(
     worker_options: Mapping[str, Any] | None = None,
     durable: bool = False,
     pack: bool = True,
+    on_no_consumer: NoConsumerPolicy = "warn",
 ) -> LocalClient:
     """A client for ``plan`` on the broker at ``url``.
 
@@ -114,6 +116,7 @@ def connect(
     re-declared with other flags). ``pack`` (default on) sends the requests made in one
     event-loop turn for one partition as one message and lets workers answer several in
     one message (``conveyor.packs``); off, every request and reply is a message of its own.
+    ``on_no_consumer``: see ``Client`` (warn once by default when no worker consumes).
     """
     target = BrokerTarget.resolve() if url is FROM_ENV else BrokerTarget(url)
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
@@ -126,6 +129,7 @@ def connect(
         reply_prefetch=reply_prefetch,
         durable=durable,
         pack=pack,
+        on_no_consumer=on_no_consumer,
     )
 
 
