@@ -97,6 +97,9 @@ class StageTimings:
     #: Deliveries received again (``redelivered``) and deliveries dead-lettered.
     redelivered: int = 0
     dead_lettered: int = 0
+    #: Off (``WorkerSettings.metrics=False``): the durations and batch sizes are not
+    #: measured (the benchmark's "metrics off" leg); counts still are.
+    enabled: bool = True
 
     def failed(self, code: str, requests: int = 1) -> None:
         self.failures[code] = self.failures.get(code, 0) + requests

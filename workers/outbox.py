@@ -96,7 +96,8 @@ class Outbox:
             message = encode_stage_message(self.plan_hash, source, batch, host)
             started = time.perf_counter()
             outcome = await self._publish(exchange, message, stage)
-            timings.publish.observe(time.perf_counter() - started)
+            if timings.enabled:
+                timings.publish.observe(time.perf_counter() - started)
             for request in requests:
                 await request.token.done(outcome)
             return
@@ -127,6 +128,8 @@ class Outbox:
             return
         started = time.perf_counter()
         await _send_all(self._reply_sends(requests, pieces, host))
+        if not timings.enabled:
+            return
         timings.publish.observe(time.perf_counter() - started)
         now = time.time()
         e2e = timings.end_to_end

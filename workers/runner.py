@@ -299,9 +299,11 @@ class StageRunner:
             await self.router.route(self.name, batch, batch.tensors)
             return
         started = time.perf_counter()
-        waited = self.timings.batch_wait
-        for request in batch.requests:
-            waited.observe(started - request.arrived)
+        timings = self.timings
+        if timings.enabled:
+            waited = timings.batch_wait
+            for request in batch.requests:
+                waited.observe(started - request.arrived)
         try:
             outputs = await self._infer(batch.tensors)
         except InferenceError as exc:
@@ -310,12 +312,14 @@ class StageRunner:
             return
         finished = time.perf_counter()
         self.counters.record_batch(len(batch.requests), rows, finished - started)
-        self.timings.compute.observe(finished - started)
-        self.timings.batch_size.observe(len(batch.requests))
         if self.tracer is not None:
             self.tracer.record(batch.requests, started, finished, None)
-        for request in batch.requests:
-            request.arrived = finished  # at the next stage hosted here, from now on
+        if timings.enabled:
+            timings.compute.observe(finished - started)
+            timings.batch_size.observe(len(batch.requests))
+        if timings.enabled or self.tracer is not None:
+            for request in batch.requests:
+                request.arrived = finished  # at the next stage hosted here, from now on
         await self.router.route(self.name, batch, outputs)
 
     async def _fail(

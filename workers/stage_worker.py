@@ -491,6 +491,7 @@ class StageWorker:
                 batch_wait=s.batch_wait,
             )
             self._runners[name].tracer = StageTracer.for_process(name, self.worker_id)
+            self._runners[name].timings.enabled = s.metrics
         if self.hosts_ingress:
             sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)
             self._runners[MODEL_INPUT] = StageRunner(
@@ -503,6 +504,7 @@ class StageWorker:
                 sources=(),
                 batch_wait=s.batch_wait,
             )
+            self._runners[MODEL_INPUT].timings.enabled = s.metrics
 
     def _link_runners(self) -> None:
         """The ingress can start a batch only when the local stages it feeds can."""

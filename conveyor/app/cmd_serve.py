@@ -55,6 +55,9 @@ def add_metrics_option(p: argparse.ArgumentParser) -> None:
 def _add_serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
     add_metrics_option(p)
+    p.add_argument("--no-timings", action="store_true",
+                   help="do not measure durations and batch sizes (to benchmark what "
+                   "measuring costs; counts are still kept)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
     p.add_argument(
         "--threads",
@@ -168,6 +171,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         join_timeout=args.join_timeout,
         durable=args.durable,
         batch_wait=args.batch_wait,
+        metrics=not args.no_timings,
     )
 
 
