@@ -485,7 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for w in workloads:
         runs: dict[str, list[dict[str, Any]]] = {}
-        order = [*(["baseline", *pipeline_legs] * args.rounds), "baseline"]
+        order = []
+        for i in range(args.rounds):
+            # Alternating: on first in every other round, so neither side always runs
+            # second (on a warmer, or busier, machine).
+            legs = pipeline_legs if i % 2 == 0 else _swap_pairs(pipeline_legs, len(switches))
+            order += ["baseline", *legs]
+        order.append("baseline")
         for leg in order:
             kind, _, switch = leg.partition(":")
             extra = ["--broker", args.broker] if kind.startswith("rabbitmq") else []
@@ -515,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _swap_pairs(legs: list[str], group: int) -> list[str]:
+    """``legs`` with each run of ``group`` switches of one leg reversed."""
+    return [leg for i in range(0, len(legs), group) for leg in reversed(legs[i:i + group])]
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
