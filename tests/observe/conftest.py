@@ -1,4 +1,4 @@
-"""Operability tests: the two-broker ``broker`` fixture and a scraper for /metrics."""
+"""Operability tests: a unique plan name per test (``broker`` comes from tests/support)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import uuid
 
 import pytest
 
-from tests.transport.conftest import BrokerHandle, broker
+# The RabbitMQ management API helper of the transport tests (closes connections from the
+# broker's side), shared rather than written twice.
+from tests.amqp.conftest import Management, management
 
-__all__ = ["BrokerHandle", "broker", "unique"]
+__all__ = ["Management", "management", "unique"]
 
 
 @pytest.fixture

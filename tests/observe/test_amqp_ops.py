@@ -14,15 +14,13 @@ import pytest
 from conveyor.app.observe import ObserveServer, broker_check
 from conveyor.errors import BrokerUnreachable, TransportError
 from conveyor.transport import ExchangeSpec
-from tests.amqp.conftest import Management, management
+from tests.observe.conftest import Management
 from tests.observe.scrape import get
-from tests.workers.plans import chain_plan
+from tests.support.plans import chain_plan
 from workers.amqp import AmqpTransport
 from workers.amqp.settings import AmqpSettings
 from workers.amqp.transport import missing_plugin_error
 from workers.stage_worker import StageWorker
-
-__all__ = ["management"]
 
 pytestmark = pytest.mark.rabbitmq
 

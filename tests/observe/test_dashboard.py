@@ -16,7 +16,7 @@ from brokerless import Broker
 from conveyor.app.observe import QueueCollector
 from conveyor.client import Client
 from tests.observe.test_controller_metrics import FakeController
-from tests.workers.plans import chain_plan
+from tests.support.plans import chain_plan
 from workers.control.controller import LoggedDecision
 from workers.control.metrics import controller_registry
 from workers.control.policy_common import MoveWorker

@@ -12,9 +12,9 @@ from conveyor.app.observe import ObserveServer, broker_check
 from conveyor.client import Client
 from conveyor.errors import CodecError, PlanHashMismatch
 from tests.observe.scrape import get, label_values, scrape, total
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_plan
 from workers.stage_worker import StageWorker
 
 GOOD = 40

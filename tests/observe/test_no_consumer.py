@@ -12,8 +12,8 @@ import pytest
 from conveyor.app.cli import main
 from conveyor.client import Client
 from conveyor.errors import DeadlineExceeded, NoConsumerError
-from tests.transport.conftest import BrokerHandle
-from tests.workers.plans import chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.plans import chain_plan
 from workers.stage_worker import StageWorker
 
 X = {"x": np.ones((1, 4), np.float32)}

@@ -17,8 +17,8 @@ from conveyor.app.transports import BrokerTarget
 from conveyor.client import Client
 from conveyor.topology import Topology
 from conveyor.transport import Delivery, Transport
-from tests.transport.conftest import BrokerHandle
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.plans import chain_expected, chain_plan
 from workers.stage_worker import StageWorker
 
 

@@ -15,8 +15,8 @@ import pytest
 from conveyor.client import Client
 from conveyor.plan import Plan
 from conveyor.tracing import new_traceparent, parse, trace_of, with_parent
-from tests.transport.conftest import BrokerHandle
-from tests.workers.plans import chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.plans import chain_plan
 
 REQUESTS = 5
 
