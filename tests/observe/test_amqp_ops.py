@@ -29,7 +29,7 @@ async def _ready_status(port: int) -> int:
     return (await get(port, "/v2/health/ready"))[0]
 
 
-async def _until_status(port: int, want: int, within: float = 20.0) -> None:
+async def _until_status(port: int, want: int, within: float = 30.0) -> None:
     until = time.monotonic() + within
     while await _ready_status(port) != want:
         assert time.monotonic() < until, f"readiness never answered {want}"
