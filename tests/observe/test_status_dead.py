@@ -117,3 +117,41 @@ async def test_dead_replay_brings_a_request_back_to_an_answer(
         await first.stop(grace=0.5)
         if second is not None:
             await second.stop(grace=0.5)
+
+
+async def test_status_reads_a_conveyor_run_process_through_its_metrics(
+    tmp_path: Path, unique: str
+) -> None:
+    import socket
+    import sys
+
+    (tmp_path / "plan").mkdir()
+    plan = chain_plan(tmp_path / "plan", 2, name=unique)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor", "run", str(plan.directory), "--embedded",
+        "--metrics-port", str(port), stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            while (await proc.stdout.readline()).strip() != b"conveyor: ready":
+                pass
+        out = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "conveyor", "status", str(plan.directory), "--metrics",
+            f"http://127.0.0.1:{port}/metrics", "--interval", "0.3",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd())},
+        )
+        stdout, stderr = await asyncio.wait_for(out.communicate(), 60)
+        assert out.returncode == 0, stderr.decode()
+    finally:
+        proc.terminate()
+        await proc.wait()
+    rows = {line.split("│")[1].strip(): line for line in stdout.decode().splitlines()
+            if line.count("│") > 5}
+    for stage in plan.stage_names:
+        cells = [c.strip() for c in rows[stage].split("│")]
+        assert cells[2:4] == ["0", "1"]  # depth 0, one consumer: the run process
