@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,6 +44,28 @@ def stage_table(plan: Plan) -> str:
     return (f"plan {plan.name}: {len(plan.stages)} stage(s) by {sp.by}, opset {plan.opset}, "
             f"balance {sp.balance:.3f} ({sp.cost_model}), partitioning "
             f"{plan.partitioning.kind} x{plan.partitioning.shards}\n{table}")
+
+
+#: FLOP/s one replica sustains when the caller gives no figure: a few CPU cores running
+#: onnxruntime on small dense layers (measure yours: bench/, `--replica-flops`).
+DEFAULT_REPLICA_FLOPS = 2e10
+
+
+def replica_table(plan: Plan, rate: float, replica_flops: float = DEFAULT_REPLICA_FLOPS) -> str:
+    """Replicas each stage needs to serve ``rate`` samples/s, from the plan's FLOP estimates
+    and what one replica sustains; the plan's static schedule beside it."""
+    if rate <= 0 or replica_flops <= 0:
+        raise ConfigError(f"--rate and --replica-flops must be > 0, got {rate} and {replica_flops}")
+    rows = []
+    for s in plan.stages:
+        need = rate * s.cost.flops
+        replicas = max(1, math.ceil(need / replica_flops))
+        rows.append([s.name, _si(s.cost.flops), _si(need, "FLOP/s"), str(replicas),
+                     str(plan.scheduling.for_stage(s.name).workers)])
+    table = _table(["stage", "FLOPs/sample", "needed", "replicas", "planned"], rows)
+    return (f"replicas for {rate:g} samples/s at {_si(replica_flops, 'FLOP/s')} per replica "
+            f"(set the plan's scheduling workers to them, or let KEDA scale from there):\n"
+            f"{table}")
 
 
 def plan_dot(plan: Plan) -> str:

@@ -23,6 +23,11 @@ COMMAND_MODULES = (
     "conveyor.app.cmd_serve",  # worker, run
     "conveyor.app.cmd_client",  # infer, demo
     "conveyor.app.cmd_controller",  # controller
+    "conveyor.app.cmd_gateway",  # gateway
+    "conveyor.app.cmd_bench",  # bench
+    "conveyor.app.cmd_users",  # users
+    "conveyor.app.cmd_topology",  # topology
+    "conveyor.app.cmd_deploy",  # deploy compose, deploy k8s
     "conveyor.app.cmd_status",  # status
     "conveyor.app.cmd_dead",  # dead, clean
 )

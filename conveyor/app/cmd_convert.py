@@ -51,6 +51,10 @@ def add_parsers(sub: Any) -> None:
     )
     insp.add_argument("target", type=Path, help="a plan directory or a .onnx file")
     insp.add_argument("--dot", type=Path, metavar="FILE", help="write the stage DAG as DOT")
+    insp.add_argument("--rate", type=float, metavar="R",
+                      help="also print the replicas each stage needs for R samples/s")
+    insp.add_argument("--replica-flops", type=float, default=None, metavar="F",
+                      help="FLOP/s one replica sustains (default 2e10; measure yours)")
     insp.set_defaults(func=run_inspect)
 
 
@@ -108,6 +112,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     text, dot = inspect_target(args.target)
     print(text)
+    if args.rate is not None:
+        from converter.report import DEFAULT_REPLICA_FLOPS, replica_table
+        from conveyor.plan import Plan
+
+        flops = args.replica_flops or DEFAULT_REPLICA_FLOPS
+        print(replica_table(Plan.load(args.target), args.rate, flops))
     if args.dot is not None:
         args.dot.write_text(dot)
         print(f"wrote {args.dot}")

@@ -140,6 +140,13 @@ def add_worker_parser(sub: Any) -> None:
         metavar="I",
         help="consume only input (or join) shard I; default all shards",
     )
+    p.add_argument(
+        "--no-declare",
+        dest="declare",
+        action="store_false",
+        help="do not declare the plan's topology (an admin step did: `conveyor topology`); "
+        "a least-privilege worker user may not",
+    )
     p.set_defaults(func=cmd_worker)
 
 
@@ -182,7 +189,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     port = metrics_port(args.metrics_port)
     plan = Plan.load(args.plan)  # PlanError (exit 2) when the files do not match the hash
-    return asyncio.run(_serve(plan, target, args.stage, settings, port))
+    return asyncio.run(
+        _serve(plan, target, args.stage, settings, port, declare=args.declare)
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -200,6 +209,8 @@ async def _serve(
     stages: list[str] | None,
     settings: WorkerSettings,
     port: int | None = None,
+    *,
+    declare: bool = True,
 ) -> int:
     from conveyor.topology import Topology
     from workers.control.agent import ControlAgent
@@ -215,7 +226,7 @@ async def _serve(
         await server.start()
     transport = await target.connect()
     try:
-        worker = StageWorker(plan, transport, stages, settings)
+        worker = StageWorker(plan, transport, stages, settings, declare=declare)
         if server is not None:
             server.add_registry(worker.metrics.registry)
             server.add_check("worker", lambda: None if worker.ready else f"{worker.state.value}")

@@ -104,6 +104,7 @@ def connect(
     worker_options: Mapping[str, Any] | None = None,
     durable: bool = False,
     pack: bool = True,
+    declare_topology: bool = True,
     on_no_consumer: NoConsumerPolicy = "warn",
 ) -> LocalClient:
     """A client for ``plan`` on the broker at ``url``.
@@ -116,6 +117,9 @@ def connect(
     re-declared with other flags). ``pack`` (default on) sends the requests made in one
     event-loop turn for one partition as one message and lets workers answer several in
     one message (``conveyor.packs``); off, every request and reply is a message of its own.
+    ``declare_topology=False`` leaves the plan's exchanges and queues to the admin step
+    (``conveyor topology PLAN_DIR``): a least-privilege client user (``conveyor users``)
+    may not declare them, only its own reply queue.
     ``on_no_consumer``: see ``Client`` (warn once by default when no worker consumes).
     """
     target = BrokerTarget.resolve() if url is FROM_ENV else BrokerTarget(url)
@@ -129,6 +133,7 @@ def connect(
         reply_prefetch=reply_prefetch,
         durable=durable,
         pack=pack,
+        declare_topology=declare_topology,
         on_no_consumer=on_no_consumer,
     )
 

@@ -81,13 +81,12 @@ async def test_every_panel_query_names_a_metric_that_exists(tmp_path: Path) -> N
         assert needed in asked
 
 
-def test_prometheus_scrapes_metrics_and_grafana_reads_prometheus() -> None:
-    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
-    (job,) = config["scrape_configs"]
-    assert job["metrics_path"] == "/metrics"
-    assert all(t.endswith(":9400") for t in job["static_configs"][0]["targets"])
+def test_prometheus_scrapes_conveyor_and_grafana_reads_prometheus() -> None:
+    config = yaml.safe_load((COMPOSE / "prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["conveyor"].get("metrics_path", "/metrics") == "/metrics"
     source = yaml.safe_load(
-        (COMPOSE / "grafana/provisioning/datasources/prometheus.yml").read_text()
+        (COMPOSE / "grafana/provisioning/datasources/conveyor.yml").read_text()
     )["datasources"][0]
     dashboard = json.loads((COMPOSE / "grafana/dashboards/conveyor.json").read_text())
     uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
