@@ -137,12 +137,22 @@ class StageSchedule:
     prefetch_max: int = 64
 
 
+#: Defaults of the dead-letter queue's bounds (``Scheduling``): a week, 100,000 messages.
+DEAD_LETTER_TTL_S = 7 * 24 * 3600.0
+DEAD_LETTER_MAX = 100_000
+
+
 @dataclass(frozen=True)
 class Scheduling:
     default: StageSchedule = field(default_factory=StageSchedule)
     stages: Mapping[str, StageSchedule] = field(default_factory=dict)
     #: hybrid: at most this many flexible workers moved between stages at once.
     max_moves: int = 1
+    #: The dead-letter queue keeps a message this long (seconds) and at most this many
+    #: (the oldest go first): it cannot fill the broker's disk. Written to plan.json only
+    #: when changed, so plans saved before these settings keep their hash.
+    dead_letter_ttl_s: float = DEAD_LETTER_TTL_S
+    dead_letter_max: int = DEAD_LETTER_MAX
 
     def for_stage(self, name: str) -> StageSchedule:
         return self.stages.get(name, self.default)
@@ -234,6 +244,11 @@ class Plan:
         if self.queues == QueueSettings():
             # absent when not chosen: plans written before the setting keep their hash
             d.pop("queues")
+        for key, default in (
+            ("dead_letter_ttl_s", DEAD_LETTER_TTL_S), ("dead_letter_max", DEAD_LETTER_MAX)
+        ):
+            if d["scheduling"][key] == default:
+                del d["scheduling"][key]
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -254,6 +269,8 @@ class Plan:
                     default=StageSchedule(**sched.get("default", {})),
                     stages={k: StageSchedule(**v) for k, v in sched.get("stages", {}).items()},
                     max_moves=int(sched.get("max_moves", 1)),
+                    dead_letter_ttl_s=float(sched.get("dead_letter_ttl_s", DEAD_LETTER_TTL_S)),
+                    dead_letter_max=int(sched.get("dead_letter_max", DEAD_LETTER_MAX)),
                 ),
                 queues=_queues(d.get("queues", {})),
                 hash=str(d.get("hash", "")),

@@ -2,7 +2,8 @@
 
 What gets declared for a plan with topology ``T`` (names from ``conveyor.topology``):
 
-* ``T.dead_letter_exchange`` (fanout) and ``T.dead_letter_queue`` bound to it.
+* ``T.dead_letter_exchange`` (fanout) and ``T.dead_letter_queue`` bound to it, bounded by
+  the plan's ``scheduling.dead_letter_ttl_s`` and ``dead_letter_max`` (oldest dropped).
 * ``T.input_exchange``: ``x-random`` for random partitioning, ``direct`` for hash / range;
   one queue ``T.input_queue(i)`` per shard, bound with ``initial_bindings``.
 * For every stage but ``plan.stages[0]`` (which reads the input shards): ``T.stage_exchange``.
@@ -21,7 +22,7 @@ the same arguments is a no-op on both transports, so every process may call this
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from conveyor.errors import TransportClosed, TransportError
 from conveyor.plan import Plan, QueueType, StageSpec
@@ -99,7 +100,16 @@ async def declare_plan_topology(
     durable = queues.durable
     dlx = topo.dead_letter_exchange
     await transport.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT, durable=durable))
-    await transport.declare_queue(queues.spec(topo.dead_letter_queue))
+    sched = plan.scheduling
+    await transport.declare_queue(
+        replace(
+            queues.spec(topo.dead_letter_queue),
+            # Bounded: the oldest dead letters go first (drop-head), none stays forever.
+            max_length=sched.dead_letter_max,
+            overflow="drop-head",
+            message_ttl_ms=int(sched.dead_letter_ttl_s * 1000),
+        )
+    )
     await transport.bind_queue(topo.dead_letter_queue, dlx, "")
     await transport.declare_exchange(
         ExchangeSpec(topo.control_exchange, ExchangeType.TOPIC, durable=durable)

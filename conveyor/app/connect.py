@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.app.transports import BrokerTarget
 from conveyor.client import DEFAULT_TIMEOUT, Client
+from conveyor.client_checks import NoConsumerPolicy
 from conveyor.plan import Plan
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def connect(
     durable: bool = False,
     pack: bool = True,
     declare_topology: bool = True,
+    on_no_consumer: NoConsumerPolicy = "warn",
 ) -> LocalClient:
     """A client for ``plan`` on the broker at ``url``.
 
@@ -118,6 +120,7 @@ def connect(
     ``declare_topology=False`` leaves the plan's exchanges and queues to the admin step
     (``conveyor topology PLAN_DIR``): a least-privilege client user (``conveyor users``)
     may not declare them, only its own reply queue.
+    ``on_no_consumer``: see ``Client`` (warn once by default when no worker consumes).
     """
     target = BrokerTarget.resolve() if url is FROM_ENV else BrokerTarget(url)
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
@@ -131,6 +134,7 @@ def connect(
         durable=durable,
         pack=pack,
         declare_topology=declare_topology,
+        on_no_consumer=on_no_consumer,
     )
 
 

@@ -159,7 +159,8 @@ GRAFANA_DASHBOARDS = {"apiVersion": 1, "providers": [
 DASHBOARDS = Path(__file__).resolve().parents[3] / "compose" / "grafana" / "dashboards"
 
 GRAFANA_DATASOURCE = {"apiVersion": 1, "datasources": [
-    {"name": "Prometheus", "type": "prometheus", "access": "proxy",
+    # uid: what the panels of compose/grafana/dashboards/conveyor.json name.
+    {"name": "Prometheus", "uid": "prometheus", "type": "prometheus", "access": "proxy",
      "url": "http://prometheus:9090", "isDefault": True}]}
 
 
