@@ -137,7 +137,7 @@ class Client:
         self.plan = plan
         self.topology = Topology.of(plan)
         self.default_timeout = timeout
-        self.reply_queue = f"{self.topology.base}.reply.{uuid.uuid4().hex}"
+        self.reply_queue = self.topology.reply_queue(uuid.uuid4().hex)
         # Request ids: a random per-client prefix and a counter (unique, and cheap).
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
         # The envelope fields every request shares, checked once here (CodecError if not

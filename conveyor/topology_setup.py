@@ -14,6 +14,12 @@ What gets declared for a plan with topology ``T`` (names from ``conveyor.topolog
 
 Every input and stage queue dead-letters to ``T.dead_letter_exchange``. Re-declaring with
 the same arguments is a no-op on both transports, so every process may call this at start.
+
+The plan's ``limits`` (``conveyor.plan.PlanLimits``) shape the queues (``work_queue``):
+quorum queues with the broker's delivery limit as a backstop to the worker's own count,
+input shards bounded in requests (``input_queue_length`` messages) and stage queues in
+batches, both ``reject-publish`` so a full queue refuses the publisher at once; the
+dead-letter queue keeps its newest ``max_dead_letters`` messages (``drop-head``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,32 @@ async def _queue_exists(transport: Transport, queue: str) -> bool:
     return True
 
 
+def work_queue(plan: Plan, name: str, *, durable: bool, max_length: int | None) -> QueueSpec:
+    """The spec of an input shard or stage queue of ``plan`` (see the module doc)."""
+    limits = plan.limits
+    quorum = limits.queue_type == "quorum"
+    return QueueSpec(
+        name,
+        durable=durable or quorum,
+        dead_letter_exchange=Topology.of(plan).dead_letter_exchange,
+        max_length=max_length,
+        overflow="reject-publish",
+        quorum=quorum,
+        # The worker refuses delivery ``limit + 1`` with a reply; the broker's limit only
+        # catches a worker dying on that refusal too.
+        delivery_limit=limits.delivery_limit if quorum else None,
+    )
+
+
+def dead_letter_queue(plan: Plan, *, durable: bool) -> QueueSpec:
+    return QueueSpec(
+        Topology.of(plan).dead_letter_queue,
+        durable=durable,
+        max_length=plan.limits.max_dead_letters,
+        overflow="drop-head",
+    )
+
+
 async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bool = False) -> None:
     """Declare the plan's exchanges, queues and bindings on ``transport`` (idempotent).
 
@@ -64,7 +96,7 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
     topo = Topology.of(plan)
     dlx = topo.dead_letter_exchange
     await transport.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT, durable=durable))
-    await transport.declare_queue(QueueSpec(topo.dead_letter_queue, durable=durable))
+    await transport.declare_queue(dead_letter_queue(plan, durable=durable))
     await transport.bind_queue(topo.dead_letter_queue, dlx, "")
     await transport.declare_exchange(
         ExchangeSpec(topo.control_exchange, ExchangeType.TOPIC, durable=durable)
@@ -79,11 +111,14 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
         # controller owns them (it may have moved a key; re-binding it here would send that
         # key to two shards). docs/scheduling.md, "Who owns the bindings".
         fresh = part.kind == "random" or not await _queue_exists(transport, queue)
-        await transport.declare_queue(QueueSpec(queue, durable=durable, dead_letter_exchange=dlx))
+        await transport.declare_queue(
+            work_queue(plan, queue, durable=durable, max_length=plan.limits.input_queue_length)
+        )
         if fresh:
             for key in keys:
                 await transport.bind_queue(queue, topo.input_exchange, key)
 
+    batches = plan.limits.max_queued_batches
     for stage in plan.stages:
         if not consumes_stage_queue(plan, stage):
             continue
@@ -95,7 +130,7 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
             for i in range(join_shards(plan, stage)):
                 queue = topo.stage_queue(stage.name, i)
                 await transport.declare_queue(
-                    QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
+                    work_queue(plan, queue, durable=durable, max_length=batches)
                 )
                 await transport.bind_queue(queue, exchange, "1")
         else:
@@ -104,7 +139,7 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
             )
             queue = topo.stage_queue(stage.name)
             await transport.declare_queue(
-                QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
+                work_queue(plan, queue, durable=durable, max_length=batches)
             )
             await transport.bind_queue(queue, exchange, stage.name)
 

@@ -59,6 +59,7 @@ from conveyor.topology_setup import declare_plan_topology, stage_queues
 from conveyor.transport import Consumer, Delivery, Transport
 from workers.intake import Intake
 from workers.outbox import Outbox
+from workers.redelivery import RedeliveryGuard
 from workers.routes import Routes, build_routes, check_model_outputs
 from workers.runner import Batch, Request, StageRunner, stage_sources
 from workers.session import StageSession, Tensor
@@ -139,6 +140,10 @@ class StageWorker:
         self._records: dict[str, _ConsumerRecord] = {}
         self.outbox = Outbox(transport, self.topology, plan.hash)
         self._intake = Intake(plan, self._runners, self.outbox)
+        #: Ends crash loops: redelivered messages are counted, dead-lettered at the limit.
+        self.redelivery = RedeliveryGuard(
+            transport, plan.limits.delivery_limit, self.outbox.send_error
+        )
         #: Requests per input routing key (p.N / r.i) seen on the input shards.
         self.routing_keys: dict[str, int] = self._intake.routing_keys
         self._batch_ids = itertools.count()
@@ -359,8 +364,13 @@ class StageWorker:
                 # Stopping: hold it unsettled; it is redelivered when the consumer goes.
                 record.parked.append(delivery)
                 return
+            ingress = record.runner == MODEL_INPUT
+            if delivery.redelivered and not await self.redelivery.admit(
+                delivery, record.stage, ingress=ingress
+            ):
+                return
             lot = partial(self._lot, record, delivery)
-            if record.runner == MODEL_INPUT:
+            if ingress:
                 await self._intake.request(delivery, lot)
                 return
             runner = self._runners[record.runner]
@@ -385,7 +395,7 @@ class StageWorker:
     def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
         if record.on_settled is None:
             record.on_settled = self._settled_callback(record)
-        lot = Lot(delivery, requests, record.on_settled)
+        lot = Lot(delivery, requests, record.on_settled, self.redelivery.requeue)
         record.lots.add(lot)
         record.idle.clear()
         self._open_lots += 1

@@ -1,0 +1,146 @@
+"""Crash loops end: a message whose worker died at each delivery is dead-lettered and answered.
+
+A worker that dies with deliveries in hand (an out-of-memory kill, a segfault in a kernel)
+never settles them; the broker hands them out again marked ``redelivered``. Quorum queues
+and brokerless count deliveries exactly, classic RabbitMQ queues only say "redelivered".
+So the guard counts itself, the same way on every queue: each redelivered message is
+replaced by a fresh copy carrying the deaths so far in header ``x-conveyor-deliveries``
+(published where the message came from: same exchange and routing key), and the
+redelivered one is acked. A copy that is redelivered again once ``limit`` runs have died
+is not copied: it is dead-lettered (rejected), and each request it carries is answered
+with ``CrashLoopError`` naming the cause. With limit 3 a crashing request runs three
+times at most.
+
+A message the worker gives back itself (an output publish failed: ``requeue``) is not a
+death when it comes back to the same worker. One returned without a crash otherwise (a
+graceful stop that gave back what it had not started, a flexible worker moved by the
+controller, a requeue seen by another worker) counts as a death: the broker cannot tell
+them apart. The limit is per message and small, so at worst a request that
+came back that often is refused; docs/operations.md says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+
+from conveyor.envelope import RequestMeta
+from conveyor.errors import CodecError, CrashLoopError, TransportError
+from conveyor.packs import read_requests
+from conveyor.transport import Delivery, HeaderValue, Message, Transport
+
+log = logging.getLogger(__name__)
+
+#: Header of a copy: how many runs of this message died before it was published.
+DELIVERIES_HEADER = "x-conveyor-deliveries"
+#: Broker-set headers a copy must not carry over (they describe the old message).
+_BROKER_HEADERS = ("x-delivery-count", "x-death")
+#: Requeued message ids remembered (a message comes back within moments, or not here).
+GIVEN_BACK_MEMORY = 10_000
+#: Seconds to wait before giving a message back when its copy could not be published
+#: (its queue is full): the broker would hand it straight back otherwise.
+COPY_RETRY_S = 1.0
+
+#: Sends one request's error reply (``Outbox.send_error``).
+Answer = Callable[[RequestMeta, CrashLoopError], Awaitable[None]]
+
+
+def deaths_before(message: Message) -> int:
+    """Runs of this message that died before this copy was published (0 if none)."""
+    value = message.headers.get(DELIVERIES_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return 0
+
+
+class RedeliveryGuard:
+    """Decides what to do with a redelivered message (see the module doc)."""
+
+    def __init__(self, transport: Transport, limit: int, answer: Answer) -> None:
+        self.transport = transport
+        self.limit = limit
+        self._answer = answer
+        #: Messages dead-lettered here and copies published (for tests and stats).
+        self.dead_lettered = 0
+        self.copied = 0
+        #: Ids of messages this worker requeued itself (ordered: the oldest is forgotten).
+        self._given_back: dict[str, None] = {}
+
+    async def admit(self, delivery: Delivery, stage: str, *, ingress: bool) -> bool:
+        """True: run it. False: settled here (replaced by a copy, or dead-lettered).
+        ``stage``: the stage the message is for (named in logs and replies)."""
+        if not delivery.redelivered:
+            return True
+        message = delivery.message
+        if message.message_id is not None and message.message_id in self._given_back:
+            del self._given_back[message.message_id]
+            return True  # this worker gave it back itself: not a death
+        # This copy died (delivery_count - 1) times: 1 on a classic queue, which is exact
+        # because every redelivery is replaced by a copy.
+        deaths = deaths_before(message) + max(1, delivery.delivery_count - 1)
+        if deaths >= self.limit:
+            await self._dead_letter(delivery, deaths, stage, ingress=ingress)
+            return False
+        try:
+            await self.transport.publish(
+                delivery.exchange,
+                _without_broker_headers(message, {DELIVERIES_HEADER: deaths}),
+                delivery.routing_key,
+            )
+        except TransportError as exc:
+            log.warning(
+                "stage %s: could not re-publish redelivered message %s (%s); giving it back "
+                "in %g s",
+                stage, message.message_id, exc, COPY_RETRY_S,
+            )
+            await asyncio.sleep(COPY_RETRY_S)
+            with contextlib.suppress(TransportError):
+                await delivery.requeue()
+            return False
+        self.copied += 1
+        await delivery.ack()
+        return False
+
+    async def requeue(self, delivery: Delivery) -> None:
+        """Give back a message this worker could not finish (an output publish failed);
+        its redelivery here is not taken for a death (another worker may count one)."""
+        key = delivery.message.message_id
+        if key is not None:
+            self._given_back[key] = None
+            if len(self._given_back) > GIVEN_BACK_MEMORY:
+                del self._given_back[next(iter(self._given_back))]
+        await delivery.requeue()
+
+    async def _dead_letter(
+        self, delivery: Delivery, deaths: int, stage: str, *, ingress: bool
+    ) -> None:
+        self.dead_lettered += 1
+        message = delivery.message
+        metas: list[RequestMeta] = []
+        with contextlib.suppress(CodecError):
+            metas = [meta for meta, _ in read_requests(message, ingress=ingress).requests]
+        log.error(
+            "stage %s: message %s (%d request(s)) was delivered %d times and its worker died "
+            "each time; dead-lettered",
+            stage, message.message_id, len(metas), deaths,
+        )
+        for meta in metas:
+            error = CrashLoopError(
+                f"request {meta.request_id} was delivered {deaths} times to stage {stage!r} "
+                "and its worker died each time; dead-lettered (see the worker's log for the "
+                "cause, e.g. an out-of-memory kill)",
+                stage=stage,
+            )
+            await self._answer(meta, error)
+        await delivery.reject()
+
+
+def _without_broker_headers(
+    message: Message, extra: Mapping[str, HeaderValue] | None = None
+) -> Message:
+    headers = {k: v for k, v in message.headers.items() if k not in _BROKER_HEADERS}
+    headers.update(extra or {})
+    return replace(message, headers=headers)
