@@ -42,6 +42,7 @@ from conveyor.plan import MODEL_INPUT, Plan, TensorSpec
 from conveyor.topology import Topology
 from conveyor.transport import Delivery, Message
 from workers.outbox import Outbox
+from workers.redelivery import deaths_before
 from workers.runner import Item, Request, StageRunner, deadline_error
 from workers.settlement import Lot, Outcome
 
@@ -85,7 +86,10 @@ class Intake:
         def check(tensors: Mapping[str, np.ndarray]) -> None:
             self._model_inputs(tensors)
 
+        alone = deaths_before(delivery.message) > 0
+
         async def submit(item: Item) -> None:
+            item.alone = alone
             ingress.submit(item)
 
         await self._admit(
@@ -111,7 +115,10 @@ class Intake:
         def check(tensors: Mapping[str, np.ndarray]) -> None:
             check_tensors(tensors, specs, what)
 
+        alone = deaths_before(delivery.message) > 0
+
         async def submit(item: Item) -> None:
+            item.alone = alone
             await runner.submit_part(msg.source, item)
 
         per_request = any(_fixed(spec.shape[0]) for spec in specs.values() if spec.shape)

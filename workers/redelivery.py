@@ -4,11 +4,14 @@ A worker that dies with deliveries in hand (an out-of-memory kill, a segfault in
 never settles them; the broker hands them out again marked ``redelivered``. Quorum queues
 and brokerless count deliveries exactly, classic RabbitMQ queues only say "redelivered".
 So the guard counts itself, the same way on every queue: each redelivered message is
-replaced by a fresh copy carrying the deaths so far in header ``x-conveyor-deliveries``
-(published where the message came from: same exchange and routing key), and the
-redelivered one is acked. A copy that is redelivered again once ``limit`` runs have died
-is not copied: it is dead-lettered (rejected), and each request it carries is answered
-with ``CrashLoopError`` naming the cause. With limit 3 a crashing request runs three
+replaced by fresh copies carrying the deaths so far in header ``x-conveyor-deliveries``
+(one per request: a pack or batch is split; published where the message came from, same
+exchange and routing key), and the redelivered one is acked. A copy runs in a batch of
+its own (``Item.alone``), and a worker runs one such copy at a time (``_admit_suspect``),
+so the requests around a killer die with it once at most and are then answered. A copy that is
+redelivered again once ``limit`` runs have died is not copied: it is dead-lettered
+(rejected), and each request it carries is answered with ``CrashLoopError`` naming the
+cause. With limit 3 a crashing request runs three
 times at most.
 
 A message the worker gives back itself (an output publish failed: ``requeue``) is not a
@@ -27,9 +30,10 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
+from conveyor import wire
 from conveyor.envelope import RequestMeta
 from conveyor.errors import CodecError, CrashLoopError, TransportError
-from conveyor.packs import read_requests
+from conveyor.packs import encode_stage_message, read_requests, request_pieces
 from conveyor.transport import Delivery, HeaderValue, Message, Transport
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,12 @@ class RedeliveryGuard:
         #: Messages dead-lettered here and copies published (for tests and stats).
         self.dead_lettered = 0
         self.copied = 0
+        #: The copy of a message whose earlier runs died that this worker runs now.
+        self._suspect: Delivery | None = None
+        #: Redelivered messages whose copies are being published; set when none is.
+        self._copying = 0
+        self._copied = asyncio.Event()
+        self._copied.set()
         #: Ids of messages this worker requeued itself (ordered: the oldest is forgotten).
         self._given_back: dict[str, None] = {}
 
@@ -73,7 +83,9 @@ class RedeliveryGuard:
         """True: run it. False: settled here (replaced by a copy, or dead-lettered).
         ``stage``: the stage the message is for (named in logs and replies)."""
         if not delivery.redelivered:
-            return True
+            if self._suspect is None and DELIVERIES_HEADER not in delivery.message.headers:
+                return True
+            return await self._admit_suspect(delivery)
         message = delivery.message
         if message.message_id is not None and message.message_id in self._given_back:
             del self._given_back[message.message_id]
@@ -84,12 +96,11 @@ class RedeliveryGuard:
         if deaths >= self.limit:
             await self._dead_letter(delivery, deaths, stage, ingress=ingress)
             return False
+        self._copying += 1
+        self._copied.clear()
         try:
-            await self.transport.publish(
-                delivery.exchange,
-                _without_broker_headers(message, {DELIVERIES_HEADER: deaths}),
-                delivery.routing_key,
-            )
+            for copy in copies_of(message, deaths, ingress=ingress):
+                await self.transport.publish(delivery.exchange, copy, delivery.routing_key)
         except TransportError as exc:
             log.warning(
                 "stage %s: could not re-publish redelivered message %s (%s); giving it back "
@@ -100,9 +111,42 @@ class RedeliveryGuard:
             with contextlib.suppress(TransportError):
                 await delivery.requeue()
             return False
+        finally:
+            self._copying -= 1
+            if self._copying == 0:
+                self._copied.set()
         self.copied += 1
         await delivery.ack()
         return False
+
+    async def _admit_suspect(self, delivery: Delivery) -> bool:
+        """A copy whose earlier runs died runs only while this worker holds no other such
+        copy: if it kills the worker, what dies with it has never died before, so the
+        requests around a killer are charged one death at most. Another one goes back to
+        the tail of its queue (same count: it was not run)."""
+        message = delivery.message
+        if deaths_before(message) == 0:
+            return True
+        if self._suspect is None:
+            self._suspect = delivery
+            # Messages being replaced by copies are unsettled until their copies are
+            # confirmed: if this one kills the worker meanwhile, they would be charged.
+            await self._copied.wait()
+            return True
+        try:
+            await self.transport.publish(delivery.exchange, message, delivery.routing_key)
+        except TransportError:
+            await delivery.requeue()
+            return False
+        # Not held back before the ack: dying then would redeliver it, charged with a
+        # death, next to its copy. Bouncing lasts only while the suspect runs.
+        await delivery.ack()
+        return False
+
+    def settled(self, delivery: Delivery) -> None:
+        """A delivery this worker ran is settled (frees the suspect's slot)."""
+        if delivery is self._suspect:
+            self._suspect = None
 
     async def requeue(self, delivery: Delivery) -> None:
         """Give back a message this worker could not finish (an output publish failed);
@@ -136,6 +180,28 @@ class RedeliveryGuard:
             )
             await self._answer(meta, error)
         await delivery.reject()
+
+
+def copies_of(message: Message, deaths: int, *, ingress: bool) -> list[Message]:
+    """The copies replacing a redelivered message: one per request it carries (a pack or
+    a batch is split, so the requests that did not kill the worker stop sharing the fate
+    of the one that did), each with ``deaths`` in ``DELIVERIES_HEADER``."""
+    extra = {DELIVERIES_HEADER: deaths}
+    try:
+        msg = read_requests(message, ingress=ingress)
+    except CodecError:
+        msg = None
+    if msg is None or len(msg.requests) == 1:
+        return [_without_broker_headers(message, extra)]
+    copies = []
+    for (meta, rows), piece in zip(msg.requests, request_pieces(msg), strict=True):
+        if ingress:
+            one = meta.to_message(wire.encode(piece))
+        else:
+            assert msg.plan_hash is not None  # stage messages always name their plan
+            one = encode_stage_message(msg.plan_hash, msg.source, [(meta, rows)], piece)
+        copies.append(_without_broker_headers(one, extra))
+    return copies
 
 
 def _without_broker_headers(

@@ -365,9 +365,7 @@ class StageWorker:
                 record.parked.append(delivery)
                 return
             ingress = record.runner == MODEL_INPUT
-            if delivery.redelivered and not await self.redelivery.admit(
-                delivery, record.stage, ingress=ingress
-            ):
+            if not await self.redelivery.admit(delivery, record.stage, ingress=ingress):
                 return
             lot = partial(self._lot, record, delivery)
             if ingress:
@@ -383,6 +381,7 @@ class StageWorker:
 
     def _settled_callback(self, record: _ConsumerRecord) -> Callable[[Lot], None]:
         def settled(lot: Lot) -> None:
+            self.redelivery.settled(lot.delivery)
             record.lots.discard(lot)
             if not record.lots:
                 record.idle.set()
