@@ -150,6 +150,9 @@ class StageWorker:
         self._open_lots = 0
         self._settled = asyncio.Event()
         self._settled.set()
+        #: Set when the worker can no longer consume a queue it should (see ``_watch``).
+        self.failed = asyncio.Event()
+        self._watchers: set[asyncio.Task[None]] = set()
         check_model_outputs(plan)
 
     # -- public surface -------------------------------------------------------------------
@@ -269,10 +272,38 @@ class StageWorker:
         for record in self._records_for(stage, queue, create=True):
             record.consuming = True
             if record.consumer is None:
-                handler = self._handler(record)
-                record.consumer = await self.transport.consume(
-                    record.queue, handler, prefetch=record.prefetch
-                )
+                await self._consume(record)
+
+    async def _consume(self, record: _ConsumerRecord) -> None:
+        consumer = await self.transport.consume(
+            record.queue, self._handler(record), prefetch=record.prefetch
+        )
+        record.consumer = consumer
+        wait_closed = getattr(consumer, "wait_closed", None)
+        if wait_closed is not None:  # RabbitMQ: the broker ends it when the queue is deleted
+            task = asyncio.create_task(self._watch(record, consumer, wait_closed()))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, record: _ConsumerRecord, consumer: Consumer, closed: Any) -> None:
+        """A consumer that ends while this worker still wants it (its queue was deleted):
+        declare the plan's topology again and consume again; if that fails, the worker
+        has failed (``failed`` is set; ``conveyor worker`` exits non-zero)."""
+        await closed
+        if record.consumer is not consumer or not record.consuming:
+            return
+        if self._state is not WorkerState.RUNNING:
+            return
+        log.error("worker %s: the consumer of %s ended (queue deleted?); declaring it again",
+                  self.worker_id, record.queue)
+        record.consumer = None
+        try:
+            await declare_plan_topology(self.transport, self.plan, durable=self.settings.durable)
+            await self._consume(record)
+        except ConveyorError as exc:
+            log.error("worker %s: cannot consume %s again (%s); failing",
+                      self.worker_id, record.queue, exc)
+            self.failed.set()
 
     async def stop_consuming(self, stage: str, queue: str | None = None) -> None:
         """Take no more from ``stage``'s queue(s); finish their deliveries (up to the grace
@@ -524,6 +555,8 @@ class StageWorker:
             ) from None
 
     async def _teardown(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
         for runner in self._runners.values():
             await runner.cancel()
         await self.outbox.drain(SETTLE_GRACE)

@@ -189,6 +189,7 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     transport = await target.connect()
+    code = 0
     try:
         worker = StageWorker(plan, transport, stages, settings)
         await worker.start()
@@ -198,7 +199,15 @@ async def _serve(
             transport, Topology.of(plan), worker, worker.worker_id, durable=settings.durable
         )
         await agent.start()
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        failing = asyncio.create_task(worker.failed.wait())
+        await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        failing.cancel()
+        if worker.failed.is_set():
+            print("conveyor: a queue this worker consumes is gone and could not be declared "
+                  "again; exiting", file=sys.stderr, flush=True)
+            code = 1
         print(f"conveyor: stopping (grace {settings.grace:g} s)", file=sys.stderr, flush=True)
         await agent.stop()
         await worker.stop(settings.grace)
@@ -211,7 +220,7 @@ async def _serve(
             )
     finally:
         await transport.close(grace=1.0)
-    return 0
+    return code
 
 
 def _announce(plan: Plan, worker: Any, target: BrokerTarget) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conveyor.client import Client
-from conveyor.errors import BackpressureError, CrashLoopError, RequestTooLarge
+from conveyor.errors import BackpressureError, CrashLoopError, RequestTooLarge, TransportError
 from conveyor.plan import Plan, PlanLimits
 from conveyor.topology import Topology
 from conveyor.transport import QueueSpec, Transport
@@ -240,3 +240,35 @@ def test_limits_at_their_defaults_keep_a_plans_hash(tmp_path: Path, unique: str)
     again = dataclasses.replace(plan, limits=PlanLimits(delivery_limit=5))
     assert again.to_dict()["limits"]["delivery_limit"] == 5
     assert Plan.from_dict(again.to_dict()).limits == PlanLimits(delivery_limit=5)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+async def test_a_worker_whose_queue_is_deleted_declares_it_again(
+    broker: BrokerHandle, harness_of: list[Harness], tmp_path: Path, unique: str
+) -> None:
+    plan = Plan.load(chain_plan(tmp_path, k=2, name=unique, max_delay_ms=0).directory)
+    client = await Harness(await broker.connect(), plan).open()
+    harness_of.append(client)
+    worker = await serve(plan, await broker.connect(), ["s1"], "cpu")
+    first = await serve(plan, await broker.connect(), ["s0"], "cpu")
+    try:
+        queue = Topology.of(plan).stage_queue("s1")
+        await client.transport.delete_queue(queue)
+        give_up = time.monotonic() + 10
+        while True:  # polling the broker: the queue is back with its consumer
+            with contextlib.suppress(TransportError):
+                if (await client.transport.queue_stats(queue)).consumers >= 1:
+                    break
+            assert time.monotonic() < give_up, "the worker did not declare its queue again"
+            await asyncio.sleep(0.05)
+        assert not worker.failed.is_set()
+        x = rand()
+        rid = await client.send({"x": x})
+        await client.wait_for([rid])
+        got = client.one(rid)
+        assert not isinstance(got, Exception), got
+        np.testing.assert_allclose(got["y"], chain_expected(x, 2), rtol=1e-5)
+    finally:
+        await first.stop(grace=1.0)
+        await worker.stop(grace=1.0)
