@@ -272,3 +272,24 @@ async def test_a_worker_whose_queue_is_deleted_declares_it_again(
     finally:
         await first.stop(grace=1.0)
         await worker.stop(grace=1.0)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+async def test_quorum_queues_with_bounds_serve_requests(
+    broker: BrokerHandle, harness_of: list[Harness], tmp_path: Path, unique: str
+) -> None:
+    plan = limited(tmp_path, unique, queue_type="quorum", max_queued_requests=64,
+                   max_queued_batches=16)
+    client = await Harness(await broker.connect(), plan).open()
+    harness_of.append(client)
+    worker = await serve(plan, await broker.connect(), None, "cpu")
+    try:
+        x = rand(2)
+        rid = await client.send({"x": x})
+        await client.wait_for([rid])
+        got = client.one(rid)
+        assert not isinstance(got, Exception), got
+        np.testing.assert_allclose(got["y"], chain_expected(x, 2), rtol=1e-5)
+    finally:
+        await worker.stop(grace=1.0)
