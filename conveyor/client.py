@@ -59,6 +59,7 @@ from conveyor.errors import (
     ConveyorError,
     DeadlineExceeded,
     NoConsumerError,
+    RequestTooLarge,
     TransportClosed,
 )
 from conveyor.packs import REPLY_PACK_TYPE, unpack_replies
@@ -144,7 +145,7 @@ class Client:
         self.plan = plan
         self.topology = Topology.of(plan)
         self.default_timeout = timeout
-        self.reply_queue = f"{self.topology.base}.reply.{uuid.uuid4().hex}"
+        self.reply_queue = self.topology.reply_queue(uuid.uuid4().hex)
         # Request ids: a random per-client prefix and a counter (unique, and cheap).
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
         # The envelope fields every request shares, checked once here (CodecError if not
@@ -155,7 +156,10 @@ class Client:
         self.pack = pack and not any(
             t.shape and isinstance(t.shape[0], int) and t.shape[0] >= 0 for t in plan.inputs
         )
-        self._packs = PackSender(plan.hash, self.topology.input_exchange)
+        self._packs = PackSender(
+            plan.hash, self.topology.input_exchange, max_requests=plan.limits.pack_requests
+        )
+        self._limits = plan.limits
         self._ids = itertools.count(1)
         self._input_checks = [
             (t.name, np.dtype(t.dtype), len(t.shape),
@@ -266,7 +270,29 @@ class Client:
             ):
                 self._explain(inputs)
             arrays[name] = array
+        limits = self._limits
+        if limits.max_request_rows is not None or limits.max_request_bytes is not None:
+            self._check_size(arrays)
         return arrays
+
+    def _check_size(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """``RequestTooLarge`` for more rows or bytes than the plan's limits allow (the
+        workers refuse such a request too; this saves sending it)."""
+        limits = self._limits
+        rows = max((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+        if limits.max_request_rows is not None and rows > limits.max_request_rows:
+            raise RequestTooLarge(
+                f"request has {rows} rows; plan {self.plan.name!r} allows at most "
+                f"{limits.max_request_rows} per request (limits.max_request_rows): split it "
+                "into smaller requests"
+            )
+        size = sum(a.nbytes for a in arrays.values())
+        if limits.max_request_bytes is not None and size > limits.max_request_bytes:
+            raise RequestTooLarge(
+                f"request carries {size} bytes of tensors; plan {self.plan.name!r} allows at "
+                f"most {limits.max_request_bytes} (limits.max_request_bytes): split it into "
+                "smaller requests"
+            )
 
     def _explain(self, inputs: Inputs) -> NoReturn:
         """Raise the CodecError naming what is wrong with ``inputs`` (the slow path)."""
@@ -328,9 +354,20 @@ class Client:
                 # failure lands on the future.
                 self._packs.enqueue(routing_key, Outgoing(meta, arrays, future, packable(arrays)))
             else:
-                await transport.publish(
-                    self.topology.input_exchange, meta.to_message(encode(arrays)), routing_key
-                )
+                # Bounded by the request's timeout, also when the broker blocks publishers
+                # (a memory or disk alarm) and no confirm comes.
+                try:
+                    async with asyncio.timeout(wait):
+                        await transport.publish(
+                            self.topology.input_exchange,
+                            meta.to_message(encode(arrays)),
+                            routing_key,
+                        )
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"request {request_id} could not be sent within {wait:g} s (is the "
+                        "broker blocking publishers?)"
+                    ) from None
                 self._sent += 1
                 self._messages += 1
             return await future

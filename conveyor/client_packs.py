@@ -43,9 +43,13 @@ class Outgoing:
 class PackSender:
     """Publishes the requests of each loop turn to ``exchange`` on ``transport``."""
 
-    def __init__(self, plan_hash: str, exchange: str) -> None:
+    def __init__(
+        self, plan_hash: str, exchange: str, *, max_requests: int = PACK_MAX_REQUESTS
+    ) -> None:
         self.plan_hash = plan_hash
         self.exchange = exchange
+        #: Requests per pack (the plan's ``limits.pack_requests`` caps it).
+        self.max_requests = min(max_requests, PACK_MAX_REQUESTS)
         #: Where requests go; None once the client closes (queued requests then fail).
         self.transport: Transport | None = None
         #: Requests and messages published so far.
@@ -83,7 +87,7 @@ class PackSender:
             if transport is None:
                 fail_all(live, TransportClosed("client closed before the request was sent"))
                 continue
-            for chunk in chunks(live):
+            for chunk in chunks(live, self.max_requests):
                 # A task of its own: this runs in a loop callback, and AMQP publishes need
                 # a task (asyncio.timeout) to wait for their confirm.
                 task = asyncio.create_task(self._send(transport, routing_key, chunk))
@@ -117,8 +121,10 @@ def packable(arrays: Mapping[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
-def chunks(items: list[Outgoing]) -> Iterator[list[Outgoing]]:
-    """``items`` in packs of at most PACK_MAX_REQUESTS requests and (past the first)
+def chunks(
+    items: list[Outgoing], max_requests: int = PACK_MAX_REQUESTS
+) -> Iterator[list[Outgoing]]:
+    """``items`` in packs of at most ``max_requests`` requests and (past the first)
     PACK_MAX_BYTES bytes; a request that cannot be stacked goes alone."""
     chunk: list[Outgoing] = []
     size = 0
@@ -126,7 +132,7 @@ def chunks(items: list[Outgoing]) -> Iterator[list[Outgoing]]:
         if item.nbytes < 0:
             yield [item]
             continue
-        if chunk and (len(chunk) >= PACK_MAX_REQUESTS or size + item.nbytes > PACK_MAX_BYTES):
+        if chunk and (len(chunk) >= max_requests or size + item.nbytes > PACK_MAX_BYTES):
             yield chunk
             chunk, size = [], 0
         chunk.append(item)

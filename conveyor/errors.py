@@ -13,6 +13,7 @@ they enter our code, with ``raise ... from exc``, so callers catch ours only.
     │   ├── UnsupportedModelError    opset too new, no batch dimension, unknown format
     │   └── SplitError               K too large, a group regex matching nothing, ...
     ├── CodecError                   a message body or tensor that fails validation
+    │   └── RequestTooLarge          more rows or bytes than the plan's limits allow
     ├── TransportError               the broker side
     │   ├── BrokerUnreachable        the first connect failed
     │   ├── TransportClosed          used after close (an orderly state, not a fault)
@@ -21,6 +22,7 @@ they enter our code, with ``raise ... from exc``, so callers catch ours only.
     │   ├── BackpressureError        a queue is full (reject-publish) or the publish was nacked
     │   └── NoConsumerError          no worker consumes the queue a request would wait in
     ├── InferenceError               a stage failed to run a request (carries the worker's text)
+    │   └── CrashLoopError           its worker died at each of its deliveries; dead-lettered
     ├── DeadlineExceeded             a request's deadline passed before it was answered
     └── RemoteError                  an error reply from a worker of a type we do not know
 
@@ -75,6 +77,12 @@ class CodecError(ConveyorError):
     code = "codec_error"
 
 
+class RequestTooLarge(CodecError):
+    """A request carries more rows or bytes than the plan's ``limits`` allow."""
+
+    code = "request_too_large"
+
+
 class TransportError(ConveyorError):
     code = "transport_error"
 
@@ -124,6 +132,12 @@ class InferenceError(ConveyorError):
         self.stage = stage
 
 
+class CrashLoopError(InferenceError):
+    """A message whose worker died at each delivery, dead-lettered at the delivery limit."""
+
+    code = "crash_loop"
+
+
 class DeadlineExceeded(ConveyorError):
     code = "deadline_exceeded"
 
@@ -143,9 +157,11 @@ ERROR_CODES: dict[str, type[ConveyorError]] = {
         PlanError,
         ConversionError,
         CodecError,
+        RequestTooLarge,
         TransportError,
         BackpressureError,
         InferenceError,
+        CrashLoopError,
         DeadlineExceeded,
         RemoteError,
     )
@@ -158,8 +174,8 @@ def error_from_code(code: str, message: str) -> ConveyorError:
     cls = ERROR_CODES.get(code) or _listed_ancestor(code)
     if cls is BackpressureError:
         return BackpressureError(message)
-    if cls is InferenceError:
-        return InferenceError(message)
+    if issubclass(cls, InferenceError):
+        return cls(message)
     return cls(message)
 
 

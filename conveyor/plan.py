@@ -30,8 +30,8 @@ BATCH = "batch"
 
 Dim = int | str
 PartitionKind = Literal["random", "hash", "range"]
-SplitKind = Literal["layer", "function", "none"]
 QueueType = Literal["classic", "quorum"]
+SplitKind = Literal["layer", "function", "none"]
 ALLOWED_DTYPES = frozenset(
     {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
      "float16", "float32", "float64"}
@@ -159,6 +159,51 @@ class Scheduling:
 
 
 @dataclass(frozen=True)
+class PlanLimits:
+    """What a deployment of the plan refuses or bounds (docs/operations.md, "Limits").
+
+    ``None`` is "no bound". Plans written before these settings existed get the defaults:
+    three deliveries (counted by the worker), no request or queue bound. The queue type is
+    ``Plan.queues``; the dead-letter bounds are ``Scheduling.dead_letter_*``.
+    """
+
+    #: A request (or stage message) delivered this many times whose worker died each time
+    #: is dead-lettered with a ``CrashLoopError`` reply instead of being run again.
+    delivery_limit: int = 3
+    #: Rows (batch dimension) one request may carry; checked by the client and at admission.
+    max_request_rows: int | None = None
+    #: Bytes of tensor data one request may carry; checked by the client and at admission.
+    max_request_bytes: int | None = None
+    #: Requests one input shard queue holds at most: its ``x-max-length`` is this over
+    #: ``pack_requests`` messages (a pack counts as its requests), ``reject-publish``.
+    max_queued_requests: int | None = None
+    #: Requests per request pack (the SDK packs at most this many; with
+    #: ``max_queued_requests`` set, the ingress refuses larger packs).
+    pack_requests: int = 64
+    #: Messages (batches) one stage queue holds at most (``reject-publish``: the upstream
+    #: worker backs off until there is room).
+    max_queued_batches: int | None = None
+
+    @property
+    def input_queue_length(self) -> int | None:
+        """The input shard queues' ``x-max-length`` in messages (None: unbounded)."""
+        if self.max_queued_requests is None:
+            return None
+        return max(1, self.max_queued_requests // self.pack_requests)
+
+    def check(self) -> None:
+        if self.delivery_limit < 1:
+            raise PlanError(f"limits.delivery_limit must be at least 1, got {self.delivery_limit}")
+        if self.pack_requests < 1:
+            raise PlanError(f"limits.pack_requests must be at least 1, got {self.pack_requests}")
+        for name in ("max_request_rows", "max_request_bytes", "max_queued_requests",
+                     "max_queued_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PlanError(f"limits.{name} must be a positive integer or null, got {value!r}")
+
+
+@dataclass(frozen=True)
 class SplitInfo:
     by: SplitKind = "none"
     k: int = 1
@@ -193,6 +238,7 @@ class Plan:
     scheduling: Scheduling = field(default_factory=Scheduling)
     queues: QueueSettings = field(default_factory=QueueSettings)
     hash: str = ""
+    limits: PlanLimits = field(default_factory=PlanLimits)
     #: Where the plan was loaded from or saved to; not part of the JSON.
     directory: Path | None = field(default=None, compare=False)
 
@@ -227,6 +273,7 @@ class Plan:
         partitioning: Partitioning | None = None,
         scheduling: Scheduling | None = None,
         queues: QueueSettings | None = None,
+        limits: PlanLimits | None = None,
     ) -> Plan:
         """A copy with other settings (rehash with ``save``)."""
         return replace(
@@ -234,6 +281,7 @@ class Plan:
             partitioning=partitioning or self.partitioning,
             scheduling=scheduling or self.scheduling,
             queues=queues or self.queues,
+            limits=limits or self.limits,
         )
 
     # -- JSON -----------------------------------------------------------------------------
@@ -249,6 +297,9 @@ class Plan:
         ):
             if d["scheduling"][key] == default:
                 del d["scheduling"][key]
+        # Left out at its defaults, so plans written before it keep their hash.
+        if self.limits == PlanLimits():
+            d.pop("limits")
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -274,6 +325,7 @@ class Plan:
                 ),
                 queues=_queues(d.get("queues", {})),
                 hash=str(d.get("hash", "")),
+                limits=PlanLimits(**d.get("limits", {})),
                 directory=directory,
             )
         except PlanError:
@@ -358,6 +410,7 @@ class Plan:
             )
         if not sinks:
             raise PlanError(f"plan {self.name!r}: no stage produces a model output")
+        self.limits.check()
         p = self.partitioning
         if p.shards < 1:
             raise PlanError(f"partitioning needs at least one shard, got {p.shards}")

@@ -13,7 +13,12 @@ name                                   type            what
 ``conveyor.H.stage.<stage>.<shard>``   queue           a join stage's shard queues
 ``conveyor.H.control``                 topic           heartbeats and controller commands
 ``conveyor.H.dlx`` / ``conveyor.H.dead``  fanout / queue  rejected and expired messages
+``conveyor.H.reply.<id>``              queue           a client's replies (the client owns it)
 =====================================  ==============  ====================================
+
+Workers reply only to queues named ``conveyor.H.reply.<id>`` (``is_reply_queue``; ``<id>``
+of letters, digits, ``_`` and ``-``): a request naming any other ``reply_to`` is refused, so
+a client cannot make workers write into queues that are not replies of this plan.
 
 Input partitioning (``Plan.partitioning``), computed by the publisher so that any AMQP
 client can do it (``partition_routing_key``):
@@ -33,6 +38,7 @@ request id, so all parts of one request reach the same shard queue.
 
 from __future__ import annotations
 
+import re
 import zlib
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -44,6 +50,7 @@ from conveyor.plan import Partitioning, Plan
 #: Number of virtual hash partitions (routing keys ``p.0`` .. ``p.63``).
 PARTITIONS = 64
 PREFIX = "conveyor"
+_REPLY_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def hash_partition(key: str, partitions: int = PARTITIONS) -> int:
@@ -109,6 +116,15 @@ class Topology:
     def stage_queue(self, stage: str, shard: int | None = None) -> str:
         q = f"{self.base}.stage.{stage}"
         return q if shard is None else f"{q}.{shard}"
+
+    def reply_queue(self, client_id: str) -> str:
+        """The reply queue of one client (``client_id``: letters, digits, ``_``, ``-``)."""
+        return f"{self.base}.reply.{client_id}"
+
+    def is_reply_queue(self, name: str) -> bool:
+        """True for a name of the plan's reply-queue scheme (``reply_queue``)."""
+        prefix = f"{self.base}.reply."
+        return name.startswith(prefix) and _REPLY_ID.fullmatch(name, len(prefix)) is not None
 
     @property
     def control_exchange(self) -> str:

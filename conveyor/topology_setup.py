@@ -16,13 +16,16 @@ What gets declared for a plan with topology ``T`` (names from ``conveyor.topolog
 Every input and stage queue dead-letters to ``T.dead_letter_exchange``. They are quorum
 queues (durable, replicated, with the plan's delivery limit) when the plan's
 ``queues.type`` or the caller's ``queue_type`` says ``"quorum"``; then every exchange and
-queue here is durable. Re-declaring with
-the same arguments is a no-op on both transports, so every process may call this at start.
+queue here is durable. Re-declaring with the same arguments is a no-op on both
+transports, so every process may call this at start.
+
+The plan's ``limits`` (``conveyor.plan.PlanLimits``) shape the queues (``work_queue``):
+the broker's delivery limit on quorum queues is a backstop to the worker's own count,
+input shards are bounded in requests (``input_queue_length`` messages) and stage queues in
+batches, both ``reject-publish`` so a full queue refuses the publisher at once.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, replace
 
 from conveyor.errors import TransportClosed, TransportError
 from conveyor.plan import Plan, QueueType, StageSpec
@@ -60,24 +63,41 @@ async def _queue_exists(transport: Transport, queue: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class _Queues:
-    """How this declaration makes the plan's queues."""
-
-    durable: bool
-    quorum: bool
-    delivery_limit: int | None
-
-    def spec(self, name: str, dead_letter_exchange: str | None = None) -> QueueSpec:
-        return QueueSpec(
-            name, durable=self.durable, dead_letter_exchange=dead_letter_exchange,
-            quorum=self.quorum, delivery_limit=self.delivery_limit if self.quorum else None,
-        )
-
-
-def _queues(plan: Plan, durable: bool, queue_type: QueueType | None) -> _Queues:
+def work_queue(
+    plan: Plan,
+    name: str,
+    *,
+    durable: bool,
+    max_length: int | None,
+    queue_type: QueueType | None = None,
+) -> QueueSpec:
+    """The spec of an input shard or stage queue of ``plan`` (see the module doc);
+    ``queue_type`` overrides the plan's ``queues.type``."""
     quorum = (queue_type or plan.queues.type) == "quorum"
-    return _Queues(durable or quorum, quorum, plan.queues.delivery_limit)
+    limit = plan.queues.delivery_limit or plan.limits.delivery_limit
+    return QueueSpec(
+        name,
+        durable=durable or quorum,
+        dead_letter_exchange=Topology.of(plan).dead_letter_exchange,
+        max_length=max_length,
+        overflow="reject-publish",
+        quorum=quorum,
+        # The worker refuses delivery ``limit + 1`` with a reply; the broker's limit only
+        # catches a worker dying on that refusal too.
+        delivery_limit=limit if quorum else None,
+    )
+
+
+def dead_letter_queue(plan: Plan, *, durable: bool) -> QueueSpec:
+    """Bounded: the oldest dead letters go first (drop-head), none stays for ever."""
+    sched = plan.scheduling
+    return QueueSpec(
+        Topology.of(plan).dead_letter_queue,
+        durable=durable,
+        max_length=sched.dead_letter_max,
+        overflow="drop-head",
+        message_ttl_ms=int(sched.dead_letter_ttl_s * 1000),
+    )
 
 
 async def declare_plan_topology(
@@ -96,20 +116,10 @@ async def declare_plan_topology(
     plan chose none); quorum implies durable.
     """
     topo = Topology.of(plan)
-    queues = _queues(plan, durable, queue_type)
-    durable = queues.durable
+    durable = durable or (queue_type or plan.queues.type) == "quorum"
     dlx = topo.dead_letter_exchange
     await transport.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT, durable=durable))
-    sched = plan.scheduling
-    await transport.declare_queue(
-        replace(
-            queues.spec(topo.dead_letter_queue),
-            # Bounded: the oldest dead letters go first (drop-head), none stays forever.
-            max_length=sched.dead_letter_max,
-            overflow="drop-head",
-            message_ttl_ms=int(sched.dead_letter_ttl_s * 1000),
-        )
-    )
+    await transport.declare_queue(dead_letter_queue(plan, durable=durable))
     await transport.bind_queue(topo.dead_letter_queue, dlx, "")
     await transport.declare_exchange(
         ExchangeSpec(topo.control_exchange, ExchangeType.TOPIC, durable=durable)
@@ -124,11 +134,15 @@ async def declare_plan_topology(
         # controller owns them (it may have moved a key; re-binding it here would send that
         # key to two shards). docs/scheduling.md, "Who owns the bindings".
         fresh = part.kind == "random" or not await _queue_exists(transport, queue)
-        await transport.declare_queue(queues.spec(queue, dlx))
+        await transport.declare_queue(
+            work_queue(plan, queue, durable=durable, queue_type=queue_type,
+                       max_length=plan.limits.input_queue_length)
+        )
         if fresh:
             for key in keys:
                 await transport.bind_queue(queue, topo.input_exchange, key)
 
+    batches = plan.limits.max_queued_batches
     for stage in plan.stages:
         if not consumes_stage_queue(plan, stage):
             continue
@@ -139,14 +153,20 @@ async def declare_plan_topology(
             )
             for i in range(join_shards(plan, stage)):
                 queue = topo.stage_queue(stage.name, i)
-                await transport.declare_queue(queues.spec(queue, dlx))
+                await transport.declare_queue(
+                    work_queue(plan, queue, durable=durable, queue_type=queue_type,
+                           max_length=batches)
+                )
                 await transport.bind_queue(queue, exchange, "1")
         else:
             await transport.declare_exchange(
                 ExchangeSpec(exchange, ExchangeType.DIRECT, durable=durable)
             )
             queue = topo.stage_queue(stage.name)
-            await transport.declare_queue(queues.spec(queue, dlx))
+            await transport.declare_queue(
+                work_queue(plan, queue, durable=durable, queue_type=queue_type,
+                           max_length=batches)
+            )
             await transport.bind_queue(queue, exchange, stage.name)
 
 

@@ -7,6 +7,11 @@ names, dtypes and fixed dimensions) and handed to its runner's batcher, or answe
 
 * expired: ``DeadlineExceeded``, and its branch ends OK (acked, not run);
 * wrong plan or source, bad tensors: the error, and its branch FAILED (dead-lettered);
+* on the input shards, more rows or bytes than the plan's ``limits`` allow (or a pack of
+  more than ``pack_requests`` when the input queues are bounded): ``RequestTooLarge``,
+  dead-lettered;
+* a ``reply_to`` outside the plan's reply queues (``Topology.is_reply_queue``): logged as
+  an error and dead-lettered, never answered nor run;
 * an unreadable message: dead-lettered, its envelope's request told when it names one.
 
 The ``lot`` callable makes the delivery's settlement for ``n`` requests
@@ -31,11 +36,14 @@ from conveyor.errors import (
     DeadlineExceeded,
     PlanError,
     PlanHashMismatch,
+    RequestTooLarge,
 )
 from conveyor.packs import CLIENT_SOURCE, StageMessage, read_requests, request_pieces
 from conveyor.plan import MODEL_INPUT, Plan, TensorSpec
+from conveyor.topology import Topology
 from conveyor.transport import Delivery, Message
 from workers.outbox import Outbox
+from workers.redelivery import deaths_before
 from workers.runner import Item, Request, StageRunner, deadline_error
 from workers.settlement import Lot, Outcome
 
@@ -57,6 +65,9 @@ class Intake:
         self._input_specs = {t.name: t for t in plan.inputs}
         self._input_check = TensorCheck(self._input_specs)
         self._input_batch_fixed = any(_fixed(t.shape[0]) for t in plan.inputs if t.shape)
+        self._topology = Topology.of(plan)
+        #: Reply queues seen to be of the plan's scheme (a client's requests share one).
+        self._reply_queues: set[str] = set()
 
     # -- input shards ---------------------------------------------------------------------
     async def request(self, delivery: Delivery, lot: LotFactory) -> None:
@@ -76,11 +87,15 @@ class Intake:
         def check(tensors: Mapping[str, np.ndarray]) -> None:
             self._model_inputs(tensors)
 
+        alone = deaths_before(delivery.message) > 0
+
         async def submit(item: Item) -> None:
+            item.alone = alone
             ingress.submit(item)
 
         await self._admit(
-            ingress, msg, lot, wrong_source, check, self._input_batch_fixed, submit
+            ingress, msg, lot, wrong_source, check, self._input_batch_fixed, submit,
+            limited=True,
         )
 
     # -- stage queues ---------------------------------------------------------------------
@@ -101,7 +116,10 @@ class Intake:
         def check(tensors: Mapping[str, np.ndarray]) -> None:
             check_tensors(tensors, specs, what)
 
+        alone = deaths_before(delivery.message) > 0
+
         async def submit(item: Item) -> None:
+            item.alone = alone
             await runner.submit_part(msg.source, item)
 
         per_request = any(_fixed(spec.shape[0]) for spec in specs.values() if spec.shape)
@@ -128,23 +146,30 @@ class Intake:
         check: Callable[[Mapping[str, np.ndarray]], None],
         per_request: bool,
         submit: Callable[[Item], Any],
+        *,
+        limited: bool = False,
     ) -> None:
         """Admit each request of a pack or stage message on its own. The requests' rows
         share the message's dtypes and dims 1..n, so the tensors are checked once for
-        all (per request only when a spec fixes the batch dimension itself)."""
+        all (per request only when a spec fixes the batch dimension itself). ``limited``:
+        requests from clients, held to the plan's size limits."""
         settlement = lot(len(msg.requests))
         arrived = time.perf_counter()
         if msg.at is not None and runner.timings.enabled:
             # Clocks of other hosts may run ahead: a negative wait counts as none.
             runner.timings.queue_wait.observe(max(0.0, time.time() - msg.at), len(msg.requests))
-        bad: CodecError | None = None
-        if not per_request:
+        bad: CodecError | None = self._pack_error(msg) if limited else None
+        if bad is None and not per_request:
             try:
                 check(msg.tensors)
             except CodecError as exc:
                 bad = exc
         for (meta, rows), piece in zip(msg.requests, request_pieces(msg), strict=True):
             request = Request(meta, rows, settlement.request(), arrived)
+            if meta.reply_to is not None and not self._reply_queue_ok(meta):
+                runner.counters.errors += 1
+                await request.token.done(Outcome.FAILED)
+                continue
             error = self._admission_error(meta, msg.plan_hash) or wrong_source
             if error is not None:
                 await self._refuse(runner, request, error)
@@ -154,12 +179,60 @@ class Intake:
                     raise bad
                 if per_request:
                     check(piece)
+                if limited:
+                    self._check_size(meta, rows, piece)
             except CodecError as exc:
                 runner.counters.errors += 1
                 runner.timings.failed(exc.code)
                 await self.outbox.fail(request, exc, Outcome.FAILED, stage=self._stage(runner))
                 continue
             await submit(Item(request, piece))
+
+    def _reply_queue_ok(self, meta: RequestMeta) -> bool:
+        reply_to = meta.reply_to
+        if reply_to in self._reply_queues:
+            return True
+        if reply_to is not None and self._topology.is_reply_queue(reply_to):
+            if len(self._reply_queues) > 10_000:
+                self._reply_queues.clear()
+            self._reply_queues.add(reply_to)
+            return True
+        log.error(
+            "request %s names reply queue %r, not one of this plan's (%s.reply.<id>); "
+            "dead-lettered, not run",
+            meta.request_id, reply_to, self._topology.base,
+        )
+        return False
+
+    def _pack_error(self, msg: StageMessage) -> RequestTooLarge | None:
+        """A pack larger than the plan's ``pack_requests`` breaks the input queues' bound in
+        requests (each message may hold that many): refused when they are bounded."""
+        limits = self.plan.limits
+        if limits.max_queued_requests is None or len(msg.requests) <= limits.pack_requests:
+            return None
+        return RequestTooLarge(
+            f"a request pack of {len(msg.requests)} requests exceeds the plan's "
+            f"limits.pack_requests={limits.pack_requests} (the input queues hold "
+            f"{limits.max_queued_requests} requests, {limits.pack_requests} per message); "
+            "send smaller packs"
+        )
+
+    def _check_size(self, meta: RequestMeta, rows: int, piece: Mapping[str, np.ndarray]) -> None:
+        limits = self.plan.limits
+        if limits.max_request_rows is not None and rows > limits.max_request_rows:
+            raise RequestTooLarge(
+                f"request {meta.request_id} has {rows} rows; plan {self.plan.name!r} allows at "
+                f"most {limits.max_request_rows} per request (limits.max_request_rows): "
+                "split it into smaller requests"
+            )
+        if limits.max_request_bytes is not None:
+            size = sum(a.nbytes for a in piece.values())
+            if size > limits.max_request_bytes:
+                raise RequestTooLarge(
+                    f"request {meta.request_id} carries {size} bytes of tensors; plan "
+                    f"{self.plan.name!r} allows at most {limits.max_request_bytes} "
+                    "(limits.max_request_bytes): split it into smaller requests"
+                )
 
     def _count_key(self, key: str, requests: int) -> None:
         self.routing_keys[key] = self.routing_keys.get(key, 0) + requests

@@ -8,6 +8,12 @@ confirm goes on as a task, so they still wait for their confirms together. ``dra
 shutdown step that lets them finish. A failed publish marks the branch ``RETRY``, so the
 input is requeued and runs again; a reply to a queue that no longer exists (the client
 left) counts as done.
+
+A next stage whose queue is full (``BackpressureError``: ``reject-publish``) is not a
+failure: the send backs off (``BACKOFF_FIRST_S`` doubling up to ``BACKOFF_MAX_S``) and tries
+again while any of its requests may still be answered, holding its inputs unsettled, so
+the worker's prefetch window fills and it stops taking work instead of spinning. Replies go
+only to queues of the plan's reply scheme (``Topology.is_reply_queue``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 from conveyor import wire
 from conveyor.eager import step
 from conveyor.envelope import RequestMeta, reply_error, reply_ok
-from conveyor.errors import ConveyorError, TransportError, UnroutableError
+from conveyor.errors import BackpressureError, ConveyorError, TransportError, UnroutableError
 from conveyor.packs import encode_stage_message, pack_replies
 from conveyor.topology import Topology
 from conveyor.transport import Message, Transport
@@ -36,6 +42,10 @@ from workers.settlement import Outcome
 
 log = logging.getLogger(__name__)
 
+#: Back-off of a publish refused by a full next-stage queue: first wait, and its cap.
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+
 
 class Outbox:
     def __init__(self, transport: Transport, topology: Topology, plan_hash: str) -> None:
@@ -44,6 +54,8 @@ class Outbox:
         self.plan_hash = plan_hash
         self._tasks: set[asyncio.Task[None]] = set()
         self.request_log = RequestLog(log)
+        #: Publishes refused by a full queue and retried after a back-off.
+        self.backoffs = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -95,7 +107,7 @@ class Outbox:
             batch = [(r.meta, r.rows) for r in requests]
             message = encode_stage_message(self.plan_hash, source, batch, host)
             started = time.perf_counter()
-            outcome = await self._publish(exchange, message, stage)
+            outcome = await self._publish(exchange, message, stage, requests)
             if timings.enabled:
                 timings.publish.observe(time.perf_counter() - started)
             for request in requests:
@@ -107,7 +119,7 @@ class Outbox:
             single = [(request.meta, request.rows)]
             message = encode_stage_message(self.plan_hash, source, single, tensors)
             started = time.perf_counter()
-            outcome = await self._publish(exchange, message, request.meta.request_id)
+            outcome = await self._publish(exchange, message, request.meta.request_id, [request])
             timings.publish.observe(time.perf_counter() - started)
             await request.token.done(outcome)
 
@@ -182,16 +194,41 @@ class Outbox:
         if meta.reply_to is not None:
             await self._send_reply(meta, reply_error(meta, error))
 
-    async def _publish(self, exchange: str, message: Message, routing_key: str) -> Outcome:
-        try:
-            await self.transport.publish(exchange, message, routing_key)
-        except TransportError as exc:
-            log.warning("publish to %s failed (%s); the input will be redelivered", exchange, exc)
-            return Outcome.RETRY
-        return Outcome.OK
+    async def _publish(
+        self, exchange: str, message: Message, routing_key: str, requests: list[Request]
+    ) -> Outcome:
+        wait = BACKOFF_FIRST_S
+        while True:
+            try:
+                await self.transport.publish(exchange, message, routing_key)
+            except BackpressureError as exc:
+                left = _time_left(requests)
+                if left <= 0:
+                    log.info("%s is full and the requests' deadlines passed; not sent", exchange)
+                    return Outcome.OK  # expired: dropped as the next stage would drop them
+                if self.backoffs % 100 == 0:
+                    log.warning("%s is full (%s); backing off (%d so far)", exchange, exc,
+                                self.backoffs + 1)
+                self.backoffs += 1
+                await asyncio.sleep(min(wait, left))
+                wait = min(wait * 2, BACKOFF_MAX_S)
+            except TransportError as exc:
+                log.warning(
+                    "publish to %s failed (%s); the input will be redelivered", exchange, exc
+                )
+                return Outcome.RETRY
+            else:
+                return Outcome.OK
 
     async def _send_reply(self, meta: RequestMeta, message: Message) -> Outcome:
         assert meta.reply_to is not None
+        if not self.topology.is_reply_queue(meta.reply_to):
+            # Intake refuses these; this guards every other path (error replies included).
+            log.error(
+                "not replying to %r for %s: not a reply queue of this plan (%s.reply.*)",
+                meta.reply_to, meta.request_id, self.topology.base,
+            )
+            return Outcome.FAILED
         try:
             await self.transport.publish("", message, meta.reply_to)
         except UnroutableError:
@@ -204,6 +241,14 @@ class Outbox:
             )
             return Outcome.RETRY
         return Outcome.OK
+
+
+def _time_left(requests: list[Request]) -> float:
+    """Seconds until the last of ``requests``' deadlines (infinite when one has none)."""
+    deadlines = [r.meta.deadline for r in requests]
+    if not deadlines or any(d is None for d in deadlines):
+        return float("inf")
+    return max(d for d in deadlines if d is not None) - time.time()
 
 
 async def _send_all(sends: list[Coroutine[Any, Any, None]]) -> None:

@@ -76,6 +76,9 @@ class Item:
 
     request: Request
     tensors: dict[str, np.ndarray]
+    #: Batched with nothing else: the message came back after its worker died, and
+    #: neighbours must not die with it again (``workers.redelivery``).
+    alone: bool = False
 
 
 @dataclass
@@ -204,7 +207,8 @@ class StageRunner:
     def submit(self, item: Item) -> None:
         """A request from the broker, validated, for a non-join stage or the ingress."""
         self.counters.in_flight += 1
-        self.batcher.put(item, shape_key(item.tensors), item.request.rows)
+        key = ("alone", id(item)) if item.alone else shape_key(item.tensors)
+        self.batcher.put(item, key, item.request.rows)
 
     async def submit_part(self, source: str, item: Item) -> None:
         """A broker part of a request: batch it once every source has delivered its part."""

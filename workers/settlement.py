@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
 
 from conveyor.eager import step
@@ -67,15 +67,30 @@ class Obligation:
             await parent.done(outcome)
 
 
+#: Gives a delivery back to be run again (default ``Delivery.requeue``).
+Requeue = Callable[[Delivery], Awaitable[None]]
+
+
+async def _requeue(delivery: Delivery) -> None:
+    await delivery.requeue()
+
+
 class Lot(Obligation):
-    """The obligation of one delivery: settles it when all its requests are done."""
+    """The obligation of one delivery: settles it when all its requests are done.
+    ``requeue`` gives it back on ``RETRY`` (the worker's ``RedeliveryGuard.requeue`` does
+    it without the broker counting a redelivery)."""
 
     def __init__(
-        self, delivery: Delivery, requests: int, on_settled: Callable[[Lot], None] | None = None
+        self,
+        delivery: Delivery,
+        requests: int,
+        on_settled: Callable[[Lot], None] | None = None,
+        requeue: Requeue = _requeue,
     ) -> None:
         super().__init__([], max(1, requests))
         self.delivery = delivery
         self._on_settled = on_settled
+        self._requeue = requeue
         self.outcome: Outcome | None = None
 
     def request(self) -> Obligation:
@@ -97,7 +112,7 @@ class Lot(Obligation):
             elif outcome is Outcome.FAILED:
                 await self.delivery.reject()
             else:
-                await self.delivery.requeue()
+                await self._requeue(self.delivery)
         except TransportError as exc:
             # The channel died: the broker redelivers the message; duplicates are fine.
             log.warning("could not settle a delivery (%s): it will be redelivered", exc)

@@ -60,6 +60,7 @@ from conveyor.transport import Consumer, Delivery, Transport
 from workers.intake import Intake
 from workers.metrics import QueueView, RunnerView, WorkerMetrics
 from workers.outbox import Outbox
+from workers.redelivery import RedeliveryGuard
 from workers.routes import Routes, build_routes, check_model_outputs
 from workers.runner import Batch, Request, StageRunner, stage_sources
 from workers.session import StageSession, Tensor
@@ -141,12 +142,19 @@ class StageWorker:
         self._records: dict[str, _ConsumerRecord] = {}
         self.outbox = Outbox(transport, self.topology, plan.hash)
         self._intake = Intake(plan, self._runners, self.outbox)
+        #: Ends crash loops: redelivered messages are counted, dead-lettered at the limit.
+        self.redelivery = RedeliveryGuard(
+            transport, plan.limits.delivery_limit, self.outbox.send_error
+        )
         #: Requests per input routing key (p.N / r.i) seen on the input shards.
         self.routing_keys: dict[str, int] = self._intake.routing_keys
         self._batch_ids = itertools.count()
         self._open_lots = 0
         self._settled = asyncio.Event()
         self._settled.set()
+        #: Set when the worker can no longer consume a queue it should (see ``_watch``).
+        self.failed = asyncio.Event()
+        self._watchers: set[asyncio.Task[None]] = set()
         check_model_outputs(plan)
         #: Prometheus metrics (``workers.metrics``); ``metrics.registry`` is what to serve.
         self.metrics = WorkerMetrics(self)
@@ -298,10 +306,38 @@ class StageWorker:
         for record in self._records_for(stage, queue, create=True):
             record.consuming = True
             if record.consumer is None:
-                handler = self._handler(record)
-                record.consumer = await self.transport.consume(
-                    record.queue, handler, prefetch=record.prefetch
-                )
+                await self._consume(record)
+
+    async def _consume(self, record: _ConsumerRecord) -> None:
+        consumer = await self.transport.consume(
+            record.queue, self._handler(record), prefetch=record.prefetch
+        )
+        record.consumer = consumer
+        wait_closed = getattr(consumer, "wait_closed", None)
+        if wait_closed is not None:  # RabbitMQ: the broker ends it when the queue is deleted
+            task = asyncio.create_task(self._watch(record, consumer, wait_closed()))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, record: _ConsumerRecord, consumer: Consumer, closed: Any) -> None:
+        """A consumer that ends while this worker still wants it (its queue was deleted):
+        declare the plan's topology again and consume again; if that fails, the worker
+        has failed (``failed`` is set; ``conveyor worker`` exits non-zero)."""
+        await closed
+        if record.consumer is not consumer or not record.consuming:
+            return
+        if self._state is not WorkerState.RUNNING:
+            return
+        log.error("worker %s: the consumer of %s ended (queue deleted?); declaring it again",
+                  self.worker_id, record.queue)
+        record.consumer = None
+        try:
+            await declare_plan_topology(self.transport, self.plan, durable=self.settings.durable)
+            await self._consume(record)
+        except ConveyorError as exc:
+            log.error("worker %s: cannot consume %s again (%s); failing",
+                      self.worker_id, record.queue, exc)
+            self.failed.set()
 
     async def stop_consuming(self, stage: str, queue: str | None = None) -> None:
         """Take no more from ``stage``'s queue(s); finish their deliveries (up to the grace
@@ -406,8 +442,11 @@ class StageWorker:
                 return
             if delivery.redelivered:
                 self._runners[record.runner].timings.redelivered += 1
+            ingress = record.runner == MODEL_INPUT
+            if not await self.redelivery.admit(delivery, record.stage, ingress=ingress):
+                return
             lot = partial(self._lot, record, delivery)
-            if record.runner == MODEL_INPUT:
+            if ingress:
                 await self._intake.request(delivery, lot)
                 return
             runner = self._runners[record.runner]
@@ -424,6 +463,7 @@ class StageWorker:
         def settled(lot: Lot) -> None:
             if lot.outcome is Outcome.FAILED:
                 timings.dead_lettered += 1
+            self.redelivery.settled(lot.delivery)
             record.lots.discard(lot)
             if not record.lots:
                 record.idle.set()
@@ -436,7 +476,7 @@ class StageWorker:
     def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
         if record.on_settled is None:
             record.on_settled = self._settled_callback(record)
-        lot = Lot(delivery, requests, record.on_settled)
+        lot = Lot(delivery, requests, record.on_settled, self.redelivery.requeue)
         record.lots.add(lot)
         record.idle.clear()
         self._open_lots += 1
@@ -569,6 +609,8 @@ class StageWorker:
             ) from None
 
     async def _teardown(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
         for runner in self._runners.values():
             await runner.cancel()
         await self.outbox.drain(SETTLE_GRACE)

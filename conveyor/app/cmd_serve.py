@@ -225,6 +225,7 @@ async def _serve(
     if server is not None:
         await server.start()
     transport = await target.connect()
+    code = 0
     try:
         worker = StageWorker(plan, transport, stages, settings, declare=declare)
         if server is not None:
@@ -241,7 +242,15 @@ async def _serve(
             transport, Topology.of(plan), worker, worker.worker_id, durable=settings.durable
         )
         await agent.start()
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        failing = asyncio.create_task(worker.failed.wait())
+        await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        failing.cancel()
+        if worker.failed.is_set():
+            print("conveyor: a queue this worker consumes is gone and could not be declared "
+                  "again; exiting", file=sys.stderr, flush=True)
+            code = 1
         print(f"conveyor: stopping (grace {settings.grace:g} s)", file=sys.stderr, flush=True)
         await agent.stop()
         await worker.stop(settings.grace)
@@ -256,7 +265,7 @@ async def _serve(
         await transport.close(grace=1.0)
         if server is not None:
             await server.stop()
-    return 0
+    return code
 
 
 def _embedded_queues(plan: Plan, broker: Any) -> Any:

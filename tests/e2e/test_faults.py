@@ -90,7 +90,7 @@ async def test_expired_request_is_not_run_and_gets_a_deadline_reply(
     async with pipeline.serve(mlp) as served, side_transport(pipeline, served) as raw:
         meta = RequestMeta(
             request_id=uuid.uuid4().hex,
-            reply_to=f"test.replies.{uuid.uuid4().hex}",
+            reply_to=Topology.of(served.plan).reply_queue(uuid.uuid4().hex),
             deadline=time.time() - 1.0,
             plan_hash=served.plan.hash,
         )

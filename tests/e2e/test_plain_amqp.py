@@ -42,7 +42,9 @@ def pika_request(url: str, exchange: str, body: bytes, headers: dict[str, Any],
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
+        # Workers reply only to the plan's reply queues: conveyor.<hash>.reply.<id>.
+        reply_queue = exchange.removesuffix(".input") + ".reply." + uuid.uuid4().hex
+        channel.queue_declare(queue=reply_queue, exclusive=True)
         request_id = uuid.uuid4().hex
         channel.basic_publish(
             exchange=exchange,

@@ -59,7 +59,12 @@ class Harness:
     dead: list[Message] = field(default_factory=list)
     #: The AMQP ``type`` of each reply message received (``conveyor.replies``: a pack).
     reply_types: list[str | None] = field(default_factory=list)
-    reply_queue: str = field(default_factory=lambda: f"test.replies.{uuid.uuid4().hex[:8]}")
+    #: Named by the plan's reply scheme (workers reply to nothing else); set in __post_init__.
+    reply_queue: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.reply_queue:
+            self.reply_queue = Topology.of(self.plan).reply_queue(uuid.uuid4().hex[:8])
 
     @property
     def topology(self) -> Topology:
