@@ -37,3 +37,17 @@ def rabbitmq_url() -> str:
             pytest.fail(f"CI needs RabbitMQ at {url}, and nothing answers there")
         pytest.skip(f"no RabbitMQ at {url} (set CONVEYOR_AMQP_URL)")
     return url
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (soak variants, large models)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
