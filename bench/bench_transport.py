@@ -2,6 +2,7 @@
 
     CONVEYOR_AMQP_URL=amqp://user:pass@127.0.0.1:5672/ python -m bench.bench_transport
     python -m bench.bench_transport --only brokerless          # no RabbitMQ needed
+    CONVEYOR_AMQP_SPEEDUPS=0 python -m bench.bench_transport --only rabbitmq  # plain aiormq
 
 Each transport is measured beside a baseline in the same run:
 
@@ -307,10 +308,11 @@ async def brokerless_runs(
 async def rabbitmq_runs(
     url: str, hops: int, warmup: int, sizes: dict[int, int], window: int
 ) -> tuple[list[Latency], list[Throughput]]:
-    from workers.amqp import AmqpTransport
+    from workers.amqp import AmqpTransport, speedups
 
     # The baseline runs first: AmqpTransport's first connection patches aiormq's body
-    # framing for the whole process (workers/amqp_frames.py).
+    # framing for the whole process when the speedups are on (workers/amqp/speedups.py).
+    name = "AmqpTransport" if speedups.decide(True).on else "AmqpTransport speedups off"
     base_latency, base_rows = await aio_pika_runs(url, hops, warmup, sizes, window)
 
     transport = await AmqpTransport.connect(url)
@@ -321,7 +323,7 @@ async def rabbitmq_runs(
     await consumer.cancel()
     await transport.delete_queue(queue)
     await transport.close(grace=1.0)
-    latencies = [base_latency, Latency("AmqpTransport", p50, p99)]
+    latencies = [base_latency, Latency(name, p50, p99)]
 
     async def connect() -> Transport:
         return await AmqpTransport.connect(url)
@@ -329,7 +331,7 @@ async def rabbitmq_runs(
     rows = list(base_rows)
     for size, messages in sizes.items():
         e2e, pub, cpu_ms = await transport_throughput(connect, size, messages, window)
-        rows.append(Throughput("AmqpTransport", size, messages, e2e, pub, cpu_ms))
+        rows.append(Throughput(name, size, messages, e2e, pub, cpu_ms))
     return latencies, rows
 
 

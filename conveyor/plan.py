@@ -3,7 +3,9 @@
 A plan is a directory holding ``plan.json`` and one ``.onnx`` file per stage. The
 converter writes it (``Plan.save``), workers, the controller and the client read it
 (``Plan.load``). Its ``hash`` covers the JSON (less the hash itself) and the bytes of
-every stage file, so two workers agree on a plan exactly when their hashes match.
+every stage file and every external data file they name, so two workers agree on a plan
+exactly when their hashes match. Every file a plan names must lie inside its directory
+(``conveyor.plan_files``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from conveyor.errors import PlanError
+from conveyor.plan_files import confined, stage_files
 
 PLAN_FORMAT = "conveyor.plan/1"
 PLAN_FILE = "plan.json"
@@ -181,7 +184,7 @@ class Plan:
     def stage_path(self, name: str) -> Path:
         if self.directory is None:
             raise PlanError(f"plan {self.name!r} has no directory; load or save it first")
-        return self.directory / self.stage(name).file
+        return confined(self.directory, self.stage(name).file, "stage file")
 
     @property
     def entry_stages(self) -> tuple[StageSpec, ...]:
@@ -245,10 +248,8 @@ class Plan:
         body.pop("hash", None)
         h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
         for s in self.stages:
-            path = directory / s.file
-            # a stage's external weights (``<file>.data``, see docs/plan.md) count too
-            data = directory / (s.file + ".data")
-            for part in (path, data) if data.exists() else (path,):
+            # the model and every external data file it names, all inside the directory
+            for part in stage_files(directory, s.file):
                 try:
                     with part.open("rb") as f:
                         while chunk := f.read(1 << 20):

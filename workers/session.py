@@ -113,10 +113,11 @@ class StageSession:
     ) -> StageSession:
         """Create the session for ``stage`` from ``path`` on ``device`` (see module doc)."""
         device = parse_device(device)
-        try:
-            model = path.read_bytes()
-        except OSError as exc:
-            raise PlanError(f"stage {stage.name!r}: cannot read {path}: {exc}") from exc
+        if not path.is_file():
+            raise PlanError(f"stage {stage.name!r}: cannot read {path}: no such file")
+        # The path, not its bytes: onnxruntime finds external data next to the model
+        # file, whatever the working directory.
+        model = str(path)
         available = ort.get_available_providers()
         if device == "cpu":
             choice = DeviceChoice(CPU, 0, "--device cpu")
@@ -159,7 +160,7 @@ class StageSession:
     @staticmethod
     def _create(
         stage: StageSpec,
-        model: bytes,
+        model: str,
         choice: DeviceChoice,
         threads: int,
         inter_threads: int,

@@ -96,6 +96,7 @@ class BrokerTarget:
 
                 self._broker = Broker()
             return self._broker.connect()
-        from workers.amqp import AmqpTransport
+        from workers.amqp import AmqpSettings, AmqpTransport
 
-        return await AmqpTransport.connect(self.url)
+        # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment.
+        return await AmqpTransport.connect(AmqpSettings.from_url_and_env(self.url))

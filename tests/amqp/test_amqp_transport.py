@@ -13,7 +13,7 @@ from conveyor.errors import BrokerUnreachable, TransportClosed, TransportError
 from conveyor.transport import Delivery, ExchangeSpec, ExchangeType, Message, QueueSpec
 from tests.amqp.conftest import Management, Rabbit
 from workers.amqp import AmqpDelivery, AmqpTransport, Settlement
-from workers.amqp_consumer import ConsumerState
+from workers.amqp.consumer import ConsumerState
 
 WAIT = 10.0  # seconds any single expected event may take on a loaded 2-core machine
 

@@ -1,4 +1,4 @@
-"""``workers.amqp_frames``: aiormq's body framing with fewer copies, same bytes.
+"""``workers.amqp.frames``: aiormq's body framing with fewer copies, same bytes.
 
 The unit tests compare the replacements with aiormq's own code on the same frames and
 feed hand-made frame streams to the receiver; the RabbitMQ tests send bodies around the
@@ -25,7 +25,8 @@ from pamqp.heartbeat import Heartbeat
 
 from conveyor.transport import Delivery, Message, QueueSpec
 from tests.amqp.conftest import Rabbit
-from workers import amqp_frames
+from workers.amqp import frames as amqp_frames
+from workers.amqp import speedups
 
 FRAME_MAX = 131_072
 CONTENT = FRAME_MAX - 8  # body bytes per frame
@@ -154,9 +155,13 @@ async def test_bodies_of_every_size_arrive_intact_through_rabbitmq(rabbit: Rabbi
     bodies = [os.urandom(n) for n in sizes]
     queue = rabbit.name("frames")
     publisher, consumer = await rabbit.connect(), await rabbit.connect()
-    # Opening a transport installs the replacements (these connections use them).
-    assert aiormq.connection.FrameReceiver is amqp_frames.BodyJoiningReceiver
-    assert ChannelFrame.marshall.__func__ is amqp_frames.marshall  # type: ignore[attr-defined]
+    # Opening a transport installs the replacements when the gate says on (these
+    # connections use them); with CONVEYOR_AMQP_SPEEDUPS=0 this runs the plain path.
+    if speedups.decide(True).on:
+        assert aiormq.connection.FrameReceiver is amqp_frames.BodyJoiningReceiver
+        assert ChannelFrame.marshall.__func__ is amqp_frames.marshall  # type: ignore[attr-defined]
+    else:
+        assert speedups.untouched()
     await publisher.declare_queue(QueueSpec(name=queue))
     received: dict[str, bytes] = {}
     done = asyncio.Event()
@@ -176,16 +181,3 @@ async def test_bodies_of_every_size_arrive_intact_through_rabbitmq(rabbit: Rabbi
         await done.wait()
     assert {k: len(v) for k, v in received.items()} == {str(i): n for i, n in enumerate(sizes)}
     assert all(received[str(i)] == b for i, b in enumerate(bodies))
-
-
-def test_install_leaves_an_unknown_aiormq_alone_and_says_so(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(amqp_frames, "_installed", False)
-    monkeypatch.setattr(amqp_frames, "ORIGINAL_SPLIT_BODY", None)
-    receiver = aiormq.connection.FrameReceiver
-    with caplog.at_level("WARNING", logger="workers.amqp_frames"):
-        amqp_frames.install()
-    assert aiormq.connection.FrameReceiver is receiver
-    assert not amqp_frames._installed
-    assert "aiormq's own (slower) path" in caplog.text

@@ -1,4 +1,4 @@
-"""``workers.amqp_reader.FrameStream``: the socket's bytes, in order, read exactly.
+"""``workers.amqp.reader.FrameStream``: the socket's bytes, in order, read exactly.
 
 Driven the way the event loop drives a ``BufferedProtocol`` (``get_buffer`` then
 ``buffer_updated``) for the edge cases, and over a real socket for the whole path.
@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from workers import amqp_reader
-from workers.amqp_reader import FrameStream
+from workers.amqp import reader as amqp_reader
+from workers.amqp.reader import FrameStream
 
 
 class FakeTransport(asyncio.Transport):

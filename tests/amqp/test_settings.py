@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conveyor.errors import ConfigError
-from workers.amqp_settings import AmqpSettings
+from workers.amqp.settings import AmqpSettings
 
 URL = "amqp://worker:s3cret@rabbit.internal:5673/conveyor"
 
@@ -31,12 +31,8 @@ def test_password_never_shows_in_repr_or_safe_url() -> None:
     assert settings.safe_url.startswith("amqp://worker:***@rabbit.internal:5673")
 
 
-def test_from_env_needs_the_url_and_reads_optional_fields() -> None:
-    with pytest.raises(ConfigError, match="CONVEYOR_AMQP_URL"):
-        AmqpSettings.from_env({})
-    settings = AmqpSettings.from_env(
-        {"CONVEYOR_AMQP_URL": URL, "CONVEYOR_AMQP_CONNECT_TIMEOUT": "3"}
-    )
+def test_the_environment_adds_optional_fields_to_the_url() -> None:
+    settings = AmqpSettings.from_url_and_env(URL, {"CONVEYOR_AMQP_CONNECT_TIMEOUT": "3"})
     assert settings.connect_timeout_s == 3.0
     assert settings.host == "rabbit.internal"
 

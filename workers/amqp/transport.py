@@ -75,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 from typing import cast
 
 import aio_pika
@@ -90,11 +91,11 @@ from conveyor.transport import (
     QueueSpec,
     QueueStats,
 )
-from workers.amqp_consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
-from workers.amqp_convert import exchange_arguments, queue_arguments, to_properties
-from workers.amqp_errors import translated
-from workers.amqp_settings import AmqpSettings
-from workers.amqp_writer import CoalescingConnection
+from workers.amqp import speedups
+from workers.amqp.consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
+from workers.amqp.convert import exchange_arguments, queue_arguments, to_properties
+from workers.amqp.errors import translated
+from workers.amqp.settings import AmqpSettings
 
 __all__ = [
     "AmqpConsumer",
@@ -127,14 +128,34 @@ async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustC
             reconnect_interval=settings.reconnect_interval_s,
             fail_fast=True,
             client_properties={"connection_name": f"{settings.connection_name}-{role}"},
-            # one socket write per loop turn instead of one per frame (workers.amqp_writer)
-            connection_class=CoalescingConnection,
+            ssl_context=settings.ssl_context(),
+            # the faster byte paths, or plain aio-pika (workers.amqp.speedups)
+            connection_class=speedups.connection_class(settings.speedups),
         )
     except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
+        tls = _tls_error(exc)
+        if tls is not None:
+            raise BrokerUnreachable(
+                f"TLS handshake with RabbitMQ at {settings.address} failed "
+                f"({tls.reason or tls}): check that cafile names the CA that signed the "
+                "broker's certificate, that the URL's host is a name in that certificate, "
+                "certfile/keyfile if the broker asks for a client certificate, and that the "
+                "port is its TLS listener (5671 by default)"
+            ) from exc
         cause = str(exc) or type(exc).__name__
         raise BrokerUnreachable(
             f"cannot connect to RabbitMQ at {settings.address} ({type(exc).__name__}: {cause})"
         ) from exc
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind a connect failure (aiormq wraps it), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class _LazyChannel:
@@ -217,14 +238,9 @@ class AmqpTransport:
         self._closed = asyncio.Event()
 
     @classmethod
-    async def connect(cls, target: str | AmqpSettings | None = None) -> AmqpTransport:
-        """Connect to RabbitMQ (``target`` = URL, settings, or None for the environment)."""
-        if target is None:
-            settings = AmqpSettings.from_env()
-        elif isinstance(target, str):
-            settings = AmqpSettings.from_url(target)
-        else:
-            settings = target
+    async def connect(cls, target: str | AmqpSettings) -> AmqpTransport:
+        """Connect to RabbitMQ (``target`` = URL or settings)."""
+        settings = AmqpSettings.from_url(target) if isinstance(target, str) else target
         publish = await _open_connection(settings, "pub")
         try:
             consume = await _open_connection(settings, "con")

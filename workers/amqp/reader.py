@@ -5,7 +5,7 @@ copies it out again on ``readexactly``: three copies of every byte before aiormq
 it. ``FrameStream`` is the connection's protocol (a ``BufferedProtocol``) and its reader
 at once: small reads (frame headers, methods) come out of a staging buffer, and
 ``readinto`` lets the socket write a message body straight into the caller's buffer
-(``workers.amqp_frames.BodyJoiningReceiver`` gathers bodies that way). It offers the
+(``workers.amqp.frames.BodyJoiningReceiver`` gathers bodies that way). It offers the
 part of the ``StreamReader`` interface that aiormq and ``asyncio.StreamWriter`` use.
 """
 

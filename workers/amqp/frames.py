@@ -9,7 +9,8 @@ times for a 3 MB body); consuming, ``FrameReceiver`` reads each frame through a
 A W2 (MobileNetV2) pack is 3.3 MB in 25 frames of RabbitMQ's 128 KiB ``frame_max``: those
 copies and the per-frame Python around them took more CPU than sending the bytes.
 
-``install()`` replaces three pieces with versions that produce and accept the same bytes:
+Three replacements produce and accept the same bytes (``workers.amqp.speedups`` decides
+whether they are put in place, and does it):
 
 * ``Channel._split_body`` slices the body with ``memoryview`` (no copy);
 * ``ChannelFrame.marshall`` frames everything with one ``b"".join`` (one copy);
@@ -19,8 +20,9 @@ copies and the per-frame Python around them took more CPU than sending the bytes
   channels that arrive between the parts of a body pass through unchanged.
 
 The wire bytes are unchanged (tests compare them with aiormq's own marshalling). aiormq
-has no extension point for these, so they are patched on its classes, once, for the
-versions ``pyproject.toml`` admits (``aiormq>=7.2,<8``).
+has no extension point for these, so they are patched on its classes, for the whole
+process. This module imports on any aiormq; ``ORIGINAL_*`` are None where a piece is
+missing (the gate then installs nothing).
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ _FRAME_HEAD = struct.Struct(">BHI")
 #: one frame and go through aiormq's own path; either way is correct for any frame_max.
 JOIN_ABOVE = 64 * 1024
 
-_installed = False
-#: aiormq's own versions (tests compare bytes with them); None if this aiormq lacks one.
-ORIGINAL_SPLIT_BODY = getattr(aiormq.channel.Channel, "_split_body", None)
+#: aiormq's own pieces as imported (the gate restores and compares with them; tests compare
+#: bytes with them); None where this aiormq lacks one.
+ORIGINAL_SPLIT_BODY = aiormq.channel.Channel.__dict__.get("_split_body")
 ORIGINAL_MARSHALL = aiormq.abc.ChannelFrame.__dict__.get("marshall")
-ORIGINAL_RECEIVER = aiormq.connection.FrameReceiver
+ORIGINAL_RECEIVER = getattr(aiormq.connection, "FrameReceiver", None)
+#: What BodyJoiningReceiver extends: aiormq's receiver, or a stand-in where there is none
+#: (the class is then never installed, but the module still imports).
+_RECEIVER_BASE: type[Any] = ORIGINAL_RECEIVER if isinstance(ORIGINAL_RECEIVER, type) else object
 
 
 # -- publishing ------------------------------------------------------------------------
@@ -112,13 +117,18 @@ class _Body:
         self.filled = 0
 
 
-class BodyJoiningReceiver(aiormq.connection.FrameReceiver):
+class BodyJoiningReceiver(_RECEIVER_BASE):  # type: ignore[misc]
     """aiormq's ``FrameReceiver`` that yields a message body as one ``ContentBody``.
 
     After a content header announcing a body longer than one frame, the body frames of
     that channel are read into one ``bytearray`` and yielded together when the last one
     arrives (the frames a channel receives stay in the AMQP order: method, header, body).
     """
+
+    # set by aiormq's FrameReceiver.__init__
+    reader: asyncio.StreamReader
+    lock: asyncio.Lock
+    started: bool
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
@@ -184,7 +194,7 @@ class BodyJoiningReceiver(aiormq.connection.FrameReceiver):
             )
         slot = memoryview(body.buffer)[body.filled : end]
         readinto = getattr(self.reader, "readinto", None)
-        if readinto is not None:  # workers.amqp_reader.FrameStream: no copy of ours
+        if readinto is not None:  # workers.amqp.reader.FrameStream: no copy of ours
             await self._io(readinto(slot))
             frame_end = await self._read(1)
         else:
@@ -198,21 +208,3 @@ class BodyJoiningReceiver(aiormq.connection.FrameReceiver):
             return None
         del self._bodies[channel]
         return FRAME_HEADER_SIZE + end + 1, channel, ContentBody(body.buffer)  # type: ignore[arg-type]
-
-
-def install() -> None:
-    """Patch aiormq once (idempotent); every connection opened afterwards uses these."""
-    global _installed
-    if _installed:
-        return
-    if ORIGINAL_SPLIT_BODY is None or not isinstance(ORIGINAL_MARSHALL, classmethod):
-        log.warning(
-            "aiormq %s does not have the pieces workers.amqp_frames replaces; large "
-            "messages take aiormq's own (slower) path", getattr(aiormq, "__version__", "?"),
-        )
-        return
-    aiormq.channel.Channel._split_body = split_body  # type: ignore[method-assign]
-    aiormq.abc.ChannelFrame.marshall = classmethod(marshall)  # type: ignore[method-assign,assignment]
-    aiormq.connection.FrameReceiver = BodyJoiningReceiver  # type: ignore[misc]
-    _installed = True
-

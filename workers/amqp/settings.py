@@ -1,14 +1,17 @@
 """Connection settings for the RabbitMQ transport, as one frozen record.
 
-``AmqpSettings.from_url("amqp://user:pass@host:5672/vhost")`` or
-``AmqpSettings.from_env()`` (reads ``CONVEYOR_AMQP_URL`` and the optional
-``CONVEYOR_AMQP_*`` variables below). The URL carries the credentials; the record's
-``repr`` and every error message use ``safe_url``, which hides the password.
+``AmqpSettings.from_url("amqp://user:pass@host:5672/vhost")``, or
+``AmqpSettings.from_url_and_env(url)`` (the URL, then the optional ``CONVEYOR_AMQP_*``
+variables below). Which URL a process uses is the application's choice
+(``conveyor.app.transports``, the one reader of ``CONVEYOR_AMQP_URL``). The URL carries
+the credentials; the record's ``repr`` and every error message use ``safe_url``, which
+hides the password.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -16,9 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from conveyor.errors import ConfigError
 
-ENV_URL = "CONVEYOR_AMQP_URL"
-
-#: Optional environment variables read by ``from_env``, mapped to field names.
+#: Optional environment variables read by ``from_url_and_env``, mapped to field names.
 ENV_FIELDS: dict[str, str] = {
     "CONVEYOR_AMQP_HEARTBEAT": "heartbeat_s",
     "CONVEYOR_AMQP_CONNECT_TIMEOUT": "connect_timeout_s",
@@ -26,6 +27,11 @@ ENV_FIELDS: dict[str, str] = {
     "CONVEYOR_AMQP_OPERATION_TIMEOUT": "operation_timeout_s",
     "CONVEYOR_AMQP_RECONNECT_INTERVAL": "reconnect_interval_s",
     "CONVEYOR_AMQP_CONNECTION_NAME": "connection_name",
+    "CONVEYOR_AMQP_SPEEDUPS": "speedups",
+    "CONVEYOR_AMQP_CAFILE": "cafile",
+    "CONVEYOR_AMQP_CERTFILE": "certfile",
+    "CONVEYOR_AMQP_KEYFILE": "keyfile",
+    "CONVEYOR_AMQP_TLS_VERIFY": "verify_tls",
 }
 
 #: URL query parameters ``from_url`` accepts, mapped to field names.
@@ -36,7 +42,14 @@ QUERY_FIELDS: dict[str, str] = {
     "operation_timeout": "operation_timeout_s",
     "reconnect_interval": "reconnect_interval_s",
     "name": "connection_name",
+    "speedups": "speedups",
+    "cafile": "cafile",
+    "certfile": "certfile",
+    "keyfile": "keyfile",
+    "verify": "verify_tls",
 }
+#: The settings that only mean something on ``amqps://``.
+TLS_FIELDS = ("cafile", "certfile", "keyfile")
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,16 @@ class AmqpSettings:
     connection_name: str = "conveyor"
     #: AMQP delivery mode 2 (written to disk on durable queues) for every publish.
     persistent: bool = False
+    #: The faster byte paths through aiormq (``workers.amqp.speedups``); off = plain
+    #: aio-pika/aiormq. ``?speedups=off`` in the URL, ``CONVEYOR_AMQP_SPEEDUPS=0``.
+    speedups: bool = True
+    #: TLS (``amqps://``): the CA bundle that signed the broker's certificate (default:
+    #: the system's), this client's certificate and key (for brokers that verify peers),
+    #: and whether to check the broker's certificate and that it names the URL's host.
+    cafile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+    verify_tls: bool = True
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -73,6 +96,13 @@ class AmqpSettings:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.heartbeat_s < 0 or self.reconnect_interval_s <= 0:
             raise ConfigError("heartbeat_s must be >= 0 and reconnect_interval_s > 0")
+        given = [name for name in TLS_FIELDS if getattr(self, name)]
+        if given and parts.scheme != "amqps":
+            raise ConfigError(
+                f"TLS settings {given} need an amqps:// URL, got {self.safe_url!r}"
+            )
+        if self.keyfile and not self.certfile:
+            raise ConfigError("keyfile given without certfile; give the client certificate too")
 
     @property
     def host(self) -> str:
@@ -123,14 +153,31 @@ class AmqpSettings:
         return base.with_values({**values, **overrides})
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AmqpSettings:
-        """Settings from ``CONVEYOR_AMQP_URL`` and the optional ``CONVEYOR_AMQP_*``."""
+    def from_url_and_env(cls, url: str, env: Mapping[str, str] | None = None) -> AmqpSettings:
+        """Settings from ``url``, then the optional ``CONVEYOR_AMQP_*`` variables (TLS
+        files, timeouts) on top: what a process given ``--broker URL`` uses."""
         env = os.environ if env is None else env
-        url = env.get(ENV_URL)
-        if not url:
-            raise ConfigError(f"{ENV_URL} is not set; it should name the RabbitMQ URL")
         values = {name: env[var] for var, name in ENV_FIELDS.items() if env.get(var)}
         return cls.from_url(url).with_values(values)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of an ``amqps://`` URL (None for ``amqp://``); ``ConfigError``
+        naming the file that cannot be read."""
+        if urlsplit(self.url).scheme != "amqps":
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.cafile or None)
+            if self.certfile:
+                context.load_cert_chain(self.certfile, self.keyfile or None)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"TLS file not found: {exc.filename}") from exc
+        except (ssl.SSLError, OSError) as exc:
+            files = ", ".join(f"{n}={getattr(self, n)}" for n in TLS_FIELDS if getattr(self, n))
+            raise ConfigError(f"cannot use the TLS files ({files}): {exc}") from exc
+        if not self.verify_tls:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def with_values(self, values: Mapping[str, Any]) -> AmqpSettings:
         """A copy with fields set from strings or typed values, each checked."""
@@ -149,6 +196,23 @@ class AmqpSettings:
         return urlunsplit(parts._replace(query=query))
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """``True``/``False`` from a bool or one of 1/0, true/false, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in (*_TRUE, *_FALSE):
+        raise ConfigError(
+            f"AMQP setting {name} expects one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, "
+            f"got {value!r}"
+        )
+    return text in _TRUE
+
+
 def _convert(name: str, type_name: str, value: Any) -> Any:
     try:
         if type_name == "int":
@@ -156,12 +220,7 @@ def _convert(name: str, type_name: str, value: Any) -> Any:
         if type_name == "float":
             return float(value)
         if type_name == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text in ("1", "true", "yes")
+            return parse_bool(name, value)
     except ValueError as exc:
         raise ConfigError(f"AMQP setting {name} expects {type_name}, got {value!r}") from exc
     return str(value)

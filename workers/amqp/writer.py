@@ -7,8 +7,9 @@ plugs ``CoalescingTCPFactory`` into aiormq (its ``transport_factory`` extension 
 through aio-pika's ``connection_class``): frames written during one turn of the event
 loop leave in one ``send`` at the start of the next turn. ``drain``, ``write_eof`` and
 ``close`` flush first, so aiormq's ordering and flow-control waits are unchanged. The
-same factory reads through ``workers.amqp_reader.FrameStream`` (message bodies land in
-their final buffer without passing through a ``StreamReader``).
+same factory reads through ``workers.amqp.reader.FrameStream`` (message bodies land in
+their final buffer without passing through a ``StreamReader``). ``workers.amqp.speedups``
+decides whether a transport uses this connection class.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from aio_pika import RobustConnection
 from aiormq.connection import TCPTransportFactory
 from yarl import URL
 
-from workers import amqp_frames
-from workers.amqp_reader import FrameStream
+from workers.amqp.reader import FrameStream
 
 #: Writes at least this large go out at once (after what is pending), without a copy.
 DIRECT_WRITE_BYTES = 16 * 1024
@@ -103,6 +103,5 @@ class CoalescingConnection(RobustConnection):
 
     def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any):
         super().__init__(url, loop, **kwargs)
-        amqp_frames.install()
         if self.url.scheme == "amqp":
             self.kwargs["transport_factory"] = CoalescingTCPFactory()

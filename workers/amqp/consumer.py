@@ -18,8 +18,8 @@ from pamqp.commands import Basic
 
 from conveyor.errors import TransportError
 from conveyor.transport import Handler, Message
-from workers.amqp_convert import delivery_count, from_incoming
-from workers.amqp_errors import translated
+from workers.amqp.convert import delivery_count, from_incoming
+from workers.amqp.errors import translated
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel
