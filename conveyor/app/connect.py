@@ -101,7 +101,7 @@ def connect(
     local_workers: bool | None = None,
     reply_prefetch: int = 1024,
     worker_options: Mapping[str, Any] | None = None,
-    durable: bool = False,
+    durable: bool = True,
     pack: bool = True,
 ) -> LocalClient:
     """A client for ``plan`` on the broker at ``url``.
@@ -110,10 +110,11 @@ def connect(
     embedded broker. Use it as ``async with connect(...) as client``. ``local_workers``
     (default: true exactly when the client runs on the embedded broker) runs the plan's
     workers in this process; ``worker_options`` are passed to them (``workers.serve``).
-    ``durable`` must match the workers' ``--durable`` (RabbitMQ refuses a queue
-    re-declared with other flags). ``pack`` (default on) sends the requests made in one
-    event-loop turn for one partition as one message and lets workers answer several in
-    one message (``conveyor.packs``); off, every request and reply is a message of its own.
+    ``durable`` (default on) must match the workers' ``--durable``/``--no-durable``
+    (RabbitMQ refuses a queue re-declared with other flags). ``pack`` (default on) sends
+    the requests made in one event-loop turn for one partition as one message and lets
+    workers answer several in one message (``conveyor.packs``); off, every request and
+    reply is a message of its own.
     """
     target = BrokerTarget.resolve() if url is FROM_ENV else BrokerTarget(url)
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))

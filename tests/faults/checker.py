@@ -71,9 +71,10 @@ class Checker:
             self.wrong_examples.append(f"request {rid}: got {sorted(got)}")
         self._outcomes.setdefault(rid, []).append("correct" if ok else "wrong")
 
-    def failed(self, rid: int, error: BaseException, *, confirmed: bool = True) -> None:
-        """``confirmed``: the broker had accepted the request (its loss is a loss)."""
-        if isinstance(error, DeadlineExceeded) and confirmed:
+    def failed(self, rid: int, error: BaseException) -> None:
+        """A ``DeadlineExceeded`` of a request the broker had confirmed is a loss; one the
+        broker never accepted (``confirmed`` False) is a typed error the caller could act on."""
+        if isinstance(error, DeadlineExceeded) and error.confirmed is not False:
             kind = "lost"
         elif isinstance(error, ConveyorError):
             kind = f"typed:{type(error).__name__}"

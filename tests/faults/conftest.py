@@ -99,6 +99,10 @@ class Workers:
         self.procs.setdefault(stage, []).append(proc)
         return proc
 
+    def start_all(self) -> None:
+        for stage in self.plan.stage_names:
+            self.start(stage)
+
     def live(self, stage: str) -> list[subprocess.Popen[bytes]]:
         return [p for p in self.procs.get(stage, []) if p.poll() is None]
 

@@ -42,8 +42,7 @@ async def run_with_kills(node: RabbitNode, case: Case, plan: Plan, log_dir: Path
     kills = 0
     try:
         async with connect(node.url, plan=plan, timeout=120.0) as client:
-            for stage in plan.stage_names:
-                workers.start(stage)
+            workers.start_all()
             workers.start(victim)
             await wait_consumed(node.url, plan, workers)
 
