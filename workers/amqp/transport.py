@@ -205,12 +205,19 @@ class _LazyChannel:
         transport = self._connection.transport
         if transport is None:
             raise ChannelBroken(f"{purpose}: the connection to RabbitMQ is reconnecting")
-        with translated(f"{purpose}: open channel", timeout=self._timeout):
-            channel = await transport.connection.channel(
-                publisher_confirms=self._confirms,
-                on_return_raises=True,
-                timeout=self._timeout,
-            )
+        try:
+            with translated(f"{purpose}: open channel", timeout=self._timeout):
+                channel = await transport.connection.channel(
+                    publisher_confirms=self._confirms,
+                    on_return_raises=True,
+                    timeout=self._timeout,
+                )
+        except RuntimeError as exc:
+            # aiormq's "<Connection ...> closed": the connection died again between
+            # ready() and the channel (seen during a broker restart).
+            raise ChannelBroken(
+                f"{purpose}: the connection to RabbitMQ closed while opening a channel"
+            ) from exc
         # aiormq's abstract type lacks basic_publish(wait=...), which the class has
         return cast(AmqpChannel, channel)
 
