@@ -28,8 +28,7 @@ from conveyor.plan import Plan
 from conveyor.topology import Topology
 from conveyor.topology_setup import stage_queues
 from tests.e2e.conftest import REPO, Case, Request, convert_case, isolated_copy
-from tests.faults.checker import Checker
-from tests.faults.node import RabbitNode, find_scripts
+from tests.faults.node import NodeError, RabbitNode, answers, find_scripts
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +50,10 @@ def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode
 @pytest.fixture
 def node(rabbit_node: RabbitNode) -> RabbitNode:
     """The suite's node, booted again first if an earlier test left it down."""
-    from tests.faults.node import answers
-
     if not answers(rabbit_node.port):
         try:
             rabbit_node.start_app()
-        except Exception:  # the Erlang node itself is gone: boot it
+        except (NodeError, subprocess.TimeoutExpired):  # the Erlang node is gone: boot it
             rabbit_node.start()
     return rabbit_node
 
@@ -68,10 +65,6 @@ def fault_mlp(tmp_path_factory: pytest.TempPathFactory) -> Case:
 
     root = tmp_path_factory.mktemp("fault-models")
     return convert_case(build_mlp(0), root, "mlp", by="layer", stages=3, make_request=request)
-
-
-def checker_for(case: Case) -> Checker:
-    return Checker(case.reference)
 
 
 class Workers:
