@@ -227,8 +227,14 @@ class Client:
     async def _after_reconnect(self) -> None:
         self._reconnects += 1
         transport = self._transport
+        if self._state is not ClientState.OPEN or transport is None:
+            return
+        if self._declare_topology:
+            # What this client declared at open, again: a broker restart loses a
+            # non-durable topology (idempotent otherwise).
+            await declare_plan_topology(transport, self.plan, durable=self._durable)
         items = [i for i in self._pending.values() if not i.future.done()]
-        if self._state is not ClientState.OPEN or transport is None or not items:
+        if not items:
             return
         log.warning("connection to the broker restored: sending %d requests in flight again",
                     len(items))

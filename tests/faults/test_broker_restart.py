@@ -40,17 +40,20 @@ class Run:
     recovery_s: float
     outage_s: float
     resent: int
+    #: Every request sent once the first answer after the return had come was answered.
+    all_answered_after: bool = True
 
 
 async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
                       fault: Callable[[RabbitNode], None], *, before_s: float = 3.0,
-                      after_s: float = 12.0) -> Run:
-    workers = Workers(plan, node.url, log_dir)
+                      after_s: float = 12.0, durable: bool = True,
+                      deadline_s: float = DEADLINE_S) -> Run:
+    workers = Workers(plan, node.url, log_dir, *([] if durable else ["--no-durable"]))
     checker = Checker(case.reference)
     answered_at: dict[int, float] = {}
     sent_at: dict[int, float] = {}
     try:
-        async with connect(node.url, plan=plan, timeout=DEADLINE_S) as client:
+        async with connect(node.url, plan=plan, timeout=deadline_s, durable=durable) as client:
             workers.start_all()
             await wait_consumed(node.url, plan, workers)
             tasks: list[asyncio.Task[None]] = []
@@ -95,7 +98,9 @@ async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
         raise
     finally:
         await asyncio.to_thread(workers.stop_all)
-    run = Run(report, recovery, back_at - down_at, resent)
+    late = [r for r, t in sent_at.items() if t >= back_at + recovery]
+    run = Run(report, recovery, back_at - down_at, resent,
+              all(r in answered_at for r in late))
     print(f"outage {run.outage_s:.1f} s, recovery {run.recovery_s:.2f} s after the broker's "
           f"return, {run.resent} requests re-sent")
     return run
@@ -135,3 +140,16 @@ async def test_client_and_workers_survive_a_broker_restart(
     fault: Callable[[RabbitNode], None],
 ) -> None:
     check(await run_through(node, fault_mlp, fault_plan, tmp_path, fault))
+
+
+async def test_workers_declare_a_lost_non_durable_topology_again(
+    node: RabbitNode, fault_mlp: Case, fault_plan: Plan, tmp_path: Path
+) -> None:
+    """``--no-durable``: the broker's restart loses the queues, exchanges and the requests
+    in them (so those time out: expected here), but workers declare the topology again
+    on reconnecting and the same client is answered again."""
+    run = await run_through(node, fault_mlp, fault_plan, tmp_path, kill_and_boot,
+                            durable=False, deadline_s=15.0)
+    assert (run.report.duplicated, run.report.wrong, run.report.untyped) == (0, 0, 0)
+    assert run.recovery_s <= RECOVERY_LIMIT_S, f"answers again only after {run.recovery_s:.1f} s"
+    assert run.all_answered_after, run.report
