@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +46,8 @@ def convert(
     name: str | None = None,
     external_threshold: int | None = None,
     overwrite: bool = False,
+    dims: Mapping[str, int] | None = None,
+    batch_axes: Mapping[str, int] | None = None,
 ) -> Plan:
     """Export ``model`` to ONNX, split it and write a plan directory at ``out_dir``.
 
@@ -55,8 +57,10 @@ def convert(
     down to at most ``stages`` (default ``DEFAULT_FUNCTION_STAGES``, 8), a gather stage for
     model outputs made in several places included. ``profile`` balances measured
     onnxruntime time instead of FLOP estimates. ``external_threshold`` forces weights of
-    at least that many bytes into external data files. Raises ``ConversionError``
-    subclasses or ``ConfigError``.
+    at least that many bytes into external data files. ``dims``: representative sizes of
+    symbolic dimensions (``height=640``) the costs are taken at; ``batch_axes``: inputs or
+    outputs whose batch is not on axis 0 (``converter.batch_axes``). Raises
+    ``ConversionError`` subclasses or ``ConfigError``.
     """
     out = Path(out_dir)
     if by not in ("layer", "function"):
@@ -69,8 +73,8 @@ def convert(
     check_target(out, overwrite=overwrite)
     partitioning = partitioning or Partitioning()
     scheduling = scheduling or Scheduling()
-    proto = load_model(model, opset=opset)
-    analysis = analyze(proto)
+    proto = load_model(model, opset=opset, batch_axes=batch_axes)
+    analysis = analyze(proto, dims=dims)
     costs = profile_costs(analysis) if profile else estimate_costs(analysis)
     if by == "layer":
         split = split_by_layer(analysis, costs, stages or DEFAULT_LAYER_STAGES)
@@ -104,10 +108,11 @@ def function_stages(analysis: Analysis, costs: CostModel,
     return wired
 
 
-def analyze_model(model: Any, *, opset: int | None = None,
-                  profile: bool = False) -> tuple[Analysis, CostModel]:
+def analyze_model(model: Any, *, opset: int | None = None, profile: bool = False,
+                  dims: Mapping[str, int] | None = None,
+                  batch_axes: Mapping[str, int] | None = None) -> tuple[Analysis, CostModel]:
     """Load and analyse a model without splitting it (``conveyor inspect MODEL``)."""
-    analysis = analyze(load_model(model, opset=opset))
+    analysis = analyze(load_model(model, opset=opset, batch_axes=batch_axes), dims=dims)
     return analysis, (profile_costs(analysis) if profile else estimate_costs(analysis))
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from converter.graph import Analysis
+from converter.probe import random_feed
 from conveyor.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,9 @@ def estimate_costs(analysis: Analysis) -> CostModel:
 
 
 def profile_costs(analysis: Analysis, *, runs: int = 10, seed: int = 0) -> CostModel:
-    """Measured onnxruntime CPU time per node (batch 1, graph optimisations off)."""
+    """Measured onnxruntime CPU time per node (batch 1, graph optimisations off, symbolic
+    dimensions at ``analysis.dims``)."""
     import onnxruntime as ort
-
-    from converter.verify import random_inputs_for_model
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -62,7 +62,8 @@ def profile_costs(analysis: Analysis, *, runs: int = 10, seed: int = 0) -> CostM
         try:
             sess = ort.InferenceSession(analysis.model.SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
-            feeds = random_inputs_for_model(analysis.model, batch=1, seed=seed)
+            # the symbolic dimensions at the sizes the analysis took (--dims)
+            feeds = random_feed(analysis.model, 1, analysis.dims, np.random.default_rng(seed))
             for _ in range(runs + 1):
                 sess.run(None, feeds)
             trace = Path(sess.end_profiling())

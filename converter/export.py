@@ -3,7 +3,7 @@
 ``load_model`` is the file-facing wrapper (it validates the source first); ``prepare`` is
 the pure step every model goes through, whatever its origin: it checks that onnxruntime
 can load the opsets, lowers the IR version to one onnxruntime accepts, names every node,
-and makes the batch dimension of every model input and output the symbol ``batch``.
+and makes every model input and output batch-first with the symbol ``batch``.
 
 TensorFlow is imported only on the Keras path. ``tf2onnx.convert.from_keras`` does not work
 with Keras 3, so a Keras model is wrapped in a ``tf.function`` with a batch-free input
@@ -23,8 +23,8 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from converter.batch_axes import batch_first
 from conveyor.errors import ModelLoadError, UnsupportedModelError
-from conveyor.plan import BATCH
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def runtime_limits() -> tuple[int, int]:
 
 
 # -- the file-facing wrapper --------------------------------------------------------------
-def load_model(source: Any, *, opset: int | None = None) -> onnx.ModelProto:
+def load_model(source: Any, *, opset: int | None = None,
+               batch_axes: Mapping[str, int] | None = None) -> onnx.ModelProto:
     """Any supported source -> a prepared ModelProto (weights loaded into memory).
 
     ``source``: an ``onnx.ModelProto``, a Keras model object, or a path to an ``.onnx``
@@ -81,7 +82,7 @@ def load_model(source: Any, *, opset: int | None = None) -> onnx.ModelProto:
             f"cannot convert a {type(source).__name__}: expected a Keras model, an "
             "onnx.ModelProto or a path to a .onnx/.keras/.h5 file or SavedModel directory"
         )
-    return prepare(model)
+    return prepare(model, batch_axes=batch_axes)
 
 
 def _load_path(path: Path, opset: int | None) -> onnx.ModelProto:
@@ -294,8 +295,10 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Checked, runtime-loadable copy: opset checked, IR lowered, nodes named, batch symbolic."""
+def prepare(model: onnx.ModelProto, *,
+            batch_axes: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """Checked, runtime-loadable copy: opset checked, IR lowered, nodes named, every input
+    and output batch-first with a symbolic batch (``converter.batch_axes``)."""
     max_opset, max_ir = runtime_limits()
     opset = _default_opset(model)
     if opset == 0:
@@ -310,7 +313,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     if out.ir_version > max_ir or out.ir_version == 0:
         out.ir_version = max_ir
     _name_nodes(out.graph)
-    _symbolic_batch(out.graph)
+    batch_first(out, batch_axes or {})
     return out
 
 
@@ -320,37 +323,3 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.name or node.op_type}__{i}"
         seen.add(node.name)
-
-
-def _symbolic_batch(graph: onnx.GraphProto) -> None:
-    inits = {i.name for i in graph.initializer}
-    renamed: set[str] = set()
-    for vi in graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            raise UnsupportedModelError(f"model input {vi.name!r} has no shape: no batch dimension")
-        if len(dims) == 0 or dims[0].HasField("dim_value"):
-            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-            raise UnsupportedModelError(
-                f"model input {vi.name!r} has shape {shape}: no symbolic batch dimension "
-                "(the first dimension must be variable)"
-            )
-        if dims[0].dim_param and dims[0].dim_param != BATCH:
-            renamed.add(dims[0].dim_param)
-        dims[0].dim_param = BATCH
-    for vi in graph.output:
-        dims = vi.type.tensor_type.shape.dim
-        if not vi.type.tensor_type.HasField("shape"):
-            continue
-        if len(dims) == 0 or dims[0].HasField("dim_value"):
-            raise UnsupportedModelError(
-                f"model output {vi.name!r} has no symbolic batch dimension "
-                f"(rank {len(dims)}, first dimension fixed or missing)"
-            )
-        dims[0].dim_param = BATCH
-    for vi in graph.value_info:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and dims[0].dim_param in renamed:
-            dims[0].dim_param = BATCH

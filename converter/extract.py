@@ -23,7 +23,6 @@ import onnx
 from onnx import helper
 
 from converter.graph import Analysis, TensorInfo
-from converter.split_function import StageDraft
 from conveyor.errors import SplitError
 from conveyor.plan import BATCH, MODEL_INPUT
 
@@ -31,6 +30,15 @@ from conveyor.plan import BATCH, MODEL_INPUT
 PROTO_LIMIT = 2**31 - 2**24
 #: Group (and stage name suffix) of the stage that gathers model outputs made by several stages.
 GATHER = "gather"
+
+
+@dataclass(frozen=True)
+class StageDraft:
+    """A stage before wiring: its nodes (indices into the analysis order) and its key."""
+
+    name: str
+    nodes: tuple[int, ...]
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,9 @@ def wire_dag(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[WiredStag
             for o in analysis.nodes[v].output:
                 if o and (o in readers or o in model_outputs):
                     outputs.append((o, tuple(readers.get(o, {})), o in model_outputs))
+        # model outputs in the model's order, whatever the order of the nodes making them
+        rank = {o: i for i, o in enumerate(analysis.outputs)}
+        outputs.sort(key=lambda o: rank.get(o[0], -1) if o[2] else -1)
         out.append(WiredStage(d.name, d.nodes, d.group, inputs, tuple(outputs)))
     for x in model_outputs - set(analysis.producer):
         raise SplitError(f"model output {x!r} is not computed by any node")

@@ -17,13 +17,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converter.probe import Probe, probe_model
 from conveyor.errors import UnsupportedModelError
 from conveyor.plan import BATCH
 
@@ -54,19 +55,42 @@ class TensorInfo:
 
     elem_type: int
     shape: tuple[Dim, ...] | None
+    #: True when the probe ran the model (``converter.probe``): then ``batch_axis`` is the
+    #: axis that follows the batch size (None: the tensor has none) and ``sample`` one
+    #: sample's shape at the representative sizes of the symbolic dimensions.
+    probed: bool = False
+    batch_axis: int | None = None
+    sample: tuple[int, ...] | None = None
 
     @property
     def batched(self) -> bool:
-        """True when the first dimension is the batch (``batch``, or unknown), not a fixed
-        size nor another symbol (a time-major ``[seq, batch, ...]`` tensor is not batched)."""
+        """True when the first dimension is the batch. Probed: seen to follow the batch size.
+        Else by shape inference: ``batch`` or unknown, not a fixed size nor another symbol
+        (a time-major ``[seq, batch, ...]`` tensor is not batched)."""
+        if self.probed:
+            return self.batch_axis == 0
         return self.shape is None or (len(self.shape) > 0 and self.shape[0] in (BATCH, None))
+
+    def concrete(self) -> tuple[int, ...] | None:
+        """The shape of one sample with every dimension a number (the batch axis as 1)."""
+        if self.sample is not None:
+            dims = list(self.sample)
+            if self.batch_axis is not None:
+                dims.insert(self.batch_axis, 1)
+            return tuple(dims)
+        if self.shape is None:
+            return None
+        return tuple(d if isinstance(d, int) and d > 0 else 1 for d in self.shape)
 
     @property
     def numpy_dtype(self) -> str | None:
         return _numpy_dtype(self.elem_type)
 
     def sample_elements(self) -> int:
-        """Elements of one sample: the batch dimension dropped, symbolic dims taken as 1."""
+        """Elements of one sample: the batch dimension dropped, symbolic dims at their
+        representative sizes when probed, else taken as 1."""
+        if self.sample is not None:
+            return math.prod(self.sample)
         if self.shape is None:
             return 1
         dims = self.shape[1:] if self.batched else self.shape
@@ -91,6 +115,10 @@ class Analysis:
     flops: tuple[float, ...]
     #: Last node index reading a tensor; ``len(nodes)`` for graph outputs.
     last_use: dict[str, int]
+    #: Representative sizes of the symbolic non-batch dimensions the costs were taken at
+    #: (empty when the model was not probed or has none).
+    dims: dict[str, int] = field(default_factory=dict)
+    probed: bool = False
 
     @property
     def n(self) -> int:
@@ -135,9 +163,15 @@ class Analysis:
 
 
 # -- building it ----------------------------------------------------------------------------
-def analyze(model: onnx.ModelProto) -> Analysis:
-    """Analyse a prepared model (see ``converter.export.prepare``)."""
+def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
+            probe: bool = True) -> Analysis:
+    """Analyse a prepared model (see ``converter.export.prepare``).
+
+    ``probe``: run it (``converter.probe``) to see which tensors carry the batch and how
+    big they are with the symbolic dimensions at ``dims`` (default 1 each).
+    """
     model = infer_shapes(constants_to_initializers(model))
+    seen = probe_model(model, dims or {}) if probe else None
     g = model.graph
     inits = {t.name: _tensor_bytes(t) for t in g.initializer}
     inits.update({s.values.name: _tensor_bytes(s.values) for s in g.sparse_initializer})
@@ -149,6 +183,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     node_inputs = tuple(all_inputs[i] for i in order)
     producer = {o: k for k, node in enumerate(nodes) for o in node.output if o}
     tensors = _tensor_infos(model)
+    if seen is not None:
+        tensors = _probed_infos(tensors, seen)
     last_use: dict[str, int] = {}
     for k, reads in enumerate(node_inputs):
         for name in reads:
@@ -159,7 +195,21 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     flops = tuple(node_flops(node, reads, tensors) for node, reads in zip(nodes, node_inputs,
                                                                            strict=True))
     return Analysis(model, nodes, node_inputs, producer, inits, inputs, outputs, tensors,
-                    flops, last_use)
+                    flops, last_use, dict(seen.dims) if seen else {}, seen is not None)
+
+
+def _probed_infos(tensors: dict[str, TensorInfo], seen: Probe) -> dict[str, TensorInfo]:
+    """``tensors`` with what the probe saw; a tensor batched on axis 0 shows ``batch`` there."""
+    out = dict(tensors)
+    for name in seen.shapes:
+        info = tensors.get(name, TensorInfo(0, None))
+        axis = seen.batch_axis(name)
+        shape = info.shape
+        if shape is not None and axis == 0 and len(shape) == len(seen.shapes[name][0]):
+            shape = (BATCH, *shape[1:])
+        out[name] = replace(info, shape=shape, probed=True, batch_axis=axis,
+                            sample=seen.sample_shape(name))
+    return out
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -289,7 +339,9 @@ def topological_order(
     producer = {o: k for k, node in enumerate(nodes) for o in node.output if o}
     state = [0] * len(nodes)  # 0 new, 1 on stack, 2 emitted
     order: list[int] = []
-    for out in outputs:
+    # outputs made early are placed early: a model output carried along is batch-first,
+    # what it is made from (a time-major tensor before its Transpose) may not be
+    for out in sorted(outputs, key=lambda o: producer.get(o, -1)):
         if out not in producer:
             continue
         stack: list[tuple[int, int]] = [(producer[out], 0)]
@@ -327,15 +379,14 @@ _FREE = {"Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identit
 
 
 def _elements(info: TensorInfo) -> float:
-    if info.shape is None:
-        return 1.0
-    return float(math.prod(d if isinstance(d, int) and d > 0 else 1 for d in info.shape))
+    shape = info.concrete()
+    return 1.0 if shape is None else float(math.prod(shape))
 
 
 def node_flops(node: onnx.NodeProto, reads: Sequence[str], tensors: dict[str, TensorInfo]) -> float:
     """Estimated floating-point operations of a node for one sample (batch taken as 1)."""
-    def shape(name: str) -> tuple[Dim, ...] | None:
-        return tensors[name].shape if name in tensors and name else None
+    def shape(name: str) -> tuple[int, ...] | None:
+        return tensors[name].concrete() if name in tensors and name else None
 
     out = sum(_elements(tensors.get(o, TensorInfo(0, None))) for o in node.output if o)
     op = node.op_type

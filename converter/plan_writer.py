@@ -15,10 +15,10 @@ from pathlib import Path
 
 from converter.costs import CostModel
 from converter.extract import StageExtractor, WiredStage, save_stage
-from converter.graph import Analysis, TensorInfo
-from conveyor.errors import ConfigError, ConversionError
+from converter.graph import Analysis
+from converter.tensors import tensor_spec
+from conveyor.errors import ConfigError
 from conveyor.plan import (
-    BATCH,
     PLAN_FILE,
     Partitioning,
     Plan,
@@ -28,21 +28,7 @@ from conveyor.plan import (
     StageInput,
     StageOutput,
     StageSpec,
-    TensorSpec,
 )
-
-
-def tensor_spec(name: str, info: TensorInfo) -> TensorSpec:
-    dtype = info.numpy_dtype
-    if dtype is None:
-        raise ConversionError(f"tensor {name!r} has an element type Conveyor cannot carry")
-    if info.shape is None:
-        shape: tuple[int | str, ...] = (BATCH, "...")
-    else:
-        shape = tuple(d if isinstance(d, int) else (d or "?") for d in info.shape)
-        if info.batched and shape:
-            shape = (BATCH, *shape[1:])
-    return TensorSpec(name, dtype, shape)
 
 
 def build_specs(analysis: Analysis, costs: CostModel,

@@ -24,19 +24,11 @@ from dataclasses import dataclass, field
 
 from converter.costs import CostModel
 from converter.export import sanitize
+from converter.extract import StageDraft
 from converter.graph import Analysis
 from conveyor.errors import SplitError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageDraft:
-    """A stage before wiring: its nodes (indices into the analysis order) and its key."""
-
-    name: str
-    nodes: tuple[int, ...]
-    group: str | None = None
 
 
 @dataclass

@@ -13,8 +13,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from converter.tensors import random_array, random_inputs_for_model
 from conveyor.errors import InferenceError, PlanError
-from conveyor.plan import MODEL_INPUT, Plan, StageSpec, TensorSpec
+from conveyor.plan import MODEL_INPUT, Plan, StageSpec
+
+__all__ = ["max_relative_error", "random_array", "random_inputs", "random_inputs_for_model",
+           "run_model", "run_plan_sequentially", "stage_order"]
 
 CPU = ("CPUExecutionProvider",)
 
@@ -86,30 +90,9 @@ def run_model(model: onnx.ModelProto | str | Path, inputs: Mapping[str, np.ndarr
     return dict(zip(names, sess.run(names, dict(inputs)), strict=True))
 
 
-def random_array(spec: TensorSpec, *, batch: int = 2, rng: np.random.Generator) -> np.ndarray:
-    shape = tuple(batch if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) else 1)
-                  for i, d in enumerate(spec.shape))
-    dtype = np.dtype(spec.dtype)
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(dtype)
-    return rng.integers(0, 4, shape).astype(dtype)
-
-
 def random_inputs(plan: Plan, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {t.name: random_array(t, batch=batch, rng=rng) for t in plan.inputs}
-
-
-def random_inputs_for_model(model: onnx.ModelProto, *, batch: int = 2,
-                            seed: int = 0) -> dict[str, np.ndarray]:
-    from converter.graph import analyze_io
-    from converter.plan_writer import tensor_spec
-
-    rng = np.random.default_rng(seed)
-    return {name: random_array(tensor_spec(name, info), batch=batch, rng=rng)
-            for name, info in analyze_io(model)}
 
 
 def max_relative_error(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> float:

@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "conveyor.app.cmd_serve",  # worker, run
     "conveyor.app.cmd_client",  # infer, demo
     "conveyor.app.cmd_controller",  # controller
+    "conveyor.app.cmd_gateway",  # gateway
+    "conveyor.app.cmd_bench",  # bench
 )
 
 

@@ -42,12 +42,21 @@ def add_infer_parser(sub: Any) -> None:
 def add_demo_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "demo",
-        help="split a Keras MLP in 3, serve 1,000 requests in-process and check every answer",
+        help="split a Keras MLP in 3, serve it with the controller running, check every answer",
+        description="Builds a Keras MLP, splits it into 3 stages (the stage table shows the "
+        "cuts and the balance), serves the requests with the controller running and compares "
+        "every answer with the whole model. In this process on the embedded broker, or with "
+        "--broker URL (or $CONVEYOR_AMQP_URL) one `conveyor worker` process per stage on "
+        "RabbitMQ, started and stopped by the demo.",
     )
-    p.add_argument("--requests", type=int, default=1000, help="how many requests (1000)")
+    p.add_argument("--requests", type=int, default=20_000,
+                   help="how many requests (20000)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="keep the plan (DIR/layer-3) and the whole model here")
+    add_broker_options(p, embedded=True)
     p.set_defaults(func=cmd_demo)
 
 
@@ -116,6 +125,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         seed=args.seed,
         progress=not args.no_progress,
+        workdir=args.out,
+        broker=broker_target(args).url,
     )
     if not result.ok:
         print(

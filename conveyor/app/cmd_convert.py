@@ -28,6 +28,12 @@ def add_parsers(sub: Any) -> None:
     conv.add_argument("--profile", action="store_true",
                       help="balance measured onnxruntime time per node instead of FLOPs")
     conv.add_argument("--opset", type=int, help="target opset of the export")
+    conv.add_argument("--dims", default="", metavar="NAME=SIZE,...",
+                      help="representative sizes of symbolic dimensions (height=640,seq=128) "
+                      "the costs are taken at (default 1 each)")
+    conv.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
+                      help="an input or output whose batch is on AXIS, not 0 (state "
+                      "[layers, batch, hidden]: h0=1); the plan's tensor is batch-first")
     conv.add_argument("--partition", choices=("random", "hash", "range"), default="random")
     conv.add_argument("--shards", type=int, default=1, help="stage-0 queues (default 1)")
     conv.add_argument("--boundaries", default="",
@@ -69,15 +75,28 @@ def _partitioning(args: argparse.Namespace) -> Any:
                         boundaries=bounds)
 
 
+def parse_dims(text: str) -> dict[str, int]:
+    """``height=640,width=640`` -> {"height": 640, "width": 640}."""
+    dims: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, size = part.partition("=")
+        if not sep or not name or not size.strip().isdigit() or int(size) < 1:
+            raise ConfigError(f"--dims {part!r} is not NAME=SIZE with SIZE >= 1")
+        dims[name.strip()] = int(size)
+    return dims
+
+
 def run_convert(args: argparse.Namespace) -> int:
     partitioning = _partitioning(args)
     from converter.api import convert
+    from converter.batch_axes import parse_batch_axes
     from converter.report import stage_table
 
     plan = convert(
         args.model, args.out, by=args.by, stages=args.stages, groups=args.group,
         profile=args.profile, opset=args.opset, partitioning=partitioning,
         external_threshold=args.external_data_threshold, overwrite=args.force,
+        dims=parse_dims(args.dims), batch_axes=parse_batch_axes(args.batch_axis),
     )
     print(stage_table(plan))
     print(f"wrote {plan.directory} (hash {plan.short_hash})")

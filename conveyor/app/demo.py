@@ -1,10 +1,13 @@
 """``conveyor demo``: build a small Keras MLP, split it in 3, serve it and check every answer.
 
-The whole job runs in one process on the embedded broker: Keras builds the MLP
-784-64-64-10 (seeded random weights), the converter writes the whole model and a 3-stage
-layer split, the client sends ``requests`` batch-1 requests with ``concurrency`` in flight
-to the in-process workers, and every answer is compared with onnxruntime running the
-unsplit model. Heavy libraries (TensorFlow, onnxruntime) are imported inside the functions.
+Keras builds the MLP 784-64-64-10 (seeded random weights), the converter writes the whole
+model and a 3-stage layer split (its stage table is printed: what was cut where, the
+balance), the client sends ``requests`` batch-1 requests with ``concurrency`` in flight
+while the controller runs (``conveyor.app.demo_serving``), every answer is compared with
+onnxruntime running the unsplit model, and the per-stage figures close the report. By
+default all of it runs in one process on the embedded broker; with a RabbitMQ URL one
+``conveyor worker`` process per stage serves it. Heavy libraries (TensorFlow,
+onnxruntime) are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from conveyor.plan import Plan
 
 if TYPE_CHECKING:
     from conveyor.app.connect import LocalClient
+    from conveyor.app.demo_serving import Served
     from conveyor.client import Client
 
+#: Requests the demo serves by default: enough for the progress bar to mean something.
+DEFAULT_REQUESTS = 20_000
 #: Relative error allowed between a served answer and the whole model's output.
 TOLERANCE = 1e-5
 
@@ -43,6 +49,10 @@ class DemoResult:
     providers: tuple[str, ...]
     build_s: float
     convert_s: float
+    #: Per-stage figures (stage, requests, batches, mean_batch, ms_per_request or None).
+    stages: tuple[dict[str, Any], ...] = ()
+    #: The controller's summary line.
+    controller: str = ""
 
     @property
     def throughput(self) -> float:
@@ -210,34 +220,36 @@ async def serve_and_check(
     *,
     concurrency: int,
     progress: bool,
-) -> tuple[int, float, list[float], float, tuple[str, ...]]:
-    """Serve ``x`` row by row; (mismatches, seconds, latencies, max rel err, providers)."""
-    from conveyor.app.connect import connect
+    broker: str | None = None,
+    out: TextIO | None = None,
+) -> tuple[int, float, Served]:
+    """Serve ``x`` row by row (in-process, or on RabbitMQ at ``broker``) with the
+    controller running; (mismatches, max rel err, what was served)."""
+    from conveyor.app.demo_serving import serve_in_process, serve_on_rabbitmq
 
     input_name = plan.inputs[0].name
     requests = [{input_name: x[i : i + 1]} for i in range(len(x))]
     want = reference.run({input_name: x})
-    bar = ProgressBar(len(requests)) if progress else None
-    client = connect(None, plan=plan)
-    async with client:
-        # Warm up first (session start, first batches of each size): not counted.
-        await send_all(client, requests[: 4 * concurrency], concurrency=concurrency)
-        start = time.perf_counter()
+
+    async def send(client: Client, measured: bool) -> tuple[list[Any], list[float]]:
+        if not measured:
+            # Warm up first (session start, first batches of each size): not counted.
+            return await send_all(client, requests[: 4 * concurrency], concurrency=concurrency)
+        bar = ProgressBar(len(requests)) if progress else None
         try:
-            got, latencies = await send_all(
-                client,
-                requests,
-                concurrency=concurrency,
-                on_done=bar.advance if bar is not None else None,
-            )
+            return await send_all(client, requests, concurrency=concurrency,
+                                  on_done=bar.advance if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
-        seconds = time.perf_counter() - start
-        providers = served_providers(client)
+
+    if broker is None:
+        served = await serve_in_process(plan, send)
+    else:
+        served = await serve_on_rabbitmq(plan, broker, send, out or sys.stdout)
     worst = 0.0
     mismatches = 0
-    for i, outputs in enumerate(got):
+    for i, outputs in enumerate(served.outputs):
         errs = [
             relative_error(outputs.get(name, np.empty(0)), value[i : i + 1])
             for name, value in want.items()
@@ -245,24 +257,32 @@ async def serve_and_check(
         err = max(errs) if errs else float("inf")
         worst = max(worst, err)
         mismatches += err > TOLERANCE
-    return mismatches, seconds, latencies, worst, providers
+    return mismatches, worst, served
 
 
 def run_demo(
     *,
-    requests: int = 1000,
+    requests: int = DEFAULT_REQUESTS,
     concurrency: int = 32,
     seed: int = 0,
     workdir: Path | None = None,
     progress: bool = True,
     out: TextIO | None = None,
+    broker: str | None = None,
 ) -> DemoResult:
-    """Build, convert, serve and check; print the report on ``out`` (default stdout)."""
+    """Build, convert, serve and check; print the report on ``out`` (default stdout).
+
+    ``workdir`` keeps the plan (``workdir/layer-3``) and the whole model; ``broker`` (a
+    RabbitMQ URL) serves with one worker process per stage instead of in-process.
+    """
+    from converter.report import stage_table
+
     out = sys.stdout if out is None else out
     if requests < 1:
         raise ConfigError(f"requests must be at least 1, got {requests}")
     with tempfile.TemporaryDirectory(prefix="conveyor-demo-") as tmp:
         root = workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         print("building the Keras MLP 784-64-64-10 ...", file=out, flush=True)
         with quiet_native_stderr():
@@ -278,27 +298,36 @@ def run_demo(
             file=out,
             flush=True,
         )
+        print(stage_table(plan), file=out, flush=True)
         rng = np.random.default_rng(seed)
         spec = plan.inputs[0]
         x = rng.random((requests, *[int(d) for d in spec.shape[1:]]), dtype=np.float32)
         reference = Reference(whole)
+        where = "the embedded broker" if broker is None else "RabbitMQ, one worker per stage"
         print(
-            f"serving {requests} requests on the embedded broker ({concurrency} in flight) ...",
+            f"serving {requests} requests on {where} ({concurrency} in flight), "
+            "controller running ...",
             file=out,
             flush=True,
         )
-        mismatches, seconds, latencies, worst, providers = asyncio.run(
-            serve_and_check(plan, reference, x, concurrency=concurrency, progress=progress)
+        mismatches, worst, served = asyncio.run(
+            serve_and_check(plan, reference, x, concurrency=concurrency, progress=progress,
+                            broker=broker, out=out)
         )
+        if workdir is not None:
+            print(f"plan kept in {plan.directory} (serve it: conveyor gateway "
+                  f"{plan.directory})", file=out)
     result = DemoResult(
         requests=requests,
-        seconds=seconds,
-        latencies_s=tuple(latencies),
+        seconds=served.seconds,
+        latencies_s=tuple(served.latencies),
         max_rel_err=worst,
         mismatches=mismatches,
-        providers=providers,
+        providers=served.providers,
         build_s=t1 - t0,
         convert_s=t2 - t1,
+        stages=tuple(served.stages),
+        controller=served.controller,
     )
     print_result(result, out)
     return result
@@ -315,3 +344,11 @@ def print_result(r: DemoResult, out: TextIO) -> None:
     print(f"latency:    p50 {r.latency_ms(50):.2f} ms, p99 {r.latency_ms(99):.2f} ms", file=out)
     print(f"provider:   {', '.join(r.providers) or 'unknown'}", file=out)
     print(f"setup:      build {r.build_s:.1f} s, convert {r.convert_s:.1f} s", file=out)
+    for s in r.stages:
+        per = s.get("ms_per_request")
+        print(f"stage {s['stage']:<8} {s['requests']:>7,} requests in {s['batches']:>6,} "
+              f"batches (mean batch {s['mean_batch']:.2f})"
+              + (f", {per:.3f} ms session time per request" if per is not None else ""),
+              file=out)
+    if r.controller:
+        print(r.controller, file=out)

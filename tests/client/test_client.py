@@ -30,6 +30,7 @@ from conveyor.packs import unpack_requests
 from conveyor.plan import MODEL_INPUT, Plan, StageInput, StageOutput, StageSpec, TensorSpec
 from conveyor.transport import Delivery, Message, Transport
 from conveyor.wire import encode
+from tests.support.polling import until
 
 X = TensorSpec("x", "float32", ("batch", 4))
 Y = TensorSpec("y", "float32", ("batch", 4))
@@ -66,7 +67,6 @@ class Responder:
         self.seen: list[RequestMeta] = []
         self.raw: list[Message] = []
         self.held: list[tuple[RequestMeta, dict[str, np.ndarray]]] = []
-        self.arrived = asyncio.Condition()
         self.max_outstanding = 0
         self.client: Client | None = None
 
@@ -79,15 +79,13 @@ class Responder:
             inputs = {k: np.array(v) for k, v in views.items()}
             for message in self.reply(meta, inputs):
                 await self.transport.publish("", message, meta.reply_to or "")
-            async with self.arrived:
-                self.seen.append(meta)
-                self.held.append((meta, inputs))
-                self.arrived.notify_all()
+            self.seen.append(meta)
+            self.held.append((meta, inputs))
         await delivery.ack()
 
     async def wait_for(self, count: int) -> None:
-        async with self.arrived:
-            await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.seen) >= count), 10)
+        await until(lambda: len(self.seen) >= count, 10,
+                    lambda: f"{count} requests at the responder ({len(self.seen)} in)")
 
 
 @pytest.fixture
@@ -380,7 +378,8 @@ async def test_full_queue_raises_backpressure_error(tmp_path: Path, plan: Plan) 
         await admin.bind_queue("full", c.topology.input_exchange,
                                partition_routing_key(hashed.partitioning, "k"))
         first = asyncio.create_task(c.infer(row(1), key="k"))  # fills "full"
-        await wait_until(lambda: c.stats().sent == 1)
+        # Only the event loop runs in between: no wall-clock wait.
+        await until(lambda: c.stats().sent == 1, 10, "the first request to be sent", every=0)
         with pytest.raises(BackpressureError):
             await c.infer(row(2), key="k")
         assert c.stats().in_flight == 1  # only the first one still waits
@@ -388,15 +387,6 @@ async def test_full_queue_raises_backpressure_error(tmp_path: Path, plan: Plan) 
         with pytest.raises(asyncio.CancelledError):
             await first
         assert c.stats().in_flight == 0
-
-
-async def wait_until(condition: Callable[[], bool], steps: int = 1000) -> None:
-    """Let the event loop run until ``condition`` holds (no wall-clock sleeps)."""
-    for _ in range(steps):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 async def test_unreachable_broker_raises_a_transport_error(plan: Plan) -> None:

@@ -1,4 +1,4 @@
-"""Controller test fixtures: the two-broker ``broker`` fixture and a ``rig`` factory."""
+"""Controller test fixtures: a ``rig`` factory on the ``broker`` fixture (tests/support)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import pytest
 
 from conveyor.plan import Plan
 from tests.controller.rig import Rig
-from tests.transport.conftest import BrokerHandle, broker
-
-__all__ = ["BrokerHandle", "broker"]
+from tests.support.brokers import BrokerHandle
 
 
 @pytest.fixture

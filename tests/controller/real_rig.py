@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +25,8 @@ from conveyor.transport import (
     QueueStats,
     Transport,
 )
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
 from workers.control.agent import ControlAgent
 from workers.control.controller import Controller
 from workers.control.policies import PolicyConfig, PolicyKind
@@ -90,17 +90,6 @@ class Tap:
 
     async def close(self, grace: float = 5.0) -> None:
         await self.inner.close(grace)
-
-
-async def until(cond: Callable[[], bool], limit: float, what: Callable[[], str] | str) -> float:
-    """Poll ``cond`` until true; the seconds it took (AssertionError naming ``what``)."""
-    start = time.perf_counter()
-    while not cond():
-        if time.perf_counter() - start > limit:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {limit} s waiting for {text}")
-        await asyncio.sleep(0.02)
-    return time.perf_counter() - start
 
 
 @dataclass

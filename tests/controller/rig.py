@@ -15,8 +15,9 @@ from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
+from tests.support.brokers import BrokerHandle
+from tests.support.polling import until
 from tests.support.synthetic import Route, SyntheticWorker
-from tests.transport.conftest import BrokerHandle
 from workers.control.agent import ControlAgent, command_queue
 from workers.control.controller import Controller, heartbeat_queue, state_queue
 from workers.control.policies import PolicyConfig, PolicyKind
@@ -148,12 +149,7 @@ class Rig:
 
     async def wait_for(self, cond: Callable[[], bool], limit: float, what: str) -> float:
         """Poll ``cond`` until true; returns the seconds it took (AssertionError on timeout)."""
-        start = time.perf_counter()
-        while not cond():
-            if time.perf_counter() - start > limit:
-                raise AssertionError(f"timed out after {limit} s waiting for {what}")
-            await asyncio.sleep(0.02)
-        return time.perf_counter() - start
+        return await until(cond, limit, what)
 
     async def all_done(self, ids: list[str], limit: float) -> float:
         return await self.wait_for(lambda: all(i in self.done for i in ids), limit,

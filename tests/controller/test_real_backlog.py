@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.controller.real_plans import WholeModel, weighted_chain_plan
-from tests.controller.real_rig import RealPool, assert_answered_once, until
-from tests.transport.conftest import BrokerHandle
-from tests.workers.plans import chain_expected
+from tests.controller.real_rig import RealPool, assert_answered_once
+from tests.support.brokers import BrokerHandle
+from tests.support.plans import WholeModel, chain_expected, weighted_chain_plan
+from tests.support.polling import until
 from workers.control.policies import MoveWorker
 
 #: Stage s1 lifts each row to 1024 columns and multiplies it 400 times by an identity:

@@ -12,10 +12,11 @@ import numpy as np
 
 from conveyor.plan import Partitioning
 from conveyor.topology import hash_partition
-from tests.controller.real_plans import WholeModel, weighted_chain_plan
-from tests.controller.real_rig import RealPool, assert_answered_once, until
+from tests.controller.real_rig import RealPool, assert_answered_once
 from tests.controller.test_partitions import keys_on
-from tests.transport.conftest import BrokerHandle
+from tests.support.brokers import BrokerHandle
+from tests.support.plans import WholeModel, weighted_chain_plan
+from tests.support.polling import until
 from workers.control.policies import MovePartition
 
 #: One stage that lifts each row to 1024 columns and multiplies it 200 times by an identity:

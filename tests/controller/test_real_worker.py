@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +16,14 @@ import pytest
 from conveyor.control import Command, CommandKind, Controllable
 from conveyor.errors import ConveyorError
 from conveyor.topology import Topology
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_expected, chain_plan
+from tests.support.polling import until
 from workers.control.agent import ControlAgent
 from workers.control.controller import Controller
 from workers.control.policies import PolicyConfig
 from workers.stage_worker import StageWorker
-
-
-async def until(cond: Callable[[], bool], limit: float, what: str) -> None:
-    start = time.perf_counter()
-    while not cond():
-        if time.perf_counter() - start > limit:
-            raise AssertionError(f"timed out after {limit} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: Path) -> None:
@@ -70,7 +61,7 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         c = controller
         await until(lambda: len(c.workers) == 3 and all(
             st.requests > 0 for hb in c.workers.values() for st in hb.stats.stages),
-            limit=10, what="heartbeats with figures from all three workers")
+            timeout=10, what="heartbeats with figures from all three workers")
         hb0 = c.workers["real-s0"]
         assert hb0.stats.consuming[0].queue == topo.input_queue(0)
         assert hb0.stats.consuming[0].stage == "s0"
@@ -81,7 +72,7 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         def prefetches() -> list[int]:
             return [cs.prefetch for w in workers for cs in w.stats().consumers]
 
-        await until(lambda: prefetches() == [48, 48, 48], limit=10,
+        await until(lambda: prefetches() == [48, 48, 48], timeout=10,
                     what=f"prefetch 48 on every consumer (have {prefetches()})")
         assert c.metrics["prefetch_changes"] >= 3
 
@@ -89,16 +80,16 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         w1 = workers[1]
         stop = Command("stop-1", "real-s1", CommandKind.STOP_CONSUMING, stage="s1")
         await c.send(stop)
-        await until(lambda: not w1.stats().consumers[0].consuming, limit=10,
+        await until(lambda: not w1.stats().consumers[0].consuming, timeout=10,
                     what="s1 to stop consuming")
         held = [await client.send({"x": x}) for x in xs[:20]]
-        await until(lambda: "stop-1" not in c.pending, limit=10, what="the stop to be acked")
+        await until(lambda: "stop-1" not in c.pending, timeout=10, what="the stop to be acked")
         assert not any(rid in client.replies for rid in held)  # s1 holds them in its queue
         await c.send(Command("start-1", "real-s1", CommandKind.START_CONSUMING, stage="s1"))
         await client.wait_for(held, within=30)
         bad = Command("bad-1", "real-s1", CommandKind.START_CONSUMING, stage="s0")
         await c.send(bad)
-        await until(lambda: "bad-1" not in c.pending, limit=10, what="the refusal")
+        await until(lambda: "bad-1" not in c.pending, timeout=10, what="the refusal")
         assert c.metrics["commands_failed"] == 1
     finally:
         if controller is not None:
@@ -131,7 +122,7 @@ async def test_conveyor_worker_process_reports_and_obeys(
                             period=0.25, report_every=0)
     await controller.start()
     try:
-        await until(lambda: len(controller.workers) == 1, limit=30,
+        await until(lambda: len(controller.workers) == 1, timeout=30,
                     what="a heartbeat from the worker process")
         x = np.ones((1, 4), np.float32)
         ids = [await client.send({"x": x}) for _ in range(50)]
@@ -141,9 +132,9 @@ async def test_conveyor_worker_process_reports_and_obeys(
             hb = next(iter(controller.workers.values()))
             return [c.prefetch for c in hb.stats.consuming]
 
-        await until(lambda: prefetch() == [40], limit=15,
+        await until(lambda: prefetch() == [40], timeout=15,
                     what=f"the worker's prefetch to reach 40 (has {prefetch()})")
-        await until(lambda: controller.metrics["commands_acked"] >= 1, limit=10,
+        await until(lambda: controller.metrics["commands_acked"] >= 1, timeout=10,
                     what="the worker's acknowledgement")
     finally:
         await controller.stop()

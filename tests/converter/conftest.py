@@ -71,7 +71,12 @@ def _application(name: str) -> Callable[[], Any]:
     return build
 
 
+from tests.converter import builders  # noqa: E402
+
 BUILDERS: dict[str, Callable[[], Any]] = {
+    "se_cnn": builders.se_cnn,
+    "transformer": builders.transformer,
+    "gray_cnn": builders.gray_cnn,
     "mlp": build_mlp,
     "branches": build_branches,
     "mobilenetv2": _application("MobileNetV2"),

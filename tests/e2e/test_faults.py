@@ -25,11 +25,15 @@ import pytest
 
 from conveyor.envelope import RequestMeta, read_reply
 from conveyor.errors import DeadlineExceeded, InferenceError
-from conveyor.plan import MODEL_INPUT, Plan, StageInput, StageOutput, StageSpec, TensorSpec
+from conveyor.plan import Plan
 from conveyor.topology import Topology
 from conveyor.transport import Delivery, Message, QueueSpec, Transport
 from conveyor.wire import encode
-from tests.e2e.conftest import Case, Pipeline, Served
+from tests.support.brokers import BrokerHandle
+from tests.support.cases import Case
+from tests.support.pipeline import Pipeline, Served
+from tests.support.plans import gather_plan
+from tests.support.polling import until_depth
 
 
 @contextlib.asynccontextmanager
@@ -76,13 +80,7 @@ async def raw_request(transport: Transport, plan: Plan, message_of: RequestMeta,
 
 async def dead_letters(transport: Transport, plan: Plan, at_least: int) -> int:
     """Depth of the plan's dead-letter queue once it reaches ``at_least`` (10 s at most)."""
-    queue = Topology.of(plan).dead_letter_queue
-    give_up = time.monotonic() + 10
-    while True:
-        depth = (await transport.queue_stats(queue)).depth
-        if depth >= at_least or time.monotonic() > give_up:
-            return depth
-        await asyncio.sleep(0.05)  # polling the broker's counter, not synchronising
+    return await until_depth(transport, Topology.of(plan).dead_letter_queue, at_least, 10.0)
 
 
 async def test_expired_request_is_not_run_and_gets_a_deadline_reply(
@@ -107,33 +105,9 @@ async def test_expired_request_is_not_run_and_gets_a_deadline_reply(
 @pytest.fixture(scope="session")
 def gather_case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     """A one-stage model that raises at run time for an out-of-range index (GatherElements)."""
-    import onnx
-    from onnx import TensorProto, helper
-
     root = tmp_path_factory.mktemp("gather")
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
-    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])
-    graph = helper.make_graph(
-        [helper.make_node("GatherElements", ["x", "idx"], ["y"], axis=1, name="pick")],
-        "pick", [x, idx], [y],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(root / "pick.onnx"))
-    specs = {
-        "x": TensorSpec("x", "float32", ("batch", 4)),
-        "idx": TensorSpec("idx", "int64", ("batch", 1)),
-        "y": TensorSpec("y", "float32", ("batch", 1)),
-    }
-    stage = StageSpec(
-        name="pick",
-        file="pick.onnx",
-        inputs=(StageInput(specs["x"], MODEL_INPUT), StageInput(specs["idx"], MODEL_INPUT)),
-        outputs=(StageOutput(specs["y"], (), model_output=True),),
-    )
-    plan = Plan(name="pick", opset=17, inputs=(specs["x"], specs["idx"]),
-                outputs=(specs["y"],), stages=(stage,)).save(root)
+    # The plan's default schedule (max_batch 16, 2 ms), as a converted model would have.
+    plan = gather_plan(root, name="pick", stage="pick", max_batch=16, max_delay_ms=2.0)
 
     def request(rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"x": rng.random((1, 4), dtype=np.float32),
@@ -161,7 +135,7 @@ async def test_inference_error_is_dead_lettered_and_answered(
 async def test_worker_sigterm_mid_stream_loses_nothing(
     rabbitmq_url: str, tmp_path: Path, mlp: Case, victim_index: int
 ) -> None:
-    pipeline = Pipeline("rabbitmq", rabbitmq_url, tmp_path)
+    pipeline = Pipeline(BrokerHandle("rabbitmq", rabbitmq_url), tmp_path)
     requests = mlp.requests(400, seed=11)
     victim_stage = mlp.plan.stages[victim_index].name
     results = []

@@ -17,21 +17,14 @@ import pytest
 
 from conveyor.app.connect import connect
 from conveyor.plan import Plan
-from tests.e2e.conftest import Case, Pipeline, Request
+from tests.support.cases import Case, Request, convert_case
+from tests.support.pipeline import Pipeline
 
 
 def split_by_function(model: Any, root: Path, name: str,
                       make_request: Callable[[np.random.Generator], Request]) -> Case:
     """What ``conveyor convert MODEL --by function`` does: the default number of stages."""
-    import onnx
-
-    from converter import convert
-    from converter.export import load_model
-
-    whole = root / f"{name}.onnx"
-    onnx.save(load_model(model), str(whole))
-    plan = convert(whole, root / f"{name}-plan", by="function")
-    return Case(name, plan, whole, make_request)
+    return convert_case(model, root, name, by="function", make_request=make_request)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conveyor.client import ClientStats
-from conveyor.transport import Transport
-from tests.e2e.conftest import Case, Pipeline
+from tests.support.brokers import BrokerHandle
+from tests.support.cases import Case
+from tests.support.pipeline import Pipeline
+from tests.support.polling import until_depth
 
 
 async def serve_and_check(
@@ -119,8 +120,8 @@ async def test_requests_published_before_a_branch_worker_starts_are_all_answered
                                                       device="cpu"))
         calls = [asyncio.create_task(served.client.infer(r)) for r in requests]
         async with side_transport(pipeline, served) as watcher:
-            await wait_for_depth(watcher, Topology.of(served.plan).stage_queue(late),
-                                 -(-n // schedule.max_batch))
+            await until_depth(watcher, Topology.of(served.plan).stage_queue(late),
+                              -(-n // schedule.max_batch), 60.0)
         if served.workers is not None:
             served.workers.start(late)
         else:
@@ -133,17 +134,6 @@ async def test_requests_published_before_a_branch_worker_starts_are_all_answered
         branches.check(request, got)
 
 
-async def wait_for_depth(transport: Transport, queue: str, depth: int,
-                         limit_s: float = 60.0) -> None:
-    """Poll the broker until ``queue`` holds ``depth`` ready messages (or fail)."""
-    give_up = time.monotonic() + limit_s
-    current = (await transport.queue_stats(queue)).depth
-    while current < depth:
-        assert time.monotonic() < give_up, f"{queue} holds {current} < {depth} messages"
-        await asyncio.sleep(0.05)  # polling the broker's counter, not synchronising
-        current = (await transport.queue_stats(queue)).depth
-
-
 @pytest.mark.rabbitmq
 async def test_conveyor_infer_command_over_rabbitmq(
     rabbitmq_url: str, tmp_path: Path, mlp: Case
@@ -151,7 +141,7 @@ async def test_conveyor_infer_command_over_rabbitmq(
     """``conveyor infer PLAN x.npy --broker URL --out y.npz`` against worker processes."""
     request = mlp.requests(1, seed=21)[0]
     np.save(tmp_path / "x.npy", next(iter(request.values())))
-    async with Pipeline("rabbitmq", rabbitmq_url, tmp_path).serve(mlp) as served:
+    async with Pipeline(BrokerHandle("rabbitmq", rabbitmq_url), tmp_path).serve(mlp) as served:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "conveyor", "infer", str(served.plan.directory),
             str(tmp_path / "x.npy"), "--broker", rabbitmq_url, "--out", str(tmp_path / "y.npz"),
@@ -173,12 +163,8 @@ async def test_durable_deployment_needs_a_durable_client(
     served, a non-durable one refused."""
     from conveyor.app.connect import connect
     from conveyor.errors import TransportError
-    from tests.e2e.conftest import (
-        WorkerProcesses,
-        delete_topology,
-        isolated_copy,
-        wait_until_consumed,
-    )
+    from tests.support.pipeline import WorkerProcesses, delete_topology, wait_until_consumed
+    from tests.support.plans import isolated_copy
 
     plan = isolated_copy(mlp.plan, tmp_path / "plan")
     procs = WorkerProcesses(plan, rabbitmq_url, tmp_path, "--durable")

@@ -19,7 +19,9 @@ import pytest
 
 from conveyor.app.demo import relative_error
 from conveyor.topology import Topology
-from tests.e2e.conftest import Case, Pipeline
+from tests.support.brokers import BrokerHandle
+from tests.support.cases import Case
+from tests.support.pipeline import Pipeline
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -99,7 +101,7 @@ async def test_plain_client_request_gets_the_right_answer(
     import asyncio
 
     request = mlp.requests(1, seed=5)[0]
-    async with Pipeline("rabbitmq", rabbitmq_url, tmp_path).serve(mlp) as served:
+    async with Pipeline(BrokerHandle("rabbitmq", rabbitmq_url), tmp_path).serve(mlp) as served:
         headers = {
             # pika has no float header type: a decimal string keeps the fraction.
             "x-conveyor-deadline": f"{time.time() + 30.0:.3f}",
@@ -137,7 +139,7 @@ async def test_plain_client_malformed_request_gets_codec_error_and_is_dead_lette
     if body is None:
         name = mlp.plan.inputs[0].name
         body = plain_body({name: np.zeros((1, 783), np.float32)})
-    async with Pipeline("rabbitmq", rabbitmq_url, tmp_path).serve(mlp) as served:
+    async with Pipeline(BrokerHandle("rabbitmq", rabbitmq_url), tmp_path).serve(mlp) as served:
         headers = {"x-conveyor-plan": served.plan.hash, "x-conveyor-attempt": 1}
         request_id, reply = await asyncio.to_thread(
             pika_request, rabbitmq_url, Topology.of(served.plan).input_exchange, body, headers

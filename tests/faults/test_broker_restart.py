@@ -21,10 +21,10 @@ import pytest
 
 from conveyor.app.connect import connect
 from conveyor.plan import Plan
-from tests.e2e.conftest import Case
 from tests.faults.checker import Checker, Report
-from tests.faults.conftest import Workers, queue_depths, wait_consumed
 from tests.faults.node import RabbitNode
+from tests.faults.rig import Workers, queue_depths, wait_consumed
+from tests.support.cases import Case
 
 RATE_PER_S = 50.0
 #: Each request's deadline: the outage (5 s, or a boot of about 6 s) plus reconnects fit.

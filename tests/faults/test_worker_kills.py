@@ -17,10 +17,10 @@ import pytest
 
 from conveyor.app.connect import connect
 from conveyor.plan import Plan
-from tests.e2e.conftest import Case, Request
 from tests.faults.checker import Checker, Report
-from tests.faults.conftest import Workers, queue_depths, wait_consumed
 from tests.faults.node import RabbitNode
+from tests.faults.rig import Workers, queue_depths, wait_consumed
+from tests.support.cases import Case, Request
 
 KILL_EVERY_S = 2.0
 #: Requests are sent at this rate, so that the run spans several kills (2,000: 10 s).

@@ -1,10 +1,9 @@
-"""Helpers for the conformance suite: collect deliveries and wait on conditions, not sleeps."""
+"""Helpers for the conformance suite: collect deliveries and wait on conditions
+(tests/support/polling.py), not sleeps."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import Callable
 
 from conveyor.transport import (
     Delivery,
@@ -15,8 +14,8 @@ from conveyor.transport import (
     QueueSpec,
     Transport,
 )
-
-from .conftest import BrokerHandle
+from tests.support.brokers import BrokerHandle
+from tests.support.polling import until
 
 TIMEOUT = 10.0
 
@@ -27,27 +26,18 @@ class Collector:
     def __init__(self, *, ack: bool = True) -> None:
         self.ack = ack
         self.received: list[tuple[str, Delivery]] = []
-        self._changed = asyncio.Condition()
 
     def handler(self, queue: str) -> Handler:
         async def handle(delivery: Delivery) -> None:
             self.received.append((queue, delivery))
             if self.ack:
                 await delivery.ack()
-            await self.notify()
 
         return handle
 
-    async def notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_until(self, predicate: Callable[[], bool], within: float = TIMEOUT) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), within)
-
     async def wait_for(self, count: int, within: float = TIMEOUT) -> None:
-        await self.wait_until(lambda: len(self.received) >= count, within)
+        await until(lambda: len(self.received) >= count, within,
+                    lambda: f"{count} deliveries ({len(self.received)} in)")
 
     @property
     def deliveries(self) -> list[Delivery]:

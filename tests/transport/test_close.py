@@ -8,8 +8,8 @@ import pytest
 
 from conveyor.errors import TransportClosed
 from conveyor.transport import Delivery, Message, QueueSpec
+from tests.support.brokers import BrokerHandle
 
-from .conftest import BrokerHandle
 from .support import Collector, publish_bodies
 
 N = 50

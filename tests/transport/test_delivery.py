@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conveyor.transport import Delivery, QueueSpec
+from tests.support.brokers import BrokerHandle
 
-from .conftest import BrokerHandle
 from .support import Collector, depths, publish_bodies, queue_with_dlq
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from conveyor.errors import TransportError, UnroutableError
 from conveyor.transport import Message, QueueSpec
+from tests.support.brokers import BrokerHandle
 
-from .conftest import BrokerHandle
 from .support import Collector
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from conveyor.errors import BackpressureError
 from conveyor.transport import Message, QueueSpec
+from tests.support.brokers import BrokerHandle
 
-from .conftest import BrokerHandle
 from .support import Collector, depths, publish_bodies, queue_with_dlq
 
 

@@ -1,4 +1,5 @@
-"""Worker test fixtures: the two-broker ``broker`` fixture and tiny plans with unique hashes."""
+"""Worker test fixtures: plan names unique to a test (``broker`` and ``pipeline`` come from
+tests/support, registered in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.transport.conftest import BrokerHandle, broker
-
-__all__ = ["BrokerHandle", "broker", "unique"]
 
 
 @pytest.fixture

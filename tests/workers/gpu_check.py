@@ -23,8 +23,8 @@ import numpy as np
 async def main() -> int:
     from brokerless import Broker
     from conveyor.plan import Plan
-    from tests.workers.harness import Harness
-    from tests.workers.plans import chain_expected, chain_plan
+    from tests.support.pipeline import Harness
+    from tests.support.plans import chain_expected, chain_plan
     from workers import serve
     from workers.session import CUDA
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conveyor.plan import Plan
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_expected, chain_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 

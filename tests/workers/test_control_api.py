@@ -12,8 +12,8 @@ from conveyor.control import Controllable
 from conveyor.errors import ConfigError
 from conveyor.plan import Plan
 from conveyor.topology import Topology
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_plan
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_plan
 from workers.stage_worker import StageWorker
 
 

@@ -7,7 +7,6 @@ types (x-random, direct) and read back which shard queue each message reached.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,9 +19,10 @@ from conveyor.plan import Partitioning, Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology, delete_plan_topology
 from conveyor.transport import Delivery, Transport
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_expected, chain_plan
+from tests.support.polling import until
 from workers import serve
 from workers.settings import WorkerSettings
 
@@ -34,7 +34,6 @@ class ShardReader:
         self.transport = transport
         self.plan = plan
         self.shard_of: dict[str, list[int]] = {}
-        self._changed = asyncio.Event()
 
     async def start(self) -> None:
         topo = Topology.of(self.plan)
@@ -46,7 +45,6 @@ class ShardReader:
         async def handle(delivery: Delivery) -> None:
             self.shard_of.setdefault(delivery.message.message_id or "?", []).append(shard)
             await delivery.ack()
-            self._changed.set()
 
         return handle
 
@@ -56,11 +54,12 @@ class ShardReader:
         routing_key = partition_routing_key(self.plan.partitioning, key)
         await self.transport.publish(topo.input_exchange, message, routing_key)
 
+    def received(self) -> int:
+        return sum(map(len, self.shard_of.values()))
+
     async def wait(self, count: int) -> None:
-        async with asyncio.timeout(20):
-            while sum(map(len, self.shard_of.values())) < count:
-                self._changed.clear()
-                await self._changed.wait()
+        await until(lambda: self.received() >= count, 20,
+                    lambda: f"{count} requests on the shards ({self.received()} in)")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from conveyor.errors import ConfigError, InferenceError
 from conveyor.plan import Plan
-from tests.workers.plans import chain_expected, chain_plan, gather_plan
+from tests.support.plans import chain_expected, chain_plan, gather_plan
 from workers.session import CPU, CUDA, StageSession
 from workers.settings import WorkerSettings, parse_device
 

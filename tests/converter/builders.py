@@ -1,0 +1,153 @@
+"""Small models of the kinds issue 11 names, built here (nothing downloaded).
+
+Keras: a squeeze-and-excite CNN, a transformer encoder on int64 tokens, a grayscale
+Sequential CNN (tf2onnx turns its one-channel layout Transpose into a Reshape). ONNX
+(onnx.helper): a batch-1 export, a ``-1``-dim export, a time-major LSTM with its state
+batched on axis 1, a model with a per-request scalar input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+F = TensorProto.FLOAT
+
+
+def se_cnn() -> Any:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    x = inp = keras.Input(shape=(32, 32, 3), name="image")
+    for i, ch in enumerate((16, 24, 32, 48)):
+        x = layers.Conv2D(ch, 3, strides=2 if i else 1, padding="same", activation="relu",
+                          name=f"conv{i}")(x)
+        s = layers.GlobalAveragePooling2D(name=f"se{i}_pool")(x)
+        s = layers.Dense(ch // 4, activation="relu", name=f"se{i}_reduce")(s)
+        s = layers.Dense(ch, activation="sigmoid", name=f"se{i}_expand")(s)
+        s = layers.Reshape((1, 1, ch), name=f"se{i}_reshape")(s)
+        x = layers.Multiply(name=f"se{i}_scale")([x, s])
+    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    out = layers.Dense(10, activation="softmax", name="probs")(x)
+    return keras.Model(inp, out, name="se_cnn")
+
+
+def transformer() -> Any:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(4)
+    seq, dim = 16, 32
+    tokens = keras.Input(shape=(seq,), dtype="int64", name="tokens")
+    x = layers.Embedding(100, dim, name="embed")(tokens)
+    for i in range(3):
+        att = layers.MultiHeadAttention(4, dim // 4, name=f"block{i}_attention")(x, x)
+        x = layers.LayerNormalization(name=f"block{i}_norm1")(x + att)
+        ff = layers.Dense(64, activation="relu", name=f"block{i}_ff1")(x)
+        ff = layers.Dense(dim, name=f"block{i}_ff2")(ff)
+        x = layers.LayerNormalization(name=f"block{i}_norm2")(x + ff)
+    x = layers.GlobalAveragePooling1D(name="pool")(x)
+    out = layers.Dense(3, activation="softmax", name="label")(x)
+    return keras.Model(tokens, out, name="transformer")
+
+
+def gray_cnn() -> Any:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(5)
+    return keras.Sequential([
+        keras.Input(shape=(28, 28, 1), name="digit"),
+        layers.Conv2D(16, 3, activation="relu", name="conv1"),
+        layers.MaxPooling2D(name="pool1"),
+        layers.Conv2D(32, 3, activation="relu", name="conv2"),
+        layers.MaxPooling2D(name="pool2"),
+        layers.Flatten(name="flat"),
+        layers.Dense(64, activation="relu", name="fc"),
+        layers.Dense(10, activation="softmax", name="probs"),
+    ], name="gray_cnn")
+
+
+def _weights(name: str, shape: tuple[int, ...], seed: int) -> onnx.TensorProto:
+    rng = np.random.default_rng(seed)
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+           outputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto],
+           name: str) -> onnx.ModelProto:
+    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _mlp_nodes(x: str, width: int, layers: int, out: str, prefix: str = "fc"
+               ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    n = helper.make_node
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    cur = x
+    for i in range(layers):
+        w, b, m, a, h = (f"{prefix}{i}_{s}" for s in "wbmah")
+        inits += [_weights(w, (width, width), i), _weights(b, (width,), 50 + i)]
+        nodes += [n("MatMul", [cur, w], [m]), n("Add", [m, b], [a]),
+                  n("Tanh", [a], [h if i < layers - 1 else out])]
+        cur = h
+    return nodes, inits
+
+
+def batch_one(*, hard_coded: bool = False) -> onnx.ModelProto:
+    """A zoo-style export: batch fixed at 1; ``hard_coded``: a Reshape to [1, 32] inside."""
+    nodes, inits = _mlp_nodes("flat", 32, 6, "y")
+    target = [1, 32] if hard_coded else [-1, 32]
+    inits.append(numpy_helper.from_array(np.array(target, np.int64), "target"))
+    nodes.insert(0, helper.make_node("Reshape", ["x", "target"], ["flat"], name="flatten"))
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [1, 4, 8])],
+                  [helper.make_tensor_value_info("y", F, [1, 32])], inits, "batch_one")
+
+
+def minus_one_dims() -> onnx.ModelProto:
+    """Dynamic dimensions written as -1 (some exporters do)."""
+    nodes, inits = _mlp_nodes("x", 16, 5, "y")
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [-1, 16])],
+                   [helper.make_tensor_value_info("y", F, [-1, 16])], inits, "minus_one")
+    return model
+
+
+def time_major_lstm(hidden: int = 8, features: int = 6) -> onnx.ModelProto:
+    """x [time, batch, features] and state [1, batch, hidden]: two stacked LSTMs (their
+    tensors time-major), then a dense head on the last hidden state."""
+    n = helper.make_node
+    h = hidden
+    inits = [_weights("W1", (1, 4 * h, features), 1), _weights("R1", (1, 4 * h, h), 2),
+             _weights("W2", (1, 4 * h, h), 3), _weights("R2", (1, 4 * h, h), 4),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes = [
+        n("LSTM", ["x", "W1", "R1", "", "", "state"], ["y1", "yh1"], hidden_size=h, name="lstm1"),
+        n("Squeeze", ["y1", "axis1"], ["seq1"], name="squeeze1"),
+        n("LSTM", ["seq1", "W2", "R2", "", "", "state"], ["", "yh2"], hidden_size=h, name="lstm2"),
+        n("Squeeze", ["yh2", "axis0"], ["last"], name="squeeze2"),
+    ]
+    head, head_inits = _mlp_nodes("last", h, 4, "y")
+    return _model(nodes + head,
+                  [helper.make_tensor_value_info("x", F, ["time", "batch", features]),
+                   helper.make_tensor_value_info("state", F, [1, "batch", h])],
+                  [helper.make_tensor_value_info("y", F, ["batch", h]),
+                   helper.make_tensor_value_info("yh1", F, [1, "batch", h])],
+                  inits + head_inits, "lstm")
+
+
+def per_request_scalar() -> onnx.ModelProto:
+    """y = tanh(x W) * gain + bias: ``gain`` a scalar input, one per request."""
+    nodes, inits = _mlp_nodes("x", 16, 4, "h")
+    nodes += [helper.make_node("Mul", ["h", "gain"], ["scaled"]),
+              helper.make_node("Add", ["scaled", "fc0_b"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 16]),
+                          helper.make_tensor_value_info("gain", F, [])],
+                  [helper.make_tensor_value_info("y", F, ["N", 16])], inits, "scalar")
