@@ -12,9 +12,9 @@ import pytest
 from conveyor import wire
 from conveyor.envelope import RequestMeta
 from conveyor.plan import Plan
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_expected, chain_plan
 from workers import serve
 
 RNG = np.random.default_rng(12)
