@@ -78,7 +78,7 @@ class LocalClient(Client):
                 worker_transport = await self.target.connect()
                 stack.push_async_callback(worker_transport.close, grace=1.0)
             self._workers = await _start_local_workers(
-                self.plan, worker_transport, self._worker_options
+                self.plan, worker_transport, self._worker_options, self._durable
             )
             stack.push_async_callback(self._stop_workers)
         log.info(
@@ -131,9 +131,16 @@ def connect(
 
 
 async def _start_local_workers(
-    plan: Plan, transport: Transport, options: Mapping[str, Any]
+    plan: Plan, transport: Transport, options: Mapping[str, Any], durable: bool
 ) -> StageWorker:
-    import workers
+    """The plan's workers in this process, declaring queues as durable as the client's
+    (a broker refuses the same queue declared both ways)."""
+    from dataclasses import replace
 
-    worker: StageWorker = await workers.serve(plan, transport, **options)
+    import workers
+    from workers.settings import WorkerSettings
+
+    chosen = dict(options)
+    chosen["settings"] = replace(chosen.get("settings") or WorkerSettings(), durable=durable)
+    worker: StageWorker = await workers.serve(plan, transport, **chosen)
     return worker
