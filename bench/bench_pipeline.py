@@ -222,8 +222,32 @@ def pipeline_batch(plan: Any, max_batch: int | None, workload: str) -> int:
     return int(plan.scheduling.default.max_batch)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def scrape_every(ports: list[int], period: float = 1.0) -> None:
+    """What Prometheus does to a "metrics on" leg: GET /metrics of each process each period."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        while True:
+            for port in ports:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                        await reply.read()
+                except aiohttp.ClientError:
+                    pass  # not up yet
+            await asyncio.sleep(period)
+
+
 def leg_brokerless(cache: Path, name: str, seconds: float, max_batch: int | None,
-                   max_delay_ms: float | None, batch_wait: str | None = None) -> dict[str, Any]:
+                   max_delay_ms: float | None, batch_wait: str | None = None,
+                   metrics: str = "on") -> dict[str, Any]:
     from conveyor.app.connect import connect
     from conveyor.plan import Plan
     from workers.settings import WorkerSettings
@@ -232,13 +256,26 @@ def leg_brokerless(cache: Path, name: str, seconds: float, max_batch: int | None
     batch = pipeline_batch(plan, max_batch, name)
     wait: dict[str, Any] = {} if batch_wait is None else {"batch_wait": batch_wait}
     options = {"settings": WorkerSettings(device="cpu", max_batch=batch,
-                                          max_delay_ms=max_delay_ms, **wait)}
+                                          max_delay_ms=max_delay_ms, metrics=metrics == "on",
+                                          **wait)}
 
     async def run() -> dict[str, Any]:
+        from conveyor.app.observe import ObserveServer
+
         async with connect(None, plan=plan, timeout=60.0, worker_options=options) as client:
+            server, scraper = None, None
+            if metrics == "on":  # served and scraped each second, as in production
+                assert client.workers is not None
+                server = ObserveServer(0, host="127.0.0.1")
+                server.add_registry(client.workers.metrics.registry)
+                await server.start()
+                scraper = asyncio.create_task(scrape_every([server.bound_port]))
             result: dict[str, Any] = await drive(client, make_requests(plan), seconds,
                                                  warmup=200 if name == "W1" else 32)
             result["stages"] = stage_report(client.workers)
+            if scraper is not None and server is not None:
+                scraper.cancel()
+                await server.stop()
         return result
 
     result = asyncio.run(run())
@@ -271,7 +308,7 @@ def isolated_copy(plan: Any, directory: Path) -> Any:
 
 def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: int | None,
                  max_delay_ms: float | None, batch_wait: str | None = None,
-                 one_process: bool = False) -> dict[str, Any]:
+                 one_process: bool = False, metrics: str = "on") -> dict[str, Any]:
     from conveyor.app.connect import connect
     from conveyor.plan import Plan
 
@@ -284,7 +321,11 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
         groups = ({"all": plan.stage_names} if one_process
                   else {stage: [stage] for stage in plan.stage_names})
         procs = {}
+        ports: list[int] = []
         for stage, hosted in groups.items():
+            if metrics == "on":
+                ports.append(free_port())
+            switch = ["--metrics-port", str(ports[-1])] if metrics == "on" else ["--no-timings"]
             with (Path(tmp) / f"{stage}.log").open("wb") as log:
                 procs[stage] = subprocess.Popen(
                     [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
@@ -292,7 +333,8 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
                      "--broker", url, "--device", "cpu",
                      "--threads", str(threads), "--max-batch", str(batch),
                      *(["--max-delay-ms", str(max_delay_ms)] if max_delay_ms is not None else []),
-                     *(["--batch-wait", batch_wait] if batch_wait is not None else [])],
+                     *(["--batch-wait", batch_wait] if batch_wait is not None else []),
+                     *switch],
                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
                 )
         rss: dict[str, float] = {}
@@ -397,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost", choices=["profile", "flops"], default="profile",
                    help="the converter's cost model for the split (profile)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--metrics", choices=["on", "off", "alternate"], default="on",
+                   help="workers measure and serve metrics, scraped each second (on, the "
+                   "default), do not measure (off), or both in alternating legs")
     p.add_argument("--leg", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -410,11 +455,12 @@ def main(argv: list[str] | None = None) -> int:
             result = leg_baseline(args.cache, args.workload, args.seconds)
         elif args.leg == "brokerless":
             result = leg_brokerless(args.cache, args.workload, args.seconds, args.max_batch,
-                                    args.max_delay_ms, args.batch_wait)
+                                    args.max_delay_ms, args.batch_wait, args.metrics)
         else:
             result = leg_rabbitmq(args.cache, args.workload, args.seconds, args.broker,
                                   args.max_batch, args.max_delay_ms, args.batch_wait,
-                                  one_process=args.leg == "rabbitmq-1proc")
+                                  one_process=args.leg == "rabbitmq-1proc",
+                                  metrics=args.metrics)
         print(json.dumps(result))
         return 0
 
@@ -434,13 +480,23 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_legs = ["brokerless"] + ([] if args.no_rabbitmq else ["rabbitmq"])
     if args.rabbitmq_one_process and not args.no_rabbitmq:
         pipeline_legs.append("rabbitmq-1proc")
+    switches = ["off", "on"] if args.metrics == "alternate" else [args.metrics]
+    pipeline_legs = [f"{leg}:{m}" for leg in pipeline_legs for m in switches]
     results: dict[str, dict[str, Any]] = {}
     for w in workloads:
         runs: dict[str, list[dict[str, Any]]] = {}
-        order = [*(["baseline", *pipeline_legs] * args.rounds), "baseline"]
+        order = []
+        for i in range(args.rounds):
+            # Alternating: on first in every other round, so neither side always runs
+            # second (on a warmer, or busier, machine).
+            legs = pipeline_legs if i % 2 == 0 else _swap_pairs(pipeline_legs, len(switches))
+            order += ["baseline", *legs]
+        order.append("baseline")
         for leg in order:
-            extra = ["--broker", args.broker] if leg.startswith("rabbitmq") else []
-            r = run_leg(["--leg", leg, "--workload", w, *common, *extra])
+            kind, _, switch = leg.partition(":")
+            extra = ["--broker", args.broker] if kind.startswith("rabbitmq") else []
+            extra += ["--metrics", switch] if switch else []
+            r = run_leg(["--leg", kind, "--workload", w, *common, *extra])
             runs.setdefault(leg, []).append(r)
             print(f"  {w} {leg}: {r['throughput']:,.0f} req/s", flush=True)
         bases = [r["throughput"] for r in runs["baseline"]]
@@ -453,10 +509,23 @@ def main(argv: list[str] | None = None) -> int:
                                 for i, r in enumerate(rs))
                 results[f"{w}/{leg}"]["ratio_runs"] = ratios
                 results[f"{w}/{leg}"]["ratio"] = float(np.median(ratios))
+        if args.metrics == "alternate":
+            for leg in {leg.partition(":")[0] for leg in pipeline_legs}:
+                off, on = runs[f"{leg}:off"], runs[f"{leg}:on"]
+                # Legs of one round ran back to back: compare within the round.
+                pairs = [b["throughput"] / a["throughput"] for a, b in zip(off, on, strict=True)]
+                results[f"{w}/{leg}:on"]["on_vs_off_runs"] = pairs
+                print(f"  {w} {leg}: metrics on / off per round {[f'{r:.3f}' for r in pairs]}, "
+                      f"median {float(np.median(pairs)):.3f}", flush=True)
     print_table(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _swap_pairs(legs: list[str], group: int) -> list[str]:
+    """``legs`` with each run of ``group`` switches of one leg reversed."""
+    return [leg for i in range(0, len(legs), group) for leg in reversed(legs[i:i + group])]
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -475,7 +544,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         w, leg = key.split("/")
         base = results.get(f"{w}/baseline", {}).get("throughput")
         ratio = r.get("ratio", r["throughput"] / base if base else float("nan"))
-        target = TARGETS.get((w, leg))
+        target = TARGETS.get((w, leg.partition(":")[0]))
         verdict = ""
         if target is not None:
             unit, goal = target

@@ -1,6 +1,12 @@
-"""Split speed: DenseNet121 into 8 stages (no export), ResNet50 export + split.
+"""Split speed (DenseNet121, ResNet50) and split balance (the models of issue 11).
 
-    python -m bench.bench_split
+    python -m bench.bench_split            # speed: the targets of issue 2
+    python -m bench.bench_split balance    # balance: cut positions, estimated / measured
+
+Balance (issue 11): per model, the allowed cut positions, and at K = 2, 4, 8 the balance
+(slowest stage over total / K) of the ``--profile`` split as the FLOP estimate sees it, as
+the profile sees it, and as timed: every stage file run on its own with onnxruntime
+(default optimisations, one thread, batch 1, median of ``RUNS``), the way a worker runs it.
 
 Targets (issue 2): the split of DenseNet121 into 8 stages under 5 s; export plus split of
 ResNet50 under 60 s. Baseline, measured in the same run: ``onnx.utils.extract_model``
@@ -115,5 +121,89 @@ def main() -> None:
           f"ResNet50 plan balance {rplan.split.balance:.3f}")
 
 
+RUNS = 30
+
+
+def _timed_stages(plan_dir: Path) -> list[float]:
+    """Median seconds per stage at batch 1, each stage fed what the previous ones made."""
+    import statistics
+
+    import onnxruntime as ort
+
+    from converter.verify import random_inputs, stage_order
+    from conveyor.plan import MODEL_INPUT, Plan
+
+    plan = Plan.load(plan_dir)
+    produced = {MODEL_INPUT: random_inputs(plan, batch=1)}
+    seconds: dict[str, float] = {}
+    for stage in stage_order(plan):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(plan.stage_path(stage.name)), opts,
+                                    providers=["CPUExecutionProvider"])
+        feeds = {i.tensor.name: produced[i.source][i.tensor.name] for i in stage.inputs}
+        names = [o.tensor.name for o in stage.outputs]
+        sess.run(names, feeds)
+        times = []
+        for _ in range(RUNS):
+            t0 = time.perf_counter()
+            values = sess.run(names, feeds)
+            times.append(time.perf_counter() - t0)
+        produced[stage.name] = dict(zip(names, values, strict=True))
+        seconds[stage.name] = statistics.median(times)
+    return [seconds[s.name] for s in plan.stages]
+
+
+def _balance_models() -> dict[str, Any]:
+    import keras
+
+    from tests.converter import builders
+
+    def app(name: str) -> Any:
+        keras.utils.set_random_seed(0)
+        return getattr(keras.applications, name)(weights=None, input_shape=(128, 128, 3),
+                                                 classes=100)
+
+    return {"se_cnn": builders.se_cnn(), "transformer": builders.transformer(),
+            "gray_cnn": builders.gray_cnn(), "mobilenetv2": app("MobileNetV2"),
+            "resnet50": app("ResNet50")}
+
+
+def balance() -> None:
+    import json
+
+    import onnx
+
+    from converter import convert
+    from converter.api import analyze_model
+    from converter.export import load_model
+    from converter.split_layer import allowed_cuts
+
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(f"{'model':<12} {'nodes':>5} {'cuts':>5} {'K':>2} {'stages':>6} {'estimated':>9} "
+          f"{'profiled':>8} {'timed':>6} {'est/timed':>9} {'convert s':>9}")
+    with tempfile.TemporaryDirectory(prefix="bench-balance-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name, model in _balance_models().items():
+            src = tmp / f"{name}.onnx"
+            onnx.save(load_model(model), str(src))
+            analysis, _ = analyze_model(src)
+            cuts = len(allowed_cuts(analysis))
+            for k in (2, 4, 8):
+                out = tmp / f"{name}-k{k}"
+                plan, secs = _timed(convert, src, out, by="layer", stages=k, profile=True)
+                report = json.loads((out / "split.json").read_text())
+                timed = _timed_stages(out)
+                measured = max(timed) / (sum(timed) / len(timed))
+                est = report["estimated"]["balance"]
+                print(f"{name:<12} {analysis.n:>5} {cuts:>5} {k:>2} {len(plan.stages):>6} "
+                      f"{est:>9.3f} {report['measured']['balance']:>8.3f} {measured:>6.3f} "
+                      f"{est / measured:>9.2f} {secs:>9.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    balance() if sys.argv[1:] == ["balance"] else main()

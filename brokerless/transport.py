@@ -346,6 +346,11 @@ class BrokerlessTransport:
     def usable(self) -> bool:
         return self._state is not ConnectionState.CLOSED
 
+    @property
+    def connected(self) -> bool:
+        """Open (readiness: ``conveyor.app.observe.broker_check``)."""
+        return self._state is ConnectionState.OPEN
+
     def require(self, *states: ConnectionState) -> None:
         if self._state not in states:
             raise TransportClosed(f"brokerless connection is {self._state.value}")

@@ -12,10 +12,11 @@ from typing import Any, Literal
 from converter.costs import CostModel, estimate_costs, profile_costs
 from converter.export import load_model, sanitize
 from converter.extract import WiredStage, wire_chain, wire_dag
+from converter.fold import control_flow_note
 from converter.graph import Analysis, analyze
-from converter.plan_writer import check_target, write_plan
+from converter.plan_writer import check_target, split_report, write_plan
 from converter.split_function import parse_groups, split_by_function
-from converter.split_layer import split_by_layer
+from converter.split_layer import merge_slivers, split_by_layer
 from conveyor.errors import SplitError
 from conveyor.plan import Partitioning, Plan, Scheduling, SplitInfo
 
@@ -48,6 +49,7 @@ def convert(
     overwrite: bool = False,
     dims: Mapping[str, int] | None = None,
     batch_axes: Mapping[str, int] | None = None,
+    custom_objects: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Export ``model`` to ONNX, split it and write a plan directory at ``out_dir``.
 
@@ -59,26 +61,23 @@ def convert(
     onnxruntime time instead of FLOP estimates. ``external_threshold`` forces weights of
     at least that many bytes into external data files. ``dims``: representative sizes of
     symbolic dimensions (``height=640``) the costs are taken at; ``batch_axes``: inputs or
-    outputs whose batch is not on axis 0 (``converter.batch_axes``). Raises
+    outputs whose batch is not on axis 0 (``converter.batch_axes``); ``custom_objects``: for
+    loading a Keras file with custom layers. Raises
     ``ConversionError`` subclasses or ``ConfigError``.
     """
     out = Path(out_dir)
-    if by not in ("layer", "function"):
-        raise SplitError(f"unknown split {by!r}; use 'layer' or 'function'")
-    if stages is not None and stages < 1:
-        raise SplitError(f"--stages must be at least 1, got {stages}")
-    if groups and by != "function":
-        raise SplitError("--group applies to --by function only")
-    compiled = parse_groups(groups)
+    compiled = _checked_groups(by, stages, groups)
     check_target(out, overwrite=overwrite)
     partitioning = partitioning or Partitioning()
     scheduling = scheduling or Scheduling()
-    proto = load_model(model, opset=opset, batch_axes=batch_axes)
+    proto = load_model(model, opset=opset, batch_axes=batch_axes,
+                       custom_objects=custom_objects)
     analysis = analyze(proto, dims=dims)
-    costs = profile_costs(analysis) if profile else estimate_costs(analysis)
+    estimate = estimate_costs(analysis)
+    costs = profile_costs(analysis) if profile else estimate
+    notes: list[str] = []
     if by == "layer":
-        split = split_by_layer(analysis, costs, stages or DEFAULT_LAYER_STAGES)
-        wired = wire_chain(analysis, split.ranges(analysis.n))
+        wired = layer_stages(analysis, costs, stages or DEFAULT_LAYER_STAGES, notes)
     else:
         wired = function_stages(analysis, costs, compiled, stages or DEFAULT_FUNCTION_STAGES)
     return write_plan(
@@ -89,7 +88,33 @@ def convert(
         scheduling=scheduling,
         external_threshold=external_threshold,
         overwrite=overwrite,
+        report=split_report(analysis, wired, estimate, costs if profile else None, notes),
     )
+
+
+def _checked_groups(by: str, stages: int | None,
+                    groups: Sequence[str]) -> list[tuple[str, re.Pattern[str]]]:
+    if by not in ("layer", "function"):
+        raise SplitError(f"unknown split {by!r}; use 'layer' or 'function'")
+    if stages is not None and stages < 1:
+        raise SplitError(f"--stages must be at least 1, got {stages}")
+    if groups and by != "function":
+        raise SplitError("--group applies to --by function only")
+    return parse_groups(groups)
+
+
+def layer_stages(analysis: Analysis, costs: CostModel, k: int,
+                 notes: list[str]) -> list[WiredStage]:
+    """The layer split into ``k`` stages wired as a chain, slivers merged (``notes`` says)."""
+    stuck = control_flow_note(analysis.model)
+    if stuck and k > 1:
+        raise SplitError(f"{stuck}; serve it unsplit (--stages 1), or export it with the "
+                         "branch fixed")
+    split, merged = merge_slivers(analysis, costs, split_by_layer(analysis, costs, k))
+    for note in merged:
+        log.warning("%s", note)
+    notes.extend(merged)
+    return wire_chain(analysis, split.ranges(analysis.n))
 
 
 def function_stages(analysis: Analysis, costs: CostModel,
@@ -101,6 +126,12 @@ def function_stages(analysis: Analysis, costs: CostModel,
     should that pass ``max_stages``, the split is merged one stage further first.
     """
     drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages)
+    if len(drafts) == 1 and analysis.n > 1:
+        raise SplitError(
+            "the function split finds no parallel structure in this model: its layers form "
+            "one chain, so it would be one stage; use --by layer --stages K for a pipeline, "
+            "or name stages with --group NAME=REGEX"
+        )
     wired = wire_dag(analysis, drafts)
     if len(wired) > max_stages:
         drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages - 1)

@@ -1,6 +1,7 @@
 """The cost model the splitters balance: seconds per sample, compute plus transfer.
 
-By default a node's time is its FLOP estimate over a nominal ``FLOPS_PER_SECOND``;
+By default a node's time is its FLOP estimate over a nominal ``FLOPS_PER_SECOND`` plus a
+fixed ``NODE_SECONDS``;
 ``profile_costs`` measures it instead with onnxruntime's profiler on this machine. A
 stage also pays for the bytes its input cut carries, at a nominal ``BYTES_PER_SECOND``
 (encode, broker, decode). Both rates are nominal: only their ratio steers the split.
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from converter.graph import Analysis
+from converter.graph import FREE_OPS, Analysis
 from converter.probe import random_feed
 from conveyor.errors import ConversionError
 
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 FLOPS_PER_SECOND = 5e10
 BYTES_PER_SECOND = 1e9
+#: What running a node costs beyond its FLOPs (dispatch, a pass over memory). Without it
+#: small models were estimated 1.4-1.9x less balanced than they run; with 2 us every model
+#: of the issue-11 bench is within 25% at K = 4 (bench/RESULTS.md); 1 us left the small ones
+#: 1.2-1.4x off, 4 us over-corrected the grayscale CNN (0.85).
+NODE_SECONDS = 2e-6
+#: onnxruntime threads while profiling (see profile_costs).
+PROFILE_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,10 @@ class CostModel:
 
 
 def estimate_costs(analysis: Analysis) -> CostModel:
-    return CostModel(tuple(f / FLOPS_PER_SECOND for f in analysis.flops), "flops")
+    """FLOPs at ``FLOPS_PER_SECOND`` plus ``NODE_SECONDS`` for every node that computes."""
+    return CostModel(tuple(f / FLOPS_PER_SECOND + (0.0 if n.op_type in FREE_OPS else NODE_SECONDS)
+                           for f, n in zip(analysis.flops, analysis.nodes, strict=True)),
+                     "flops")
 
 
 def profile_costs(analysis: Analysis, *, runs: int = 10, seed: int = 0) -> CostModel:
@@ -54,8 +65,13 @@ def profile_costs(analysis: Analysis, *, runs: int = 10, seed: int = 0) -> CostM
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    # optimisations off: with them on, fused and re-laid-out nodes lose their names and
+    # their times (ResNet50: 3 of 4 stages then looked free)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    # one thread: a stage's time on a busy worker, not how well its ops spread over cores
+    # (ResNet50 in 4: 2 threads made the late 1x1 convolutions look 2x cheaper than they run)
+    opts.intra_op_num_threads = PROFILE_THREADS
     with tempfile.TemporaryDirectory(prefix="conveyor-profile-") as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")

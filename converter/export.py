@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ def runtime_limits() -> tuple[int, int]:
 
 # -- the file-facing wrapper --------------------------------------------------------------
 def load_model(source: Any, *, opset: int | None = None,
-               batch_axes: Mapping[str, int] | None = None) -> onnx.ModelProto:
+               batch_axes: Mapping[str, int] | None = None,
+               custom_objects: Mapping[str, Any] | None = None) -> onnx.ModelProto:
     """Any supported source -> a prepared ModelProto (weights loaded into memory).
 
     ``source``: an ``onnx.ModelProto``, a Keras model object, or a path to an ``.onnx``
@@ -74,7 +76,7 @@ def load_model(source: Any, *, opset: int | None = None,
     if isinstance(source, onnx.ModelProto):
         model = _convert_version(source, opset) if opset else source
     elif isinstance(source, str | os.PathLike):
-        model = _load_path(Path(source), opset)
+        model = _load_path(Path(source), opset, custom_objects)
     elif _looks_like_keras(source):
         model = keras_to_onnx(source, opset=opset or DEFAULT_OPSET)
     else:
@@ -85,7 +87,8 @@ def load_model(source: Any, *, opset: int | None = None,
     return prepare(model, batch_axes=batch_axes)
 
 
-def _load_path(path: Path, opset: int | None) -> onnx.ModelProto:
+def _load_path(path: Path, opset: int | None,
+               custom_objects: Mapping[str, Any] | None = None) -> onnx.ModelProto:
     if not path.exists():
         raise ModelLoadError(f"model {path} does not exist")
     if path.is_dir():
@@ -94,7 +97,8 @@ def _load_path(path: Path, opset: int | None) -> onnx.ModelProto:
         return saved_model_to_onnx(path, opset=opset or DEFAULT_OPSET)
     suffix = path.suffix.lower()
     if suffix in KERAS_SUFFIXES:
-        return keras_to_onnx(_load_keras_file(path), opset=opset or DEFAULT_OPSET)
+        return keras_to_onnx(_load_keras_file(path, custom_objects),
+                             opset=opset or DEFAULT_OPSET)
     if suffix == ".onnx":
         model = load_onnx(path)
         return _convert_version(model, opset) if opset else model
@@ -144,14 +148,54 @@ def _import_tf() -> Any:
     return tf
 
 
-def _load_keras_file(path: Path) -> Any:
+def _load_keras_file(path: Path, custom_objects: Mapping[str, Any] | None = None) -> Any:
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            head = f.read(8)
+        hint = ("it is an HDF5 file: rename it to .h5" if head == b"\x89HDF\r\n\x1a\n"
+                else "save it again with model.save('model.keras'), or convert the "
+                "SavedModel directory or .h5 file it came from")
+        raise ModelLoadError(f"{path} is not a Keras v3 .keras file (a zip archive); {hint}")
     _import_tf()
     import keras
 
     try:
-        return keras.models.load_model(str(path), compile=False)
+        return keras.models.load_model(str(path), compile=False,
+                                       custom_objects=dict(custom_objects or {}))
     except Exception as exc:  # Keras raises ValueError, OSError, h5py errors...
-        raise ModelLoadError(f"{path} is not a loadable Keras model: {exc}") from exc
+        hint = ("" if custom_objects else "; if it uses custom layers, pass "
+                "--custom-objects FILE.py (or a module name) defining them")
+        raise ModelLoadError(f"{path} is not a loadable Keras model: {exc}{hint}") from exc
+
+
+def load_custom_objects(spec: str) -> dict[str, Any]:
+    """The custom Keras objects a module defines: its ``CUSTOM_OBJECTS`` dict, else every
+    public class and function defined in it. ``spec``: a ``.py`` file or a module name."""
+    import importlib
+    import importlib.util
+
+    try:
+        if spec.endswith(".py"):
+            file = Path(spec)
+            if not file.is_file():
+                raise ModelLoadError(f"--custom-objects {spec}: no such file")
+            loader_spec = importlib.util.spec_from_file_location(file.stem, file)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ModelLoadError(f"--custom-objects {spec}: cannot import it")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # whatever the user's module raises on import
+        raise ModelLoadError(f"--custom-objects {spec}: importing it failed: {exc}") from exc
+    declared = getattr(module, "CUSTOM_OBJECTS", None)
+    if isinstance(declared, Mapping):
+        return dict(declared)
+    return {name: obj for name, obj in vars(module).items()
+            if not name.startswith("_") and callable(obj)
+            and getattr(obj, "__module__", None) == module.__name__}
 
 
 def sanitize(name: str) -> str:

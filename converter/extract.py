@@ -162,11 +162,12 @@ class StageExtractor:
         reads = {x for v in stage.nodes for x in a.node_inputs[v]}
         made = {o for n in nodes for o in n.output if o}
         out_names = {t for t, _, _ in stage.outputs}
+        nodes = [*self._from_wire(stage), *nodes, *self._to_wire(stage)]
         graph = helper.make_graph(
             nodes,
             stage.name,
-            [value_info(t, a.info(t)) for t, _ in stage.inputs],
-            [value_info(t, a.info(t)) for t, _, _ in stage.outputs],
+            [value_info(a.wire_name(t), a.info(t).batch_first()) for t, _ in stage.inputs],
+            [value_info(a.wire_name(t), a.info(t).batch_first()) for t, _, _ in stage.outputs],
             initializer=[self._inits[x] for x in sorted(reads) if x in self._inits],
             value_info=[self._vinfo[x] for x in sorted(made - out_names) if x in self._vinfo],
         )
@@ -180,6 +181,33 @@ class StageExtractor:
         model.producer_version = src.producer_version
         model.metadata_props.extend(src.metadata_props)
         return model
+
+
+    def _from_wire(self, stage: WiredStage) -> list[onnx.NodeProto]:
+        """Transposes from a received batch-first tensor back to the model's layout."""
+        out = []
+        for t, _ in stage.inputs:
+            wire, axis = self.analysis.wire_name(t), self.analysis.info(t).batch_axis
+            if wire != t and axis is not None:
+                rank = len(self.analysis.info(t).sample or ()) + 1
+                others = [i for i in range(rank) if i != axis]
+                perm = [0 if i == axis else others.index(i) + 1 for i in range(rank)]
+                out.append(helper.make_node("Transpose", [wire], [t], perm=perm,
+                                            name=f"{wire}__from_wire"))
+        return out
+
+    def _to_wire(self, stage: WiredStage) -> list[onnx.NodeProto]:
+        """Transposes making a sent tensor batch-first (not for one passed through)."""
+        received = {t for t, _ in stage.inputs}
+        out = []
+        for t, _, _ in stage.outputs:
+            wire, axis = self.analysis.wire_name(t), self.analysis.info(t).batch_axis
+            if wire != t and axis is not None and t not in received:
+                rank = len(self.analysis.info(t).sample or ()) + 1
+                perm = [axis, *[i for i in range(rank) if i != axis]]
+                out.append(helper.make_node("Transpose", [t], [wire], perm=perm,
+                                            name=f"{wire}__to_wire"))
+        return out
 
 
 def save_stage(model: onnx.ModelProto, path: Path, *, external_threshold: int | None) -> None:

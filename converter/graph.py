@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converter.fold import fold_constants
 from converter.probe import Probe, probe_model
 from conveyor.errors import UnsupportedModelError
 from conveyor.plan import BATCH
@@ -70,6 +71,22 @@ class TensorInfo:
         if self.probed:
             return self.batch_axis == 0
         return self.shape is None or (len(self.shape) > 0 and self.shape[0] in (BATCH, None))
+
+    @property
+    def cuttable(self) -> bool:
+        """A cut may carry it: batched, or seen batched on another axis (then it crosses
+        batch-first, see ``Analysis.wire_name``)."""
+        return self.batched or (self.probed and self.batch_axis is not None)
+
+    def batch_first(self) -> TensorInfo:
+        """What crosses a cut: the batch axis moved to the front."""
+        a = self.batch_axis
+        if not self.probed or a is None or a == 0:
+            return self
+        shape = self.shape
+        if shape is not None and a < len(shape):
+            shape = (BATCH, *shape[:a], *shape[a + 1:])
+        return replace(self, shape=shape, batch_axis=0)
 
     def concrete(self) -> tuple[int, ...] | None:
         """The shape of one sample with every dimension a number (the batch axis as 1)."""
@@ -127,6 +144,12 @@ class Analysis:
     def info(self, name: str) -> TensorInfo:
         return self.tensors.get(name, TensorInfo(0, None))
 
+    def wire_name(self, name: str) -> str:
+        """The name a tensor has between stages: ``NAME__batch_first`` when its batch is
+        not on axis 0 (the sending stage transposes it, the receiving one back)."""
+        info = self.info(name)
+        return name if info.batched or not info.cuttable else f"{name}__batch_first"
+
     def defined_at(self, name: str) -> int:
         """Index of the producing node, -1 for a graph input."""
         return self.producer.get(name, -1)
@@ -152,7 +175,7 @@ class Analysis:
             info = self.info(t)
             delta[start] += info.sample_bytes()
             delta[stop] -= info.sample_bytes()
-            if not info.batched:
+            if not info.cuttable:
                 unbatched[start] += 1
                 unbatched[stop] -= 1
         return np.cumsum(delta)[: n + 1], np.cumsum(unbatched)[: n + 1] == 0
@@ -172,6 +195,10 @@ def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
     """
     model = infer_shapes(constants_to_initializers(model))
     seen = probe_model(model, dims or {}) if probe else None
+    folded = fold_constants(model, seen) if seen is not None else None
+    if folded is not None:  # plan-time constants became initializers: look again
+        model = infer_shapes(folded)
+        seen = probe_model(model, dims or {})
     g = model.graph
     inits = {t.name: _tensor_bytes(t) for t in g.initializer}
     inits.update({s.values.name: _tensor_bytes(s.values) for s in g.sparse_initializer})
@@ -374,8 +401,8 @@ _ELEMENTWISE_COST = {"Softmax": 5.0, "LogSoftmax": 5.0, "BatchNormalization": 2.
                      "LayerNormalization": 8.0, "InstanceNormalization": 8.0, "Erf": 4.0,
                      "Gelu": 8.0, "Sigmoid": 4.0, "Tanh": 4.0, "Exp": 4.0, "Log": 4.0,
                      "HardSwish": 3.0, "Swish": 4.0, "Pow": 4.0, "Sqrt": 2.0, "Div": 2.0}
-_FREE = {"Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
-         "Constant", "ConstantOfShape", "Cast"}
+FREE_OPS = frozenset({"Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
+         "Constant", "ConstantOfShape", "Cast"})
 
 
 def _elements(info: TensorInfo) -> float:
@@ -408,7 +435,7 @@ def node_flops(node: onnx.NodeProto, reads: Sequence[str], tensors: dict[str, Te
         return out * math.prod(ks)
     if op.startswith(("Global", "Reduce")):
         return _elements(tensors.get(node.input[0], TensorInfo(0, None)))
-    if op in _FREE:
+    if op in FREE_OPS:
         return 0.0
     if any(_subgraphs(a) for a in node.attribute):
         return out * (1 + len(reads))

@@ -7,11 +7,13 @@ never leaves a partial plan behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from converter.costs import CostModel
 from converter.extract import StageExtractor, WiredStage, save_stage
@@ -28,7 +30,41 @@ from conveyor.plan import (
     StageInput,
     StageOutput,
     StageSpec,
+    TensorSpec,
 )
+
+#: The converter's own account of a split, next to plan.json: the sizes the costs were
+#: taken at, the estimated and (with --profile) measured share of every stage, and what
+#: was merged. Informational: workers never read it, the plan hash does not cover it.
+SPLIT_REPORT = "split.json"
+
+
+def stage_shares(analysis: Analysis, costs: CostModel,
+                 stages: Sequence[WiredStage]) -> tuple[list[float], float]:
+    """Every stage's share of the total cost under ``costs``, and the balance."""
+    raw = [sum(costs.node_seconds[v] for v in s.nodes)
+           + costs.transfer(sum(analysis.info(t).sample_bytes() for t, _ in s.inputs))
+           for s in stages]
+    total = sum(raw) or 1.0
+    return [c / total for c in raw], max(raw) / (total / len(raw))
+
+
+def split_report(analysis: Analysis, stages: Sequence[WiredStage], estimate: CostModel,
+                 measured: CostModel | None, notes: Sequence[str]) -> dict[str, Any]:
+    est, est_balance = stage_shares(analysis, estimate, stages)
+    report: dict[str, Any] = {
+        "dims": dict(analysis.dims), "probed": analysis.probed, "notes": list(notes),
+        "estimated": {"balance": est_balance, "shares": est},
+        "measured": None,
+    }
+    if measured is not None:
+        got, balance = stage_shares(analysis, measured, stages)
+        report["measured"] = {"balance": balance, "shares": got}
+    return report
+
+
+def _wire_spec(analysis: Analysis, name: str) -> TensorSpec:
+    return tensor_spec(analysis.wire_name(name), analysis.info(name).batch_first())
 
 
 def build_specs(analysis: Analysis, costs: CostModel,
@@ -45,8 +81,8 @@ def build_specs(analysis: Analysis, costs: CostModel,
         specs.append(StageSpec(
             name=s.name,
             file=f"{s.name}.onnx",
-            inputs=tuple(StageInput(tensor_spec(t, analysis.info(t)), src) for t, src in s.inputs),
-            outputs=tuple(StageOutput(tensor_spec(t, analysis.info(t)), cons, mo)
+            inputs=tuple(StageInput(_wire_spec(analysis, t), src) for t, src in s.inputs),
+            outputs=tuple(StageOutput(_wire_spec(analysis, t), cons, mo)
                           for t, cons, mo in s.outputs),
             cost=StageCost(
                 nodes=len(s.nodes),
@@ -74,6 +110,7 @@ def write_plan(
     scheduling: Scheduling | None = None,
     external_threshold: int | None = None,
     overwrite: bool = False,
+    report: Mapping[str, Any] | None = None,
 ) -> Plan:
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite=overwrite)
@@ -100,6 +137,8 @@ def write_plan(
             save_stage(extractor.extract(stage), tmp / spec.file,
                        external_threshold=external_threshold)
         plan = plan.save(tmp)
+        if report is not None:
+            (tmp / SPLIT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from conveyor.errors import ConfigError
 from conveyor.plan import MODEL_INPUT, PLAN_FILE, Plan
@@ -29,20 +33,72 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["  ".join(fmt), line, *body])
 
 
-def stage_table(plan: Plan) -> str:
+def stage_table(plan: Plan, report: Mapping[str, Any] | None = None) -> str:
+    """The stages as a table; with the converter's ``split.json``, the estimated and the
+    measured (``--profile``) share of every stage, the sizes costs were taken at, notes."""
+    est = (report or {}).get("estimated") or {}
+    got = (report or {}).get("measured") or {}
     rows = []
-    for s in plan.stages:
+    for i, s in enumerate(plan.stages):
         c = s.cost
         reads = ", ".join(sorted({"input" if i.source == MODEL_INPUT else i.source
                                   for i in s.inputs})) or "-"
-        rows.append([s.name, reads, str(c.nodes), _si(c.flops), _si(c.param_bytes, "B"),
-                     _si(c.in_bytes_per_sample, "B"), f"{100 * c.share:.1f}%"])
-    table = _table(["stage", "reads from", "nodes", "FLOPs", "params", "cut/sample", "share"],
-                   rows)
+        row = [s.name, reads, str(c.nodes), _si(c.flops), _si(c.param_bytes, "B"),
+               _si(c.in_bytes_per_sample, "B"), f"{100 * c.share:.1f}%"]
+        if report is not None:
+            row += [_pct(est.get("shares"), i), _pct(got.get("shares"), i)]
+        rows.append(row)
+    header = ["stage", "reads from", "nodes", "FLOPs", "params", "cut/sample", "share"]
+    if report is not None:
+        header += ["estimated", "measured"]
     sp = plan.split
-    return (f"plan {plan.name}: {len(plan.stages)} stage(s) by {sp.by}, opset {plan.opset}, "
+    text = (f"plan {plan.name}: {len(plan.stages)} stage(s) by {sp.by}, opset {plan.opset}, "
             f"balance {sp.balance:.3f} ({sp.cost_model}), partitioning "
-            f"{plan.partitioning.kind} x{plan.partitioning.shards}\n{table}")
+            f"{plan.partitioning.kind} x{plan.partitioning.shards}\n")
+    if report is not None:
+        dims = ", ".join(f"{k}={v}" for k, v in report.get("dims", {}).items()) or "none"
+        text += (f"symbolic dims taken at: {dims}; balance estimated "
+                 f"{est.get('balance', 0.0):.3f}, measured "
+                 + (f"{got['balance']:.3f}" if got else "- (convert with --profile)") + "\n")
+        text += "".join(f"note: {n}\n" for n in report.get("notes", []))
+    return text + _table(header, rows)
+
+
+def _pct(shares: Any, i: int) -> str:
+    return f"{100 * shares[i]:.1f}%" if isinstance(shares, list) and i < len(shares) else "-"
+
+
+def read_report(directory: Path) -> dict[str, Any] | None:
+    """The converter's ``split.json`` of a plan directory, None when absent or unreadable."""
+    from converter.plan_writer import SPLIT_REPORT
+
+    try:
+        data = json.loads((directory / SPLIT_REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+#: FLOP/s one replica sustains when the caller gives no figure: a few CPU cores running
+#: onnxruntime on small dense layers (measure yours: bench/, `--replica-flops`).
+DEFAULT_REPLICA_FLOPS = 2e10
+
+
+def replica_table(plan: Plan, rate: float, replica_flops: float = DEFAULT_REPLICA_FLOPS) -> str:
+    """Replicas each stage needs to serve ``rate`` samples/s, from the plan's FLOP estimates
+    and what one replica sustains; the plan's static schedule beside it."""
+    if rate <= 0 or replica_flops <= 0:
+        raise ConfigError(f"--rate and --replica-flops must be > 0, got {rate} and {replica_flops}")
+    rows = []
+    for s in plan.stages:
+        need = rate * s.cost.flops
+        replicas = max(1, math.ceil(need / replica_flops))
+        rows.append([s.name, _si(s.cost.flops), _si(need, "FLOP/s"), str(replicas),
+                     str(plan.scheduling.for_stage(s.name).workers)])
+    table = _table(["stage", "FLOPs/sample", "needed", "replicas", "planned"], rows)
+    return (f"replicas for {rate:g} samples/s at {_si(replica_flops, 'FLOP/s')} per replica "
+            f"(set the plan's scheduling workers to them, or let KEDA scale from there):\n"
+            f"{table}")
 
 
 def plan_dot(plan: Plan) -> str:
@@ -67,7 +123,7 @@ def inspect_target(target: Path) -> tuple[str, str]:
     """(text, DOT) for a plan directory or an ONNX model file."""
     if target.is_dir() and (target / PLAN_FILE).exists():
         plan = Plan.load(target)
-        return stage_table(plan) + f"\nhash {plan.hash}", plan_dot(plan)
+        return stage_table(plan, read_report(target)) + f"\nhash {plan.hash}", plan_dot(plan)
     if target.is_dir():
         raise ConfigError(f"{target} is a directory without {PLAN_FILE}: not a plan")
     return model_summary(target)

@@ -77,6 +77,7 @@ def function_keys(analysis: Analysis,
             keys.append((parts[common], False))
         else:
             keys.append((f"#{k}", False))
+    _shared_preprocessing(analysis, keys)
     unmatched = [g for g, count in matched.items() if count == 0]
     if unmatched:
         raise SplitError(
@@ -84,6 +85,24 @@ def function_keys(analysis: Analysis,
             f"(names look like {names[0]!r}, {names[len(names) // 2]!r})"
         )
     return keys
+
+
+def _shared_preprocessing(analysis: Analysis, keys: list[tuple[str, bool]]) -> None:
+    """Nodes that read model inputs only and feed several keys get a key of their own.
+
+    tf2onnx names the layout Transpose that two towers share after one of them
+    (``towerB_.../convolution__6``); left in that tower, the other one would wait for it.
+    """
+    readers: dict[str, set[str]] = {}
+    for v, reads in enumerate(analysis.node_inputs):
+        for x in reads:
+            readers.setdefault(x, set()).add(keys[v][0])
+    for v, node in enumerate(analysis.nodes):
+        if any(x in analysis.producer for x in analysis.node_inputs[v]):
+            continue
+        fed = set().union(*(readers.get(o, set()) for o in node.output))
+        if len(fed) > 1:
+            keys[v] = ("input", False)
 
 
 class _SegmentGraph:
@@ -219,7 +238,7 @@ def _merge_unbatched_edges(analysis: Analysis, graph: _SegmentGraph) -> None:
         for v, reads in enumerate(analysis.node_inputs):
             for x in reads:
                 p = analysis.producer.get(x)
-                if p is not None and seg_of[p] != seg_of[v] and not analysis.info(x).batched:
+                if p is not None and seg_of[p] != seg_of[v] and not analysis.info(x).cuttable:
                     bad = (seg_of[p], seg_of[v], x)
                     break
             if bad:

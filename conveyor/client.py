@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 import numpy as np
 
+from conveyor.client_checks import NoConsumerPolicy, no_consumer_message
 from conveyor.client_packs import Outgoing, PackSender, packable
 from conveyor.eager import mark_eager
 from conveyor.envelope import (
@@ -66,12 +67,14 @@ from conveyor.errors import (
     ConfigError,
     ConveyorError,
     DeadlineExceeded,
+    NoConsumerError,
     TransportClosed,
 )
 from conveyor.packs import REPLY_PACK_TYPE, unpack_replies
 from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology
+from conveyor.tracing import current_traceparent
 from conveyor.transport import Message, QueueSpec, Reconnecting
 from conveyor.wire import check_tensor, encode
 
@@ -125,6 +128,9 @@ class Client:
     ``Client(plan, transport)`` uses a transport that the caller opened and closes;
     ``Client(plan, opener=...)`` opens one when the client opens and closes what the
     opener put on its stack when the client closes (``conveyor.connect`` does this).
+    ``on_no_consumer``: when the first request finds no worker consuming the plan's input
+    queue(s), ``"warn"`` (default) logs once which command starts one, ``"fail"`` raises
+    ``NoConsumerError`` (``conveyor infer``), ``"off"`` does not look.
     ``declare_topology`` (default on) declares the plan's exchanges and queues at open;
     turn it off where an admin step declared them and this client may not.
     """
@@ -140,6 +146,7 @@ class Client:
         durable: bool = True,
         pack: bool = True,
         declare_topology: bool = True,
+        on_no_consumer: NoConsumerPolicy = "warn",
     ) -> None:
         if (transport is None) == (opener is None):
             raise ConfigError("give a Client exactly one of transport= and opener=")
@@ -171,6 +178,9 @@ class Client:
         self._reply_prefetch = reply_prefetch
         self._durable = durable
         self._declare_topology = declare_topology
+        self._on_no_consumer = on_no_consumer
+        #: The first request checks that a worker consumes the input (``client_checks``).
+        self._consumers_unchecked = on_no_consumer != "off"
         self._state = ClientState.NEW
         self._pending: dict[str, Outgoing] = {}
         self._given = transport
@@ -344,7 +354,9 @@ class Client:
 
         ``timeout`` (seconds, default the client's) becomes the request's absolute
         deadline, carried in the message so workers drop it unrun once it has passed.
-        ``key`` is the partition key (hash or range partitioning). Raises
+        ``key`` is the partition key (hash or range partitioning). ``trace_id`` (a W3C
+        ``traceparent``, or any string) names the trace; by default the caller's
+        OpenTelemetry span continues, else a new trace starts (``conveyor.tracing``). Raises
         ``DeadlineExceeded``, ``BackpressureError`` (the input queue is full),
         ``InferenceError`` (the worker's message), ``CodecError``, ``TransportError``
         (``TransportClosed`` when the client closes first). Cancelling the call abandons
@@ -355,6 +367,8 @@ class Client:
         if wait <= 0:
             raise ConfigError(f"timeout must be positive, got {wait}")
         arrays = self.validate(inputs)
+        if self._consumers_unchecked:
+            await self._check_consumers(transport)
         request_id = f"{self._id_prefix}{next(self._ids):x}"
         routing_key, meta = self._meta(request_id, wait, key, trace_id)
         loop = asyncio.get_running_loop()
@@ -383,17 +397,32 @@ class Client:
             expiry.cancel()
             self._pending.pop(request_id, None)
 
+    async def _check_consumers(self, transport: Transport) -> None:
+        problem = await no_consumer_message(transport, self.plan)
+        if problem is None:
+            self._consumers_unchecked = False  # someone answers: never ask again
+            return
+        if self._on_no_consumer == "fail":
+            raise NoConsumerError(problem)
+        self._consumers_unchecked = False  # warn once
+        log.warning("conveyor client: %s", problem)
+
     def _meta(
         self, request_id: str, wait: float, key: str | None, trace_id: str | None
     ) -> tuple[str, RequestMeta]:
         """The routing key and envelope of one request due within ``wait`` seconds."""
-        deadline = time.time() + wait
-        if key is None and trace_id is None and self._random_partitions and wait < _NO_DEADLINE:
-            # The fields every request shares were checked once in __init__.
-            meta = RequestMeta.trusted(
-                request_id, self.reply_queue, deadline, self.plan.hash, self.pack
-            )
-            return "", meta
+        now = time.time()
+        deadline = now + wait
+        if trace_id is None:
+            trace_id = current_traceparent()
+            if key is None and self._random_partitions and wait < _NO_DEADLINE:
+                # The fields every request shares were checked once in __init__; the
+                # traceparent and the send time are ours.
+                meta = RequestMeta.trusted(
+                    request_id, self.reply_queue, deadline, self.plan.hash, self.pack,
+                    trace_id=trace_id, sent=now,
+                )
+                return "", meta
         meta = RequestMeta(
             request_id=request_id,
             reply_to=self.reply_queue,
@@ -402,6 +431,7 @@ class Client:
             trace_id=trace_id,
             key=key,
             packed_replies=self.pack,
+            sent=now,
         )
         return partition_routing_key(self.plan.partitioning, key), meta
 

@@ -19,7 +19,14 @@ language can publish a request:
 ``packed_replies``     ``x-conveyor-replies``       ``"packed"``: the client reads reply packs
                                                     (``conveyor.packs``); absent or ``"single"``:
                                                     one reply per request
+``sent``               ``x-conveyor-sent``          unix time the client sent it (decimal
+                                                    string); workers measure end-to-end time
 =====================  ==========================  ==========================================
+
+``trace_id`` holds a W3C ``traceparent`` (``00-<32 hex trace id>-<16 hex parent id>-<2 hex
+flags>``) when the sender follows Trace Context, as the SDK does (``conveyor.tracing``); any
+other string is carried unchanged. A plain AMQP client may send the standard ``traceparent``
+header instead; it is read when ``x-conveyor-trace`` is absent.
 
 Replies carry ``x-conveyor-status`` (``"ok"`` or ``"error"``); an error reply also carries
 ``x-conveyor-error`` (the ``ConveyorError.code``) and a msgpack body
@@ -58,6 +65,9 @@ HEADER_ATTEMPT = "x-conveyor-attempt"
 HEADER_TRACE = "x-conveyor-trace"
 HEADER_KEY = "x-conveyor-key"
 HEADER_REPLIES = "x-conveyor-replies"
+HEADER_SENT = "x-conveyor-sent"
+#: The W3C Trace Context header name (read when ``x-conveyor-trace`` is absent).
+HEADER_TRACEPARENT = "traceparent"
 HEADER_STATUS = "x-conveyor-status"
 HEADER_ERROR = "x-conveyor-error"
 
@@ -92,6 +102,8 @@ class RequestMeta:
     key: str | None = None
     #: The client reads reply packs (several answers in one message, ``conveyor.packs``).
     packed_replies: bool = False
+    #: Unix time the client sent the request (end-to-end latency at the last stage).
+    sent: float | None = None
 
     def __post_init__(self) -> None:
         _check_short_str("request_id", self.request_id, allow_empty=False)
@@ -108,6 +120,8 @@ class RequestMeta:
             _check_short_str("key", self.key, allow_empty=True)
         if not isinstance(self.packed_replies, bool):
             raise CodecError(f"packed_replies must be a bool, got {self.packed_replies!r:.40}")
+        if self.sent is not None:
+            object.__setattr__(self, "sent", _number("sent", self.sent))
 
     def headers(self) -> dict[str, HeaderValue]:
         """The ``x-conveyor-*`` headers of this request (unset fields are left out)."""
@@ -125,6 +139,8 @@ class RequestMeta:
             h[HEADER_KEY] = self.key
         if self.packed_replies:
             h[HEADER_REPLIES] = REPLIES_PACKED
+        if self.sent is not None:
+            h[HEADER_SENT] = repr(self.sent)
         return h
 
     def to_message(self, body: bytes) -> Message:
@@ -148,6 +164,7 @@ class RequestMeta:
         attempt: int = 1,
         trace_id: str | None = None,
         key: str | None = None,
+        sent: float | None = None,
     ) -> RequestMeta:
         """A request's meta from fields the caller has already checked (hot paths: the
         client's own ids with a reply queue and plan hash checked once; pack entries that
@@ -162,6 +179,7 @@ class RequestMeta:
             ("trace_id", trace_id),
             ("key", key),
             ("packed_replies", packed_replies),
+            ("sent", sent),
         ):
             object.__setattr__(meta, name, value)
         return meta
@@ -177,6 +195,9 @@ class RequestMeta:
         plan = _header(h, HEADER_PLAN)
         attempt = _header(h, HEADER_ATTEMPT)
         trace = _header(h, HEADER_TRACE)
+        if trace is None:
+            trace = _header(h, HEADER_TRACEPARENT)
+        sent = _header(h, HEADER_SENT)
         key = _header(h, HEADER_KEY)
         replies = _header(h, HEADER_REPLIES)
         # Each field is checked as it is read: build without __post_init__'s second pass.
@@ -198,6 +219,7 @@ class RequestMeta:
             ),
             ("key", None if key is None else _short_str(HEADER_KEY, key, allow_empty=True)),
             ("packed_replies", False if replies is None else _replies(replies)),
+            ("sent", None if sent is None else _number(HEADER_SENT, sent)),
         ):
             object.__setattr__(meta, name, value)
         return meta
@@ -393,6 +415,7 @@ def plain_entry(
     attempt: object,
     trace_id: object,
     key: object,
+    sent: object = None,
 ) -> bool:
     """True when these decoded fields certainly pass ``RequestMeta``'s checks: exact types,
     strings short enough (an ASCII string's length is its UTF-8 size; 63 characters of
@@ -407,6 +430,7 @@ def plain_entry(
         and 1 <= attempt <= MAX_ATTEMPT
         and (trace_id is None or _plain_str(trace_id, 1))
         and (key is None or _plain_str(key, 0))
+        and (sent is None or (type(sent) is float and math.isfinite(sent)))
     )
 
 

@@ -18,7 +18,8 @@ they enter our code, with ``raise ... from exc``, so callers catch ours only.
     │   ├── TransportClosed          used after close (an orderly state, not a fault)
     │   ├── ChannelBroken            the channel or connection died under an operation
     │   ├── UnroutableError          a mandatory publish that reached no queue
-    │   └── BackpressureError        a queue is full (reject-publish) or the publish was nacked
+    │   ├── BackpressureError        a queue is full (reject-publish) or the publish was nacked
+    │   └── NoConsumerError          no worker consumes the queue a request would wait in
     ├── InferenceError               a stage failed to run a request (carries the worker's text)
     ├── DeadlineExceeded             a request's deadline passed before it was answered
     └── RemoteError                  an error reply from a worker of a type we do not know
@@ -107,6 +108,12 @@ class BackpressureError(TransportError):
     def __init__(self, message: str, *, queue: str | None = None) -> None:
         super().__init__(message)
         self.queue = queue
+
+
+class NoConsumerError(TransportError):
+    """Nothing consumes a plan's input queue(s): a request would only wait for its timeout."""
+
+    code = "no_consumer"
 
 
 class InferenceError(ConveyorError):

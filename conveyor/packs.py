@@ -13,11 +13,14 @@ them (``RequestMeta.packed_replies``, header ``x-conveyor-replies: packed``); pl
 clients that do not set it get one reply per request. Error replies always go one by one.
 
 Both formats share the request entry of stage messages:
-``{"id", "reply_to", "deadline", "attempt", "trace", "key", "rows"}`` (+ ``"packed": true``).
+``{"id", "reply_to", "deadline", "attempt", "trace", "key", "rows"}`` (+ ``"packed": true``,
++ ``"sent"``: the client's send time). A stage message's meta also says ``"at"``: when it was
+published (unix seconds), from which the next worker measures its wait in the broker.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -51,6 +54,8 @@ def request_entry(meta: RequestMeta, rows: int) -> dict[str, wire.MetaValue]:
     }
     if meta.packed_replies:
         entry["packed"] = True
+    if meta.sent is not None:
+        entry["sent"] = meta.sent
     return entry
 
 
@@ -69,10 +74,11 @@ def read_request_entries(raw: object, plan_hash: str) -> list[tuple[RequestMeta,
             raise CodecError(f"stage message request 'packed' must be a bool, got {packed!r:.40}")
         rid, reply_to, deadline = entry.get("id"), entry.get("reply_to"), entry.get("deadline")
         attempt, trace, key = entry.get("attempt", 1), entry.get("trace"), entry.get("key")
-        if plan_checked and plain_entry(rid, reply_to, deadline, attempt, trace, key):
+        sent = entry.get("sent")
+        if plan_checked and plain_entry(rid, reply_to, deadline, attempt, trace, key, sent):
             # The common case, without RequestMeta's per-field checks (same verdict).
             request = RequestMeta.trusted(
-                rid, reply_to, deadline, plan_hash, packed, attempt, trace, key  # type: ignore[arg-type]
+                rid, reply_to, deadline, plan_hash, packed, attempt, trace, key, sent  # type: ignore[arg-type]
             )
             requests.append((request, rows))
             continue
@@ -86,6 +92,7 @@ def read_request_entries(raw: object, plan_hash: str) -> list[tuple[RequestMeta,
                 trace_id=entry.get("trace"),
                 key=entry.get("key"),
                 packed_replies=packed,
+                sent=sent,
             )
         except KeyError as exc:
             raise CodecError("stage message request entry has no 'id'") from exc
@@ -103,6 +110,9 @@ class StageMessage:
     source: str
     requests: tuple[tuple[RequestMeta, int], ...]
     tensors: Mapping[str, np.ndarray]
+    #: Unix time this message was published (meta ``"at"``; a plain request's ``sent``),
+    #: None when the sender did not say: the time it waited in the broker's queue.
+    at: float | None = None
 
 
 def encode_stage_message(
@@ -120,6 +130,7 @@ def encode_stage_message(
         "plan": plan_hash,
         "src": source,
         "requests": [request_entry(m, rows) for m, rows in requests],
+        "at": time.time(),
     }
     first = requests[0][0]
     envelope = RequestMeta(
@@ -147,7 +158,9 @@ def decode_stage_message(body: bytes) -> StageMessage:
         raise CodecError("stage message meta needs str 'plan' and 'src'")
     requests = read_request_entries(meta.get("requests"), plan)
     _check_rows(decoded.tensors, sum(rows for _, rows in requests), "stage message")
-    return StageMessage(plan, source, tuple(requests), decoded.tensors)
+    at = meta.get("at")
+    sent = at if type(at) is float else None
+    return StageMessage(plan, source, tuple(requests), decoded.tensors, sent)
 
 
 def pack_requests(
@@ -174,7 +187,8 @@ def read_requests(message: Message, *, ingress: bool) -> StageMessage:
         return decode_stage_message(message.body)
     meta = RequestMeta.from_message(message)
     tensors = wire.decode(message.body).tensors
-    return StageMessage(meta.plan_hash, CLIENT_SOURCE, ((meta, request_rows(tensors)),), tensors)
+    rows = request_rows(tensors)
+    return StageMessage(meta.plan_hash, CLIENT_SOURCE, ((meta, rows),), tensors, meta.sent)
 
 
 def request_rows(tensors: Mapping[str, np.ndarray]) -> int:

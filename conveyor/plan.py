@@ -31,6 +31,7 @@ BATCH = "batch"
 Dim = int | str
 PartitionKind = Literal["random", "hash", "range"]
 SplitKind = Literal["layer", "function", "none"]
+QueueType = Literal["classic", "quorum"]
 ALLOWED_DTYPES = frozenset(
     {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
      "float16", "float32", "float64"}
@@ -136,12 +137,22 @@ class StageSchedule:
     prefetch_max: int = 64
 
 
+#: Defaults of the dead-letter queue's bounds (``Scheduling``): a week, 100,000 messages.
+DEAD_LETTER_TTL_S = 7 * 24 * 3600.0
+DEAD_LETTER_MAX = 100_000
+
+
 @dataclass(frozen=True)
 class Scheduling:
     default: StageSchedule = field(default_factory=StageSchedule)
     stages: Mapping[str, StageSchedule] = field(default_factory=dict)
     #: hybrid: at most this many flexible workers moved between stages at once.
     max_moves: int = 1
+    #: The dead-letter queue keeps a message this long (seconds) and at most this many
+    #: (the oldest go first): it cannot fill the broker's disk. Written to plan.json only
+    #: when changed, so plans saved before these settings keep their hash.
+    dead_letter_ttl_s: float = DEAD_LETTER_TTL_S
+    dead_letter_max: int = DEAD_LETTER_MAX
 
     def for_stage(self, name: str) -> StageSchedule:
         return self.stages.get(name, self.default)
@@ -157,6 +168,20 @@ class SplitInfo:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """What kind of RabbitMQ queues carry the plan's requests (input and stage queues)."""
+
+    #: ``"quorum"``: replicated over the cluster, survives the loss of a minority of nodes,
+    #: dead-letters after ``delivery_limit`` returns. ``"classic"``: one node's queue.
+    #: None (not chosen): classic for a local run, quorum in the stacks that
+    #: ``conveyor deploy`` generates (docs/deploy.md).
+    type: QueueType | None = None
+    #: quorum queues: dead-letter a message returned more than this many times (a request
+    #: that crashes its worker); None: RabbitMQ's default (no limit before 4.0).
+    delivery_limit: int | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     opset: int
@@ -166,6 +191,7 @@ class Plan:
     split: SplitInfo = field(default_factory=SplitInfo)
     partitioning: Partitioning = field(default_factory=Partitioning)
     scheduling: Scheduling = field(default_factory=Scheduling)
+    queues: QueueSettings = field(default_factory=QueueSettings)
     hash: str = ""
     #: Where the plan was loaded from or saved to; not part of the JSON.
     directory: Path | None = field(default=None, compare=False)
@@ -200,19 +226,29 @@ class Plan:
         *,
         partitioning: Partitioning | None = None,
         scheduling: Scheduling | None = None,
+        queues: QueueSettings | None = None,
     ) -> Plan:
         """A copy with other settings (rehash with ``save``)."""
         return replace(
             self,
             partitioning=partitioning or self.partitioning,
             scheduling=scheduling or self.scheduling,
+            queues=queues or self.queues,
         )
 
     # -- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("directory")
-        d["scheduling"]["stages"] = dict(self.scheduling.stages)
+        d["scheduling"]["stages"] = {k: asdict(v) for k, v in self.scheduling.stages.items()}
+        if self.queues == QueueSettings():
+            # absent when not chosen: plans written before the setting keep their hash
+            d.pop("queues")
+        for key, default in (
+            ("dead_letter_ttl_s", DEAD_LETTER_TTL_S), ("dead_letter_max", DEAD_LETTER_MAX)
+        ):
+            if d["scheduling"][key] == default:
+                del d["scheduling"][key]
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -233,7 +269,10 @@ class Plan:
                     default=StageSchedule(**sched.get("default", {})),
                     stages={k: StageSchedule(**v) for k, v in sched.get("stages", {}).items()},
                     max_moves=int(sched.get("max_moves", 1)),
+                    dead_letter_ttl_s=float(sched.get("dead_letter_ttl_s", DEAD_LETTER_TTL_S)),
+                    dead_letter_max=int(sched.get("dead_letter_max", DEAD_LETTER_MAX)),
                 ),
+                queues=_queues(d.get("queues", {})),
                 hash=str(d.get("hash", "")),
                 directory=directory,
             )
@@ -360,3 +399,13 @@ def _partitioning(d: Mapping[str, Any]) -> Partitioning:
         range_on=str(d.get("range_on", "key")),
         boundaries=tuple(float(b) for b in d.get("boundaries", ())),
     )
+
+
+def _queues(d: Mapping[str, Any]) -> QueueSettings:
+    kind = d.get("type")
+    if kind not in (None, "classic", "quorum"):
+        raise PlanError(f"queues.type must be 'classic' or 'quorum', got {kind!r}")
+    limit = d.get("delivery_limit")
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 0):
+        raise PlanError(f"queues.delivery_limit must be a count >= 0, got {limit!r}")
+    return QueueSettings(type=kind, delivery_limit=None if limit is None else int(limit))

@@ -2,7 +2,8 @@
 
 What gets declared for a plan with topology ``T`` (names from ``conveyor.topology``):
 
-* ``T.dead_letter_exchange`` (fanout) and ``T.dead_letter_queue`` bound to it.
+* ``T.dead_letter_exchange`` (fanout) and ``T.dead_letter_queue`` bound to it, bounded by
+  the plan's ``scheduling.dead_letter_ttl_s`` and ``dead_letter_max`` (oldest dropped).
 * ``T.input_exchange``: ``x-random`` for random partitioning, ``direct`` for hash / range;
   one queue ``T.input_queue(i)`` per shard, bound with ``initial_bindings``.
 * For every stage but ``plan.stages[0]`` (which reads the input shards): ``T.stage_exchange``.
@@ -12,14 +13,19 @@ What gets declared for a plan with topology ``T`` (names from ``conveyor.topolog
   queues ``T.stage_queue(s, i)`` bound with weight ``"1"``.
 * ``T.control_exchange`` (topic) for heartbeats and controller commands.
 
-Every input and stage queue dead-letters to ``T.dead_letter_exchange``. Re-declaring with
+Every input and stage queue dead-letters to ``T.dead_letter_exchange``. They are quorum
+queues (durable, replicated, with the plan's delivery limit) when the plan's
+``queues.type`` or the caller's ``queue_type`` says ``"quorum"``; then every exchange and
+queue here is durable. Re-declaring with
 the same arguments is a no-op on both transports, so every process may call this at start.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from conveyor.errors import TransportClosed, TransportError
-from conveyor.plan import Plan, StageSpec
+from conveyor.plan import Plan, QueueType, StageSpec
 from conveyor.topology import Topology, initial_bindings
 from conveyor.transport import ExchangeSpec, ExchangeType, QueueSpec, Transport
 
@@ -54,18 +60,57 @@ async def _queue_exists(transport: Transport, queue: str) -> bool:
     return True
 
 
-async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bool = True) -> None:
+@dataclass(frozen=True)
+class _Queues:
+    """How this declaration makes the plan's queues."""
+
+    durable: bool
+    quorum: bool
+    delivery_limit: int | None
+
+    def spec(self, name: str, dead_letter_exchange: str | None = None) -> QueueSpec:
+        return QueueSpec(
+            name, durable=self.durable, dead_letter_exchange=dead_letter_exchange,
+            quorum=self.quorum, delivery_limit=self.delivery_limit if self.quorum else None,
+        )
+
+
+def _queues(plan: Plan, durable: bool, queue_type: QueueType | None) -> _Queues:
+    quorum = (queue_type or plan.queues.type) == "quorum"
+    return _Queues(durable or quorum, quorum, plan.queues.delivery_limit)
+
+
+async def declare_plan_topology(
+    transport: Transport,
+    plan: Plan,
+    *,
+    durable: bool = True,
+    queue_type: QueueType | None = None,
+) -> None:
     """Declare the plan's exchanges, queues and bindings on ``transport`` (idempotent).
 
     Durable exchanges and queues by default, so that the topology and the persistent
     messages in it survive a broker restart; ``durable=False`` for throw-away deployments.
     Every process of one deployment must pass the same value: RabbitMQ refuses a
     re-declaration with other flags (the embedded broker ignores it).
+    ``queue_type`` overrides the plan's ``queues.type`` (None: the plan's, classic when the
+    plan chose none); quorum implies durable.
     """
     topo = Topology.of(plan)
+    queues = _queues(plan, durable, queue_type)
+    durable = queues.durable
     dlx = topo.dead_letter_exchange
     await transport.declare_exchange(ExchangeSpec(dlx, ExchangeType.FANOUT, durable=durable))
-    await transport.declare_queue(QueueSpec(topo.dead_letter_queue, durable=durable))
+    sched = plan.scheduling
+    await transport.declare_queue(
+        replace(
+            queues.spec(topo.dead_letter_queue),
+            # Bounded: the oldest dead letters go first (drop-head), none stays forever.
+            max_length=sched.dead_letter_max,
+            overflow="drop-head",
+            message_ttl_ms=int(sched.dead_letter_ttl_s * 1000),
+        )
+    )
     await transport.bind_queue(topo.dead_letter_queue, dlx, "")
     await transport.declare_exchange(
         ExchangeSpec(topo.control_exchange, ExchangeType.TOPIC, durable=durable)
@@ -80,7 +125,7 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
         # controller owns them (it may have moved a key; re-binding it here would send that
         # key to two shards). docs/scheduling.md, "Who owns the bindings".
         fresh = part.kind == "random" or not await _queue_exists(transport, queue)
-        await transport.declare_queue(QueueSpec(queue, durable=durable, dead_letter_exchange=dlx))
+        await transport.declare_queue(queues.spec(queue, dlx))
         if fresh:
             for key in keys:
                 await transport.bind_queue(queue, topo.input_exchange, key)
@@ -95,18 +140,14 @@ async def declare_plan_topology(transport: Transport, plan: Plan, *, durable: bo
             )
             for i in range(join_shards(plan, stage)):
                 queue = topo.stage_queue(stage.name, i)
-                await transport.declare_queue(
-                    QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
-                )
+                await transport.declare_queue(queues.spec(queue, dlx))
                 await transport.bind_queue(queue, exchange, "1")
         else:
             await transport.declare_exchange(
                 ExchangeSpec(exchange, ExchangeType.DIRECT, durable=durable)
             )
             queue = topo.stage_queue(stage.name)
-            await transport.declare_queue(
-                QueueSpec(queue, durable=durable, dead_letter_exchange=dlx)
-            )
+            await transport.declare_queue(queues.spec(queue, dlx))
             await transport.bind_queue(queue, exchange, stage.name)
 
 

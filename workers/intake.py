@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,6 +115,7 @@ class Intake:
             return read_requests(delivery.message, ingress=ingress)
         except CodecError as exc:
             runner.counters.errors += 1
+            runner.timings.failed(exc.code)
             await self._fail_unparsed(lot(1), delivery.message, exc)
             return None
 
@@ -131,6 +133,10 @@ class Intake:
         share the message's dtypes and dims 1..n, so the tensors are checked once for
         all (per request only when a spec fixes the batch dimension itself)."""
         settlement = lot(len(msg.requests))
+        arrived = time.perf_counter()
+        if msg.at is not None and runner.timings.enabled:
+            # Clocks of other hosts may run ahead: a negative wait counts as none.
+            runner.timings.queue_wait.observe(max(0.0, time.time() - msg.at), len(msg.requests))
         bad: CodecError | None = None
         if not per_request:
             try:
@@ -138,7 +144,7 @@ class Intake:
             except CodecError as exc:
                 bad = exc
         for (meta, rows), piece in zip(msg.requests, request_pieces(msg), strict=True):
-            request = Request(meta, rows, settlement.request())
+            request = Request(meta, rows, settlement.request(), arrived)
             error = self._admission_error(meta, msg.plan_hash) or wrong_source
             if error is not None:
                 await self._refuse(runner, request, error)
@@ -150,7 +156,8 @@ class Intake:
                     check(piece)
             except CodecError as exc:
                 runner.counters.errors += 1
-                await self.outbox.fail(request, exc, Outcome.FAILED)
+                runner.timings.failed(exc.code)
+                await self.outbox.fail(request, exc, Outcome.FAILED, stage=self._stage(runner))
                 continue
             await submit(Item(request, piece))
 
@@ -170,12 +177,13 @@ class Intake:
     async def _refuse(self, runner: StageRunner, request: Request, error: ConveyorError) -> None:
         """Answer a request refused at admission: an expired one is acked (dropped, not
         run); any other refusal (plan hash, wrong source) is dead-lettered."""
+        runner.timings.failed(error.code)
         if isinstance(error, DeadlineExceeded):
             runner.counters.expired += 1
-            await self.outbox.fail(request, error, Outcome.OK)
+            await self.outbox.fail(request, error, Outcome.OK, stage=self._stage(runner))
         else:
             runner.counters.errors += 1
-            await self.outbox.fail(request, error, Outcome.FAILED)
+            await self.outbox.fail(request, error, Outcome.FAILED, stage=self._stage(runner))
 
     async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
         """A message we cannot read: dead-letter it; answer if its envelope allows."""
@@ -185,11 +193,17 @@ class Intake:
         if meta is None and message.message_id and message.reply_to:
             with contextlib.suppress(CodecError):
                 meta = RequestMeta(message.message_id, reply_to=message.reply_to)
+        if meta is not None:
+            self.outbox.request_log.failure(meta, error, stage=None, dead_lettered=True)
         if meta is not None and meta.reply_to:
             await self.outbox.send_error(meta, error)
         else:
             log.warning("dead-lettering an unreadable message: %s", error)
         await lot.done(Outcome.FAILED)
+
+    def _stage(self, runner: StageRunner) -> str:
+        """The plan stage a runner's failures are reported under (the ingress: the first)."""
+        return self.plan.stages[0].name if runner.name == MODEL_INPUT else runner.name
 
     def _model_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
         """``CodecError`` unless ``tensors`` fit the plan's inputs."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -27,6 +28,8 @@ from conveyor.packs import encode_stage_message, pack_replies
 from conveyor.topology import Topology
 from conveyor.transport import Message, Transport
 from workers.batching import split
+from workers.logs import RequestLog
+from workers.metrics import StageTimings
 from workers.runner import Request
 from workers.session import StageSession, Tensor
 from workers.settlement import Outcome
@@ -40,6 +43,7 @@ class Outbox:
         self.topology = topology
         self.plan_hash = plan_hash
         self._tasks: set[asyncio.Task[None]] = set()
+        self.request_log = RequestLog(log)
         #: Replies that reached no queue (their request id is logged at WARNING).
         self.unroutable_replies = 0
 
@@ -58,9 +62,20 @@ class Outbox:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def fail(
-        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+        self,
+        request: Request,
+        error: ConveyorError,
+        outcome: Outcome,
+        *,
+        reply: bool = True,
+        stage: str | None = None,
     ) -> None:
         """End one branch of ``request`` with ``outcome``, answering the client first."""
+        dead = outcome is Outcome.FAILED
+        self.request_log.failure(
+            request.meta, error, stage=stage, dead_lettered=dead,
+            level=logging.WARNING if dead else logging.INFO,
+        )
         if reply:
             await self.send_error(request.meta, error)
         await request.token.done(outcome)
@@ -72,6 +87,7 @@ class Outbox:
         source: str,
         requests: list[Request],
         part: Mapping[str, Tensor],
+        timings: StageTimings,
     ) -> None:
         """Publish ``source``'s tensors for ``stage``: one message for the whole batch, or
         one per request to a join (routed by consistent hash on the request id)."""
@@ -80,7 +96,10 @@ class Outbox:
         if not join:
             batch = [(r.meta, r.rows) for r in requests]
             message = encode_stage_message(self.plan_hash, source, batch, host)
+            started = time.perf_counter()
             outcome = await self._publish(exchange, message, stage)
+            if timings.enabled:
+                timings.publish.observe(time.perf_counter() - started)
             for request in requests:
                 await request.token.done(outcome)
             return
@@ -89,12 +108,16 @@ class Outbox:
         async def one(request: Request, tensors: dict[str, np.ndarray]) -> None:
             single = [(request.meta, request.rows)]
             message = encode_stage_message(self.plan_hash, source, single, tensors)
+            started = time.perf_counter()
             outcome = await self._publish(exchange, message, request.meta.request_id)
+            timings.publish.observe(time.perf_counter() - started)
             await request.token.done(outcome)
 
         await asyncio.gather(*(one(r, p) for r, p in zip(requests, pieces, strict=True)))
 
-    async def replies(self, requests: list[Request], outputs: Mapping[str, Tensor]) -> None:
+    async def replies(
+        self, requests: list[Request], outputs: Mapping[str, Tensor], timings: StageTimings
+    ) -> None:
         """Send each request its rows of the model outputs."""
         host = {k: StageSession.to_host(v) for k, v in outputs.items()}
         try:
@@ -102,10 +125,19 @@ class Outbox:
         except ValueError as exc:
             error = ConveyorError(f"cannot split the batch outputs per request: {exc}")
             for request in requests:
+                timings.failed(error.code)
                 await self.fail(request, error, Outcome.FAILED)
             return
-
+        started = time.perf_counter()
         await _send_all(self._reply_sends(requests, pieces, host))
+        if not timings.enabled:
+            return
+        timings.publish.observe(time.perf_counter() - started)
+        now = time.time()
+        # A sender's clock may run ahead of ours: a negative duration counts as none.
+        timings.end_to_end.observe_all(
+            [max(0.0, now - r.meta.sent) for r in requests if r.meta.sent is not None]
+        )
 
     def _reply_sends(
         self,
@@ -149,7 +181,6 @@ class Outbox:
             await request.token.done(outcome)
 
     async def send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
-        log.info("request %s failed: %s", meta.request_id, error)
         if meta.reply_to is not None:
             await self._send_reply(meta, reply_error(meta, error))
 

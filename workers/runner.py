@@ -34,9 +34,11 @@ from conveyor.envelope import RequestMeta
 from conveyor.errors import ConveyorError, DeadlineExceeded, InferenceError
 from conveyor.plan import StageSpec
 from workers.batching import MicroBatcher, WaitPolicy, concat, shape_key
+from workers.metrics import StageTimings
 from workers.session import StageSession, Tensor
 from workers.settlement import Obligation, Outcome
 from workers.stats import StageCounters
+from workers.tracing import StageTracer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class Request:
     meta: RequestMeta
     rows: int
     token: Obligation
+    #: ``time.perf_counter()`` when it reached the stage about to run it (batch wait).
+    arrived: float = 0.0
 
 
 @dataclass
@@ -84,7 +88,13 @@ class Router(Protocol):
     def next_batch_id(self) -> int: ...
     async def route(self, source: str, batch: Batch, outputs: Mapping[str, Tensor]) -> None: ...
     async def fail(
-        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+        self,
+        request: Request,
+        error: ConveyorError,
+        outcome: Outcome,
+        *,
+        reply: bool = True,
+        stage: str | None = None,
     ) -> None: ...
 
 
@@ -119,6 +129,9 @@ class StageRunner:
         self.counters = StageCounters(
             name, session.provider if session else "", max_batch, max_delay_ms
         )
+        self.timings = StageTimings()
+        #: Records a span per request when OpenTelemetry is set up (``workers.tracing``).
+        self.tracer: StageTracer | None = None
         self.batcher: MicroBatcher[Item] = MicroBatcher(
             max_batch, max_delay_ms, policy=batch_wait, can_run=self.can_start
         )
@@ -220,7 +233,8 @@ class StageRunner:
         tensors: dict[str, np.ndarray] = {}
         for p in parts:
             tensors.update(p.tensors)
-        merged = Request(parts[0].request.meta, parts[0].request.rows, token)
+        arrived = max(p.request.arrived for p in parts)  # complete once the last part came
+        merged = Request(parts[0].request.meta, parts[0].request.rows, token, arrived)
         self.submit(Item(merged, tensors))
 
     async def accept_local(self, source: str, batch: Batch) -> None:
@@ -255,7 +269,7 @@ class StageRunner:
                     self.counters.expired += 1
                     self.counters.in_flight -= 1
                     error = deadline_error(item.request.meta, f"stage {self.name!r}")
-                    await self.router.fail(item.request, error, Outcome.OK)
+                    await self._fail(item.request, error, Outcome.OK)
                 else:
                     live.append(item)
             if not live:
@@ -285,14 +299,32 @@ class StageRunner:
             await self.router.route(self.name, batch, batch.tensors)
             return
         started = time.perf_counter()
+        timings = self.timings
+        if timings.enabled:
+            timings.batch_wait.observe_all([started - r.arrived for r in batch.requests])
         try:
             outputs = await self._infer(batch.tensors)
         except InferenceError as exc:
             self.counters.errors += 1
             await self._isolate_failure(batch, exc)
             return
-        self.counters.record_batch(len(batch.requests), rows, time.perf_counter() - started)
+        finished = time.perf_counter()
+        self.counters.record_batch(len(batch.requests), rows, finished - started)
+        if self.tracer is not None:
+            self.tracer.record(batch.requests, started, finished, None)
+        if timings.enabled:
+            timings.compute.observe(finished - started)
+            timings.batch_size.observe(len(batch.requests))
+        if timings.enabled or self.tracer is not None:
+            for request in batch.requests:
+                request.arrived = finished  # at the next stage hosted here, from now on
         await self.router.route(self.name, batch, outputs)
+
+    async def _fail(
+        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+    ) -> None:
+        self.timings.failed(error.code)
+        await self.router.fail(request, error, outcome, reply=reply, stage=self.name)
 
     async def _infer(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         assert self.session is not None
@@ -323,7 +355,7 @@ class StageRunner:
         host = all(isinstance(t, np.ndarray) for t in batch.tensors.values())
         if len(batch.requests) == 1 or not host:
             for request in batch.requests:
-                await self.router.fail(request, error, Outcome.FAILED)
+                await self._fail(request, error, Outcome.FAILED)
             return
         offset = 0
         for request in batch.requests:
@@ -333,8 +365,9 @@ class StageRunner:
             try:
                 outputs = await self._infer(piece)
             except InferenceError as exc:
-                await self.router.fail(request, exc, Outcome.FAILED)
+                await self._fail(request, exc, Outcome.FAILED)
                 continue
+            self.timings.isolated_ok += 1
             await self.router.route(self.name, single, outputs)
 
     async def _sweep_joins(self) -> None:
@@ -362,7 +395,7 @@ class StageRunner:
                     outcome = Outcome.FAILED
                     self.counters.errors += 1
                 for n, item in enumerate(partial.parts.values()):
-                    await self.router.fail(item.request, error, outcome, reply=n == 0)
+                    await self._fail(item.request, error, outcome, reply=n == 0)
 
 
 def stage_sources(spec: StageSpec) -> tuple[str, ...]:

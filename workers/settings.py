@@ -52,6 +52,9 @@ class WorkerSettings:
     #: Declare durable queues/exchanges (off: throw-away ones); all processes must agree.
     durable: bool = True
     batch_wait: WaitPolicy = "idle"
+    #: Measure durations and batch sizes for the metrics (``workers.metrics``); off only
+    #: to measure what measuring costs (bench/bench_pipeline.py ``--metrics off``).
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", parse_device(self.device))

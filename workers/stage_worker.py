@@ -58,6 +58,7 @@ from conveyor.topology import Topology
 from conveyor.topology_setup import declare_plan_topology, stage_queues
 from conveyor.transport import Consumer, Delivery, Reconnecting, Transport
 from workers.intake import Intake
+from workers.metrics import QueueView, RunnerView, WorkerMetrics
 from workers.outbox import Outbox
 from workers.routes import Routes, build_routes, check_model_outputs
 from workers.runner import Batch, Request, StageRunner, stage_sources
@@ -65,6 +66,7 @@ from workers.session import StageSession, Tensor
 from workers.settings import WorkerSettings
 from workers.settlement import Lot, Outcome
 from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
+from workers.tracing import StageTracer
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,8 @@ class StageWorker:
         self._settled = asyncio.Event()
         self._settled.set()
         check_model_outputs(plan)
+        #: Prometheus metrics (``workers.metrics``); ``metrics.registry`` is what to serve.
+        self.metrics = WorkerMetrics(self)
 
     # -- public surface -------------------------------------------------------------------
     @property
@@ -165,6 +169,36 @@ class StageWorker:
     def providers(self) -> dict[str, str]:
         """Stage name -> execution provider its session actually got."""
         return {n: r.session.provider for n, r in self._runners.items() if r.session is not None}
+
+    @property
+    def ready(self) -> bool:
+        """Running, with a consumer on every queue of its home stages (``/v2/health/ready``;
+        the broker connection is the transport's to say)."""
+        if self._state is not WorkerState.RUNNING:
+            return False
+        return all(
+            rec.consumer is not None for rec in self._records.values() if rec.stage in self.home
+        )
+
+    # -- metrics (workers.metrics.WorkerView) ---------------------------------------------
+    @property
+    def plan_hash(self) -> str:
+        return self.plan.hash
+
+    @property
+    def first_stage(self) -> str:
+        return self.plan.stages[0].name
+
+    def metric_runners(self) -> Mapping[str, RunnerView]:
+        return self._runners
+
+    def metric_queues(self) -> list[QueueView]:
+        return [
+            QueueView(
+                rec.queue, rec.stage, rec.prefetch, rec.consuming and rec.consumer is not None
+            )
+            for rec in self._records.values()
+        ]
 
     def __await__(self) -> Generator[Any, None, StageWorker]:
         """``await serve(...)`` starts the worker and returns it."""
@@ -342,6 +376,7 @@ class StageWorker:
             return
         for request in batch.requests:
             request.token.fork(branches)
+        timings = self._runners[source].timings
         for dest in dests:
             part = {name: outputs[name] for name in dest.names}
             if dest.local:
@@ -350,16 +385,26 @@ class StageWorker:
                 )
             else:
                 self.outbox.spawn(
-                    self.outbox.to_stage(dest.stage, dest.join, source, batch.requests, part)
+                    self.outbox.to_stage(
+                        dest.stage, dest.join, source, batch.requests, part, timings
+                    )
                 )
         if reply_names:
             replies = {n: outputs[n] for n in reply_names}
-            self.outbox.spawn(self.outbox.replies(batch.requests, replies))
+            self.outbox.spawn(self.outbox.replies(batch.requests, replies, timings))
 
     async def fail(
-        self, request: Request, error: ConveyorError, outcome: Outcome, *, reply: bool = True
+        self,
+        request: Request,
+        error: ConveyorError,
+        outcome: Outcome,
+        *,
+        reply: bool = True,
+        stage: str | None = None,
     ) -> None:
-        await self.outbox.fail(request, error, outcome, reply=reply)
+        if stage == MODEL_INPUT:
+            stage = self.first_stage
+        await self.outbox.fail(request, error, outcome, reply=reply, stage=stage)
 
     # -- intake ---------------------------------------------------------------------------
     def _handler(self, record: _ConsumerRecord) -> Any:
@@ -368,6 +413,8 @@ class StageWorker:
                 # Stopping: hold it unsettled; it is redelivered when the consumer goes.
                 record.parked.append(delivery)
                 return
+            if delivery.redelivered:
+                self._runners[record.runner].timings.redelivered += 1
             lot = partial(self._lot, record, delivery)
             if record.runner == MODEL_INPUT:
                 await self._intake.request(delivery, lot)
@@ -381,7 +428,11 @@ class StageWorker:
         return mark_eager(handle)
 
     def _settled_callback(self, record: _ConsumerRecord) -> Callable[[Lot], None]:
+        timings = self._runners[record.runner].timings
+
         def settled(lot: Lot) -> None:
+            if lot.outcome is Outcome.FAILED:
+                timings.dead_lettered += 1
             record.lots.discard(lot)
             if not record.lots:
                 record.idle.set()
@@ -448,6 +499,8 @@ class StageWorker:
                 join_timeout=s.join_timeout,
                 batch_wait=s.batch_wait,
             )
+            self._runners[name].tracer = StageTracer.for_process(name, self.worker_id)
+            self._runners[name].timings.enabled = s.metrics
         if self.hosts_ingress:
             sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)
             self._runners[MODEL_INPUT] = StageRunner(
@@ -460,6 +513,7 @@ class StageWorker:
                 sources=(),
                 batch_wait=s.batch_wait,
             )
+            self._runners[MODEL_INPUT].timings.enabled = s.metrics
 
     def _link_runners(self) -> None:
         """The ingress can start a batch only when the local stages it feeds can."""

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from conveyor import __version__
+from conveyor.app.logs import LOG_FORMATS, configure_logging
 from conveyor.errors import ConveyorError
 
 #: Modules with ``add_parsers(subparsers)``; each sets ``func`` on its sub-parsers.
@@ -24,6 +25,11 @@ COMMAND_MODULES = (
     "conveyor.app.cmd_controller",  # controller
     "conveyor.app.cmd_gateway",  # gateway
     "conveyor.app.cmd_bench",  # bench
+    "conveyor.app.cmd_users",  # users
+    "conveyor.app.cmd_topology",  # topology
+    "conveyor.app.cmd_deploy",  # deploy compose, deploy k8s
+    "conveyor.app.cmd_status",  # status
+    "conveyor.app.cmd_dead",  # dead, clean
 )
 
 
@@ -33,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"conveyor {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default) or json: one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub)
@@ -41,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
         )
+        command.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
+                             help="text (default) or json")
     return parser
 
 
@@ -48,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, args.log_format)
     try:
         code = args.func(args)
     except ConveyorError as exc:

@@ -97,7 +97,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     async def one() -> dict[str, np.ndarray]:
         async with connect(
-            target.url, plan=plan, timeout=args.timeout, durable=args.durable
+            target.url, plan=plan, timeout=args.timeout, durable=args.durable,
+            on_no_consumer="fail",
         ) as client:
             return await client.infer(inputs, key=args.key)
 

@@ -11,7 +11,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from conveyor.app.cmd_serve import add_broker_options
+from conveyor.app.cmd_serve import add_broker_options, add_metrics_option
+from conveyor.app.observe import ObserveServer, broker_check, metrics_port
 from conveyor.app.transports import BrokerTarget
 from conveyor.errors import ConfigError
 
@@ -37,6 +38,7 @@ def add_parsers(sub: Any) -> None:
                    help="durable control queues (default; --no-durable as the workers)")
     p.add_argument("--report-every", type=int, default=10, metavar="N",
                    help="log a report every N periods (10; 0: never)")
+    add_metrics_option(p)
     p.set_defaults(func=cmd_controller)
 
 
@@ -46,12 +48,16 @@ def cmd_controller(args: argparse.Namespace) -> int:
     target = BrokerTarget.required(args.broker, "controller")
     if args.period <= 0:
         raise ConfigError(f"--period must be > 0, got {args.period}")
+    port = metrics_port(args.metrics_port)
     plan = Plan.load(args.plan)
-    return asyncio.run(_run(plan, target, args))
+    return asyncio.run(_run(plan, target, args, port))
 
 
-async def _run(plan: Any, target: BrokerTarget, args: argparse.Namespace) -> int:
-    from workers.control.controller import Controller
+async def _run(
+    plan: Any, target: BrokerTarget, args: argparse.Namespace, port: int | None = None
+) -> int:
+    from workers.control.controller import Controller, ControllerState
+    from workers.control.metrics import controller_registry
     from workers.control.policies import PolicyConfig
 
     transport = await target.connect()
@@ -63,6 +69,13 @@ async def _run(plan: Any, target: BrokerTarget, args: argparse.Namespace) -> int
         transport, plan, PolicyConfig.from_plan(plan, args.policy), period=args.period,
         durable=args.durable, report_every=args.report_every,
     )
+    server = ObserveServer(port) if port is not None else None
+    if server is not None:
+        server.add_registry(controller_registry(controller))
+        server.add_check("controller", lambda: None if controller.state is
+                         ControllerState.RUNNING else controller.state.value)
+        server.add_check("broker", broker_check(transport))
+        await server.start()
     try:
         async with controller:
             print(f"controller: plan {plan.name} ({plan.short_hash}) on {target.describe()}, "
@@ -72,4 +85,6 @@ async def _run(plan: Any, target: BrokerTarget, args: argparse.Namespace) -> int
     finally:
         print(f"controller: metrics {controller.metrics_line()}", flush=True)
         await transport.close(grace=1.0)
+        if server is not None:
+            await server.stop()
     return 0

@@ -31,6 +31,9 @@ def add_parsers(sub: Any) -> None:
     conv.add_argument("--dims", default="", metavar="NAME=SIZE,...",
                       help="representative sizes of symbolic dimensions (height=640,seq=128) "
                       "the costs are taken at (default 1 each)")
+    conv.add_argument("--custom-objects", metavar="FILE.py|MODULE",
+                      help="a Keras file's custom layers: a .py file or module defining them "
+                      "(its CUSTOM_OBJECTS dict, else its public classes and functions)")
     conv.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
                       help="an input or output whose batch is on AXIS, not 0 (state "
                       "[layers, batch, hidden]: h0=1); the plan's tensor is batch-first")
@@ -51,6 +54,10 @@ def add_parsers(sub: Any) -> None:
     )
     insp.add_argument("target", type=Path, help="a plan directory or a .onnx file")
     insp.add_argument("--dot", type=Path, metavar="FILE", help="write the stage DAG as DOT")
+    insp.add_argument("--rate", type=float, metavar="R",
+                      help="also print the replicas each stage needs for R samples/s")
+    insp.add_argument("--replica-flops", type=float, default=None, metavar="F",
+                      help="FLOP/s one replica sustains (default 2e10; measure yours)")
     insp.set_defaults(func=run_inspect)
 
 
@@ -90,15 +97,19 @@ def run_convert(args: argparse.Namespace) -> int:
     partitioning = _partitioning(args)
     from converter.api import convert
     from converter.batch_axes import parse_batch_axes
-    from converter.report import stage_table
+    from converter.export import load_custom_objects
+
+    custom = load_custom_objects(args.custom_objects) if args.custom_objects else None
+    from converter.report import read_report, stage_table
 
     plan = convert(
         args.model, args.out, by=args.by, stages=args.stages, groups=args.group,
         profile=args.profile, opset=args.opset, partitioning=partitioning,
         external_threshold=args.external_data_threshold, overwrite=args.force,
         dims=parse_dims(args.dims), batch_axes=parse_batch_axes(args.batch_axis),
+        custom_objects=custom,
     )
-    print(stage_table(plan))
+    print(stage_table(plan, read_report(args.out)))
     print(f"wrote {plan.directory} (hash {plan.short_hash})")
     return 0
 
@@ -108,6 +119,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     text, dot = inspect_target(args.target)
     print(text)
+    if args.rate is not None:
+        from converter.report import DEFAULT_REPLICA_FLOPS, replica_table
+        from conveyor.plan import Plan
+
+        flops = args.replica_flops or DEFAULT_REPLICA_FLOPS
+        print(replica_table(Plan.load(args.target), args.rate, flops))
     if args.dot is not None:
         args.dot.write_text(dot)
         print(f"wrote {args.dot}")

@@ -37,6 +37,9 @@ def add_parsers(sub: Any) -> None:
                    help="largest request body accepted, MiB (64); larger ones get 413")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="durable queues (default; --no-durable as the workers were started)")
+    p.add_argument("--no-declare", dest="declare", action="store_false",
+                   help="do not declare the plan's topology (an admin step did: `conveyor "
+                   "topology`); a least-privilege client user may not")
     add_local_worker_options(p)
     p.set_defaults(func=cmd_gateway)
 
@@ -83,7 +86,8 @@ async def _serve(plan: Any, args: argparse.Namespace, settings: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     options = local_worker_options(args) if target.embedded else None
     async with serve_gateway(plan, target, settings, worker_options=options,
-                             durable=args.durable) as running:
+                             durable=args.durable,
+                             declare_topology=args.declare) as running:
         where = "in-process workers on " if target.embedded else ""
         print(f"conveyor gateway: model {plan.name!r} ({plan.short_hash}) at "
               f"{running.url}/v2/models/{plan.name} on {where}{target.describe()}; "

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conveyor.app.observe import METRICS_PORT_ENV, ObserveServer, broker_check, metrics_port
 from conveyor.app.transports import AMQP_URL_ENV, BrokerTarget
 
 if TYPE_CHECKING:
@@ -42,8 +43,21 @@ def broker_target(args: argparse.Namespace) -> BrokerTarget:
     return BrokerTarget.resolve(args.broker, embedded=getattr(args, "embedded", False))
 
 
+def add_metrics_option(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port PORT``: serve /metrics and the health paths (docs/operations.md)."""
+    p.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help=f"serve /metrics, /v2/health/live and /v2/health/ready on PORT (default "
+        f"${METRICS_PORT_ENV}; none when unset)",
+    )
+
+
 def _add_serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
+    add_metrics_option(p)
+    p.add_argument("--no-timings", action="store_true",
+                   help="do not measure durations and batch sizes (to benchmark what "
+                   "measuring costs; counts are still kept)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
     p.add_argument(
         "--threads",
@@ -128,6 +142,13 @@ def add_worker_parser(sub: Any) -> None:
         metavar="I",
         help="consume only input (or join) shard I; default all shards",
     )
+    p.add_argument(
+        "--no-declare",
+        dest="declare",
+        action="store_false",
+        help="do not declare the plan's topology (an admin step did: `conveyor topology`); "
+        "a least-privilege worker user may not",
+    )
     p.set_defaults(func=cmd_worker)
 
 
@@ -159,6 +180,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         join_timeout=args.join_timeout,
         durable=args.durable,
         batch_wait=args.batch_wait,
+        metrics=not args.no_timings,
     )
 
 
@@ -167,20 +189,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     target = BrokerTarget.required(args.broker, "worker")
     settings = _settings(args)
+    port = metrics_port(args.metrics_port)
     plan = Plan.load(args.plan)  # PlanError (exit 2) when the files do not match the hash
-    return asyncio.run(_serve(plan, target, args.stage, settings))
+    return asyncio.run(
+        _serve(plan, target, args.stage, settings, port, declare=args.declare)
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from conveyor.plan import Plan
 
     settings = _settings(args)
+    port = metrics_port(args.metrics_port)
     plan = Plan.load(args.plan)
-    return asyncio.run(_serve(plan, broker_target(args), None, settings))
+    return asyncio.run(_serve(plan, broker_target(args), None, settings, port))
 
 
 async def _serve(
-    plan: Plan, target: BrokerTarget, stages: list[str] | None, settings: WorkerSettings
+    plan: Plan,
+    target: BrokerTarget,
+    stages: list[str] | None,
+    settings: WorkerSettings,
+    port: int | None = None,
+    *,
+    declare: bool = True,
 ) -> int:
     from conveyor.topology import Topology
     from workers.control.agent import ControlAgent
@@ -190,9 +222,20 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Up before the sessions load: live at once, ready (200) only once consuming.
+    server = ObserveServer(port) if port is not None else None
+    if server is not None:
+        await server.start()
     transport = await target.connect()
     try:
-        worker = StageWorker(plan, transport, stages, settings)
+        worker = StageWorker(plan, transport, stages, settings, declare=declare)
+        if server is not None:
+            server.add_registry(worker.metrics.registry)
+            server.add_check("worker", lambda: None if worker.ready else f"{worker.state.value}")
+            server.add_check("broker", broker_check(transport))
+            if target.broker is not None:
+                server.add_registry(_embedded_queues(plan, target.broker))
+            print(f"conveyor: metrics on http://localhost:{server.bound_port}/metrics", flush=True)
         await worker.start()
         _announce(plan, worker, target)
         # heartbeats out, controller commands in (docs/scheduling.md)
@@ -213,7 +256,26 @@ async def _serve(
             )
     finally:
         await transport.close(grace=1.0)
+        if server is not None:
+            await server.stop()
     return 0
+
+
+def _embedded_queues(plan: Plan, broker: Any) -> Any:
+    """A registry exporting the embedded broker's queue depths (``conveyor status``)."""
+    from prometheus_client import CollectorRegistry
+
+    from conveyor.app.observe import QueueCollector
+    from conveyor.topology_setup import stage_queues
+
+    def stats(queue: str) -> tuple[int, int]:
+        s = broker.queue_statistics(queue)
+        return int(s.ready), int(s.consumers)
+
+    queues = {q: spec.name for spec in plan.stages for q in stage_queues(plan, spec)}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(queues, stats))
+    return registry
 
 
 def _announce(plan: Plan, worker: Any, target: BrokerTarget) -> None:

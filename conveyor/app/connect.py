@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.app.transports import BrokerTarget
 from conveyor.client import DEFAULT_TIMEOUT, Client
+from conveyor.client_checks import NoConsumerPolicy
 from conveyor.plan import Plan
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ def connect(
     worker_options: Mapping[str, Any] | None = None,
     durable: bool = True,
     pack: bool = True,
+    declare_topology: bool = True,
+    on_no_consumer: NoConsumerPolicy = "warn",
 ) -> LocalClient:
     """A client for ``plan`` on the broker at ``url``.
 
@@ -115,6 +118,10 @@ def connect(
     the requests made in one event-loop turn for one partition as one message and lets
     workers answer several in one message (``conveyor.packs``); off, every request and
     reply is a message of its own.
+    ``declare_topology=False`` leaves the plan's exchanges and queues to the admin step
+    (``conveyor topology PLAN_DIR``): a least-privilege client user (``conveyor users``)
+    may not declare them, only its own reply queue.
+    ``on_no_consumer``: see ``Client`` (warn once by default when no worker consumes).
     """
     target = BrokerTarget.resolve() if url is FROM_ENV else BrokerTarget(url)
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
@@ -127,6 +134,8 @@ def connect(
         reply_prefetch=reply_prefetch,
         durable=durable,
         pack=pack,
+        declare_topology=declare_topology,
+        on_no_consumer=on_no_consumer,
     )
 
 

@@ -282,12 +282,15 @@ async def serve_gateway(
     *,
     worker_options: Mapping[str, Any] | None = None,
     durable: bool = True,
+    declare_topology: bool = True,
 ) -> AsyncIterator[RunningGateway]:
-    """Open the plan's client on ``target`` and listen; stop listening, then close it."""
+    """Open the plan's client on ``target`` and listen; stop listening, then close it.
+    ``declare_topology=False``: the admin step declared it (a least-privilege client user)."""
     from conveyor.app.connect import connect
 
     client = connect(target.url, plan=plan, timeout=settings.timeout,
-                     worker_options=worker_options, durable=durable)
+                     worker_options=worker_options, durable=durable,
+                     declare_topology=declare_topology)
     async with client:
         gateway = Gateway(plan, client, settings)
         runner = web.AppRunner(gateway.application(), access_log=None)

@@ -10,10 +10,17 @@ through it::
 
 Every ``connect()`` of an embedded target opens another connection to the same in-process
 ``Broker``, so a client and in-process workers share one broker.
+
+A RabbitMQ cluster is several URLs separated by commas (``amqp://u:p@n1/,amqp://u:p@n2/``;
+a comma inside a password must be written ``%2C``): ``connect`` tries them in order and uses
+the first that answers. Reconnects after a lost connection go to that node again
+(aio-pika's robust connection); put a load balancer in front of the nodes, or restart the
+process, to move elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +32,8 @@ from conveyor.errors import ConfigError
 if TYPE_CHECKING:
     from brokerless import Broker
     from conveyor.transport import Transport
+
+log = logging.getLogger("conveyor.transports")
 
 #: The environment variable naming the RabbitMQ URL (credentials belong here, not in argv).
 AMQP_URL_ENV = "CONVEYOR_AMQP_URL"
@@ -79,14 +88,28 @@ class BrokerTarget:
         """The in-process broker once an embedded target has connected (else None)."""
         return self._broker
 
+    @property
+    def urls(self) -> list[str]:
+        """The cluster's node URLs, in the order ``connect`` tries them (empty: embedded)."""
+        if self.url is None:
+            return []
+        nodes = [u.strip() for u in self.url.split(",") if u.strip()]
+        if not nodes:
+            raise ConfigError("the RabbitMQ URL list is empty")
+        return nodes
+
     def describe(self) -> str:
         """Where this target is, for logs and stderr: host, port and vhost, no credentials."""
         if self.url is None:
             return "the embedded broker (in this process)"
-        parts = urlsplit(self.url)
-        vhost = parts.path[1:] or "/"
-        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-        return f"RabbitMQ at {parts.hostname or 'localhost'}:{port} (vhost {vhost!r})"
+        places = []
+        vhost = "/"
+        for url in self.urls:
+            parts = urlsplit(url)
+            vhost = parts.path[1:] or "/"
+            port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+            places.append(f"{parts.hostname or 'localhost'}:{port}")
+        return f"RabbitMQ at {', '.join(places)} (vhost {vhost!r})"
 
     async def connect(self) -> Transport:
         """A new connection (``Transport``) to this target; the caller closes it."""
@@ -96,7 +119,20 @@ class BrokerTarget:
 
                 self._broker = Broker()
             return self._broker.connect()
+        from conveyor.errors import BrokerUnreachable
         from workers.amqp import AmqpSettings, AmqpTransport
 
-        # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment.
-        return await AmqpTransport.connect(AmqpSettings.from_url_and_env(self.url))
+        nodes = self.urls
+        for i, url in enumerate(nodes):
+            # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment; a
+            # lost connection later goes on to the other nodes in turn.
+            settings = AmqpSettings.from_url_and_env(url)
+            others = nodes[i + 1:] + nodes[:i]
+            try:
+                return await AmqpTransport.connect(settings.with_other_nodes(others))
+            except BrokerUnreachable:
+                if i == len(nodes) - 1:
+                    raise
+                log.warning("conveyor: node %d of %d unreachable, trying the next", i + 1,
+                            len(nodes))
+        raise AssertionError("unreachable: the loop returns or raises")

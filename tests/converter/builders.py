@@ -151,3 +151,100 @@ def per_request_scalar() -> onnx.ModelProto:
     return _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 16]),
                           helper.make_tensor_value_info("gain", F, [])],
                   [helper.make_tensor_value_info("y", F, ["N", 16])], inits, "scalar")
+
+
+def _conv(name: str, x: str, ch_in: int, ch_out: int, seed: int
+          ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    w = _weights(f"{name}_w", (ch_out, ch_in, 3, 3), seed)
+    return ([helper.make_node("Conv", [x, w.name], [f"{name}_c"], pads=[1, 1, 1, 1],
+                              name=name),
+             helper.make_node("Relu", [f"{name}_c"], [f"{name}_out"], name=f"{name}_relu")],
+            [w])
+
+
+def yolo_head(blocks: int = 6) -> onnx.ModelProto:
+    """A detection head at a fixed 16x16: the grid size (Shape -> Gather -> Mul) is made at
+    the start and read by the final Reshape, living across every conv in between."""
+    n = helper.make_node
+    i64 = lambda v, name: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [n("Shape", ["image"], ["in_shape"], name="in_shape"),
+             n("Concat", ["minus_one", "eight", "hw"], ["shape"], axis=0, name="grid_shape"),
+             n("Gather", ["in_shape", "two"], ["h"], axis=0, name="grid_h"),
+             n("Gather", ["in_shape", "three"], ["w"], axis=0, name="grid_w"),
+             n("Mul", ["h", "w"], ["cells"], name="grid_cells"),
+             n("Concat", ["minus_one", "eight", "cells"], ["target"], axis=0, name="target")]
+    inits = [i64([2], "two"), i64([3], "three"), i64([-1], "minus_one"), i64([8], "eight"),
+             i64([16, 16], "hw")]
+    x, ch = "image", 3
+    for b in range(blocks):
+        more, w = _conv(f"block{b}", x, ch, 8, 10 + b)
+        nodes += more
+        inits += w
+        x, ch = f"block{b}_out", 8
+        if b == 0:  # an early reader of the grid size too: it is made here, read at the end
+            nodes += [n("Reshape", [x, "target"], ["flat0"], name="flat0"),
+                      n("Softmax", ["flat0"], ["soft0"], axis=2, name="soft0"),
+                      n("Reshape", ["soft0", "shape"], ["block0_sm"], name="unflat0")]
+            x = "block0_sm"
+    nodes.append(n("Reshape", [x, "target"], ["boxes"], name="to_boxes"))
+    return _model(nodes, [helper.make_tensor_value_info("image", F, ["N", 3, 16, 16])],
+                  [helper.make_tensor_value_info("boxes", F, ["N", 8, 256])], inits, "yolo")
+
+
+def top_level_if(*, by_data: bool = False) -> onnx.ModelProto:
+    """The whole model inside one top-level If (5 top-level nodes). Its condition is a
+    plan-time constant (the feature width > 8), or, ``by_data``, the sign of the input."""
+    n = helper.make_node
+    then_nodes, then_inits = _mlp_nodes("x", 16, 6, "then_y", prefix="then")
+    else_nodes, else_inits = _mlp_nodes("x", 16, 2, "else_y", prefix="else")
+    then_g = helper.make_graph(then_nodes, "then", [],
+                               [helper.make_tensor_value_info("then_y", F, None)], then_inits)
+    else_g = helper.make_graph(else_nodes, "else", [],
+                               [helper.make_tensor_value_info("else_y", F, None)], else_inits)
+    if by_data:
+        head = [n("ReduceSum", ["x"], ["total"], keepdims=0, name="total"),
+                n("Greater", ["total", "zero_f"], ["cond"], name="decide")]
+        inits = [numpy_helper.from_array(np.array(0, np.float32), "zero_f")]
+    else:
+        head = [n("Shape", ["x"], ["shape"], name="shape"),
+                n("Gather", ["shape", "one"], ["width"], axis=0, name="width"),
+                n("Greater", ["width", "eight"], ["cond"], name="decide")]
+        inits = [numpy_helper.from_array(np.array(1, np.int64), "one"),
+                 numpy_helper.from_array(np.array(8, np.int64), "eight")]
+    nodes = [*head, n("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g,
+                      name="main_if")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 16])],
+                  [helper.make_tensor_value_info("y", F, ["N", 16])], inits, "wrapped")
+
+
+def two_towers() -> Any:
+    """Two conv towers on one image (tf2onnx's shared layout Transpose is named after one)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(7)
+    img = keras.Input(shape=(16, 16, 3), name="image")
+    towers = []
+    for t in ("towerA", "towerB"):
+        x = img
+        for i in range(3):
+            x = layers.Conv2D(8, 3, padding="same", activation="relu", name=f"{t}_conv{i}")(x)
+        towers.append(layers.GlobalAveragePooling2D(name=f"{t}_pool")(x))
+    joined = layers.Concatenate(name="join")(towers)
+    out = layers.Dense(4, name="head")(joined)
+    return keras.Model(img, out, name="two_towers")
+
+
+def dynamic_image() -> onnx.ModelProto:
+    """A conv net on ``[N, 3, height, width]`` images: its cost depends on the size."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    x, ch = "image", 3
+    for b in range(4):
+        more, w = _conv(f"c{b}", x, ch, 8, 20 + b)
+        nodes += more
+        inits += w
+        x, ch = f"c{b}_out", 8
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"))
+    return _model(nodes, [helper.make_tensor_value_info("image", F, ["N", 3, "height", "width"])],
+                  [helper.make_tensor_value_info("pooled", F, ["N", 8, 1, 1])], inits, "dyn")

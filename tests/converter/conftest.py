@@ -77,6 +77,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "se_cnn": builders.se_cnn,
     "transformer": builders.transformer,
     "gray_cnn": builders.gray_cnn,
+    "two_towers": builders.two_towers,
     "mlp": build_mlp,
     "branches": build_branches,
     "mobilenetv2": _application("MobileNetV2"),

@@ -158,7 +158,7 @@ def with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def time_major() -> onnx.ModelProto:
-    """A stretch where tensors are [seq, batch, ...]: no cut may fall inside it."""
+    """A stretch where tensors are [seq, batch, ...] (cut inside, they cross batch-first)."""
     n = helper.make_node
     nodes = [
         n("Relu", ["x"], ["r"]),

@@ -146,3 +146,40 @@ def test_an_error_while_writing_removes_the_temporary_plan(
     out_root.mkdir()
     assert cli.main(["convert", str(src), "--out", str(out_root / "plan"), "--stages", "3"]) == 2
     assert _leftovers(out_root) == []
+
+
+def test_inspect_shows_estimated_and_measured_share_per_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.converter import builders
+
+    src = _save(builders.dynamic_image(), tmp_path / "dyn.onnx")
+    assert cli.main(["convert", str(src), "--out", str(tmp_path / "p"), "--stages", "3",
+                     "--profile", "--dims", "height=32,width=24"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "p")]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((tmp_path / "p" / "split.json").read_text())
+    assert "symbolic dims taken at: height=32, width=24" in text
+    assert f"measured {report['measured']['balance']:.3f}" in text
+    header = next(line for line in text.splitlines() if line.startswith("stage "))
+    assert header.split()[-2:] == ["estimated", "measured"]
+    rows = [line.split() for line in text.splitlines() if line.startswith("stage") and
+            line.split()[0] != "stage"]
+    assert len(rows) == 3
+    for row, est, got in zip(rows, report["estimated"]["shares"],
+                             report["measured"]["shares"], strict=True):
+        assert row[-2:] == [f"{100 * est:.1f}%", f"{100 * got:.1f}%"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dims", "height"], "--dims 'height' is not NAME=SIZE"),
+    (["--batch-axis", "state"], "is not NAME=AXIS"),
+    (["--batch-axis", "nope=1"], "--batch-axis names ['nope']"),
+])
+def test_bad_dims_and_batch_axes_exit_2(args: list[str], message: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    src = _save(graphs.wide(), tmp_path / "w.onnx")
+    assert cli.main(["convert", str(src), "--out", str(tmp_path / "p"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

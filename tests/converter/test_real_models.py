@@ -12,6 +12,7 @@ from converter.split_layer import allowed_cuts
 from conveyor.app import cli
 from conveyor.plan import MODEL_INPUT, Plan
 from tests.converter.conftest import Exports, assert_batched_cuts, assert_reproduces, rel
+from tests.converter.test_models_people_bring import merged_slivers
 
 MODELS = ["mlp", "branches", "mobilenetv2", "resnet50", "densenet121"]
 
@@ -27,13 +28,26 @@ def test_every_layer_split_reproduces_the_model(name: str, exports: Exports,
     assert top >= 4, f"{name}: only {top - 1} cut positions"
     for k in range(2, top + 1):
         plan = convert(src, tmp_path / f"k{k}", by="layer", stages=k)
-        assert len(plan.stages) == k
+        # issue 11: a stage with next to no work (a lone Softmax) is merged, and said so
+        assert len(plan.stages) == k - merged_slivers(tmp_path / f"k{k}")
         assert_batched_cuts(plan)
         assert plan.split.balance >= 1.0
         assert_reproduces(tmp_path / f"k{k}", src, seed=k)
 
 
-@pytest.mark.parametrize("name", MODELS)
+def test_function_split_of_a_sequential_model_exits_2_with_the_reason(
+    exports: Exports, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("conveyor.app.cmd_convert",))
+    code = cli.main(["convert", str(exports.get("mlp")), "--out", str(tmp_path / "p"),
+                     "--by", "function"])
+    assert code == 2
+    assert "no parallel structure" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m != "mlp"])
 def test_function_split_reproduces_the_model(name: str, exports: Exports,
                                              tmp_path: Path) -> None:
     src = exports.get(name)

@@ -110,3 +110,19 @@ def test_profiled_costs_replace_the_estimate() -> None:
 def test_cost_model_prefix_is_cumulative() -> None:
     costs = CostModel((1.0, 2.0, 3.0))
     assert list(costs.prefix()) == [0.0, 1.0, 3.0, 6.0]
+
+
+def test_a_stage_with_next_to_no_work_is_merged_and_said_so() -> None:
+    from converter.split_layer import LayerSplit, merge_slivers
+
+    analysis = analyze(prepare(graphs.wide(layers=3)))
+    n = analysis.n
+    seconds = [1.0] * (n - 1) + [1e-9]  # the last node (a lone Tanh) does nothing
+    costs = CostModel(tuple(seconds), "profile", bytes_per_second=1e30)
+    split = split_by_layer(analysis, costs, 3)
+    sliver = LayerSplit((*split.cuts[:1], n - 1), split.allowed)
+    merged, notes = merge_slivers(analysis, costs, sliver)
+    assert merged.cuts == sliver.cuts[:1]
+    assert len(notes) == 1 and "stage 2 of 3" in notes[0] and "merged" in notes[0]
+    kept, none = merge_slivers(analysis, costs, split)  # a balanced split stays as it is
+    assert kept.cuts == split.cuts and none == []

@@ -1,8 +1,10 @@
 """The broker fixtures: where RabbitMQ is, and a ``broker`` on brokerless and on RabbitMQ.
 
 Tests marked ``rabbitmq`` run against ``CONVEYOR_AMQP_URL`` (default: the local server).
-Outside CI they skip when no server answers; in CI (``CI`` set) they fail instead, so the
-RabbitMQ half of the suite can never be skipped silently there.
+Outside CI they skip when no server answers, or when it lacks the consistent-hash / random
+exchange plugins (the reason names the ``rabbitmq-plugins enable`` command); in CI (``CI``
+set) they fail instead, so the RabbitMQ half of the suite can never be skipped silently
+there.
 
 A test gets ``broker``: ``await broker.connect()`` opens a new connection (a Transport)
 to the same broker, and ``broker.name(suffix)`` makes exchange/queue names unique to the
@@ -51,6 +53,15 @@ def rabbitmq_url() -> str:
         if os.environ.get("CI"):
             pytest.fail(f"CI needs RabbitMQ at {url}, and nothing answers there")
         pytest.skip(f"no RabbitMQ at {url} (set CONVEYOR_AMQP_URL)")
+    # The exchange plugins too, not only the port: a fresh RabbitMQ lacks them.
+    from tests.support.rabbit_plugins import fix_command, missing_plugins
+
+    missing = missing_plugins(url)
+    if missing:
+        reason = f"RabbitMQ at {url} lacks plugins {missing}: run `{fix_command(missing)}`"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     return url
 
 

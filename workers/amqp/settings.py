@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -86,6 +86,9 @@ class AmqpSettings:
     certfile: str = ""
     keyfile: str = ""
     verify_tls: bool = True
+    #: The other nodes of the cluster (full URLs, same credentials and vhost as a rule):
+    #: a lost connection reconnects to the next node (``workers.amqp.nodes``).
+    other_nodes: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -138,9 +141,10 @@ class AmqpSettings:
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "url"
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+            if f.name not in ("url", "other_nodes")
         )
-        return f"AmqpSettings(url={self.safe_url!r}, {shown})"
+        return f"AmqpSettings(url={self.safe_url!r}, {shown}, other_nodes={len(self.other_nodes)})"
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> AmqpSettings:
@@ -188,16 +192,22 @@ class AmqpSettings:
         types = {f.name: f.type for f in fields(self)}
         converted: dict[str, Any] = {}
         for name, value in values.items():
-            if name not in types or name == "url":
+            if name not in types or name in ("url", "other_nodes"):
                 raise ConfigError(f"unknown AMQP setting {name!r}")
             converted[name] = _convert(name, str(types[name]), value)
         return replace(self, **converted)
 
-    def aio_pika_url(self) -> str:
-        """The URL with the query aio-pika reads (heartbeat, connection name)."""
-        parts = urlsplit(self.url)
+    def aio_pika_url(self, url: str | None = None) -> str:
+        """The URL (or another node's) with the query aio-pika reads (heartbeat)."""
+        parts = urlsplit(self.url if url is None else url)
         query = urlencode({"heartbeat": str(self.heartbeat_s)})
         return urlunsplit(parts._replace(query=query))
+
+    def with_other_nodes(self, urls: Sequence[str]) -> AmqpSettings:
+        """A copy that reconnects to ``urls`` (in turn) when its node is lost."""
+        for url in urls:
+            AmqpSettings(url=url)  # ConfigError for a URL that is not amqp(s)://host
+        return replace(self, other_nodes=tuple(urls))
 
 
 _TRUE = ("1", "true", "yes", "on")

@@ -91,6 +91,7 @@ import aio_pika
 import aiormq.exceptions as amqp_exc
 from aio_pika.abc import AbstractRobustConnection
 from aiormq import Channel as AmqpChannel
+from yarl import URL
 
 from conveyor.errors import BrokerUnreachable, ChannelBroken, TransportClosed, TransportError
 from conveyor.transport import (
@@ -100,7 +101,7 @@ from conveyor.transport import (
     QueueSpec,
     QueueStats,
 )
-from workers.amqp import speedups
+from workers.amqp import nodes, speedups
 from workers.amqp.consumer import AmqpConsumer, AmqpDelivery, ConsumerState, Settlement
 from workers.amqp.convert import exchange_arguments, queue_arguments, to_properties
 from workers.amqp.errors import translated
@@ -131,16 +132,23 @@ class TransportState(enum.Enum):
 
 async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustConnection:
     try:
-        return await aio_pika.connect_robust(
+        # the faster byte paths, or plain aio-pika (workers.amqp.speedups)
+        connection_class = speedups.connection_class(settings.speedups)
+        if settings.other_nodes:
+            connection_class = nodes.rotating(connection_class)
+        connection = await aio_pika.connect_robust(
             settings.aio_pika_url(),
             timeout=settings.connect_timeout_s,
             reconnect_interval=settings.reconnect_interval_s,
             fail_fast=True,
             client_properties={"connection_name": f"{settings.connection_name}-{role}"},
             ssl_context=settings.ssl_context(),
-            # the faster byte paths, or plain aio-pika (workers.amqp.speedups)
-            connection_class=speedups.connection_class(settings.speedups),
+            connection_class=connection_class,
         )
+        if settings.other_nodes:
+            urls = (settings.aio_pika_url(), *map(settings.aio_pika_url, settings.other_nodes))
+            connection.node_urls = tuple(URL(u) for u in urls)  # type: ignore[attr-defined]
+        return connection
     except (OSError, TimeoutError, amqp_exc.AMQPError) as exc:
         tls = _tls_error(exc)
         if tls is not None:
@@ -152,9 +160,39 @@ async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustC
                 "port is its TLS listener (5671 by default)"
             ) from exc
         cause = str(exc) or type(exc).__name__
+        if isinstance(exc, amqp_exc.InvalidFrameError) and "Connection.Close" in cause:
+            # The broker closed instead of opening the vhost (its text is not passed on).
+            vhost = _vhost(settings)
+            raise BrokerUnreachable(
+                f"RabbitMQ at {settings.address} refused vhost {vhost!r}: vhost not found (or "
+                f"the user may not use it). Create it with `rabbitmqctl add_vhost {vhost}` and "
+                f"`rabbitmqctl set_permissions -p {vhost} USER '.*' '.*' '.*'`, or fix the "
+                "URL's path"
+            ) from exc
         raise BrokerUnreachable(
             f"cannot connect to RabbitMQ at {settings.address} ({type(exc).__name__}: {cause})"
         ) from exc
+
+
+def _vhost(settings: AmqpSettings) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(settings.aio_pika_url()).path[1:]) or "/"
+
+
+#: The plugin that brings each exchange type Conveyor uses beyond the built-in ones.
+EXCHANGE_PLUGINS = {
+    "x-consistent-hash": "rabbitmq_consistent_hash_exchange",
+    "x-random": "rabbitmq_random_exchange",
+}
+
+
+def missing_plugin_error(exchange_type: str, address: str) -> TransportError:
+    plugin = EXCHANGE_PLUGINS.get(exchange_type, "the plugin providing it")
+    return TransportError(
+        f"RabbitMQ at {address} has no exchange type {exchange_type!r}: enable the plugin "
+        f"{plugin} (`rabbitmq-plugins enable {plugin}`; docs/operations.md)"
+    )
 
 
 def _tls_error(exc: BaseException) -> ssl.SSLError | None:
@@ -283,6 +321,16 @@ class AmqpTransport:
     def state(self) -> TransportState:
         return self._state
 
+    @property
+    def connected(self) -> bool:
+        """Open, with both connections up now (False while a robust connection
+        reconnects): the readiness check of ``conveyor.app.observe``."""
+        return (
+            self._state is TransportState.OPEN
+            and self._pub_connection.connected.is_set()
+            and self._con_connection.connected.is_set()
+        )
+
     def __repr__(self) -> str:
         return f"<AmqpTransport {self._settings.safe_url} {self._state.value}>"
 
@@ -306,14 +354,19 @@ class AmqpTransport:
         timeout = self._settings.operation_timeout_s
         arguments = exchange_arguments(spec)
         channel = await self._admin_channel("declare exchange")
-        with translated("declare", exchange=spec.name, timeout=timeout):
-            await channel.exchange_declare(
-                spec.name,
-                exchange_type=spec.type.value,
-                durable=spec.durable,
-                arguments=arguments or None,
-                timeout=timeout,
-            )
+        try:
+            with translated("declare", exchange=spec.name, timeout=timeout):
+                await channel.exchange_declare(
+                    spec.name,
+                    exchange_type=spec.type.value,
+                    durable=spec.durable,
+                    arguments=arguments or None,
+                    timeout=timeout,
+                )
+        except TransportError as exc:
+            if "unknown exchange type" in str(exc.__cause__ or ""):
+                raise missing_plugin_error(spec.type.value, self._settings.address) from exc
+            raise
 
     async def declare_queue(self, spec: QueueSpec) -> None:
         timeout = self._settings.operation_timeout_s

@@ -1,0 +1,276 @@
+"""Prometheus metrics of a stage worker (docs/operations.md, "Metrics", lists them all).
+
+The hot path only adds to plain numbers: ``StageTimings`` holds lock-free histograms
+(``Histogram.observe`` is a bisect and three additions) and outcome counts beside the
+``StageCounters`` a runner already keeps. Nothing is formatted until a scrape:
+``WorkerCollector`` reads those numbers and yields the metric families then. Each worker
+has a registry of its own (``WorkerMetrics.registry``), so several workers in one process
+(tests, ``conveyor run`` with in-process clients) never share or clash; every series is
+labelled with the worker id as well.
+
+Figures of the ingress (decoding and batching requests on the input shards) are reported
+as the first stage's, as the control plane does (``workers.stats.control_snapshot``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+from conveyor import __version__
+from conveyor.plan import MODEL_INPUT
+
+if TYPE_CHECKING:
+    from workers.stats import StageCounters
+
+#: Bucket bounds (seconds) of every duration histogram: 100 us to 10 s.
+SECONDS_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+#: Bucket bounds of the batch-size histogram (requests per batch).
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Histogram:
+    """Counts per bucket, sum and count, without a lock (one event loop writes it)."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        """Add ``value`` ``times`` times (a batch's requests that waited alike)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.total += value * times
+        self.count += times
+
+    def observe_all(self, values: list[float]) -> None:
+        """Add each of ``values`` (one batch's requests): one loop, names bound once."""
+        bounds, counts, total = self.bounds, self.counts, 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        self.total += total
+        self.count += len(values)
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs, ending with ``+Inf``, as Prometheus wants them."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((_le(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+def _le(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
+@dataclass
+class StageTimings:
+    """What one runner (stage or ingress) measures beside its ``StageCounters``."""
+
+    #: In the broker: from the upstream publish (or the client's send) to this worker.
+    queue_wait: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    #: In this worker before the session runs it: batching and the wait for the session.
+    batch_wait: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    #: The session's run, per batch.
+    compute: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    #: One publish of the outputs, until the broker confirmed it.
+    publish: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    #: From the client's send to the reply's publish (stages that reply).
+    end_to_end: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    #: Requests that ended here with an error, by error code.
+    failures: dict[str, int] = field(default_factory=dict)
+    #: Requests run alone (a failed batch split up) that succeeded.
+    isolated_ok: int = 0
+    #: Deliveries received again (``redelivered``) and deliveries dead-lettered.
+    redelivered: int = 0
+    dead_lettered: int = 0
+    #: Off (``WorkerSettings.metrics=False``): the durations and batch sizes are not
+    #: measured (the benchmark's "metrics off" leg); counts still are.
+    enabled: bool = True
+
+    def failed(self, code: str, requests: int = 1) -> None:
+        self.failures[code] = self.failures.get(code, 0) + requests
+
+
+class RunnerView(Protocol):
+    """What the collector reads of a runner (``workers.runner.StageRunner``)."""
+
+    @property
+    def counters(self) -> StageCounters: ...
+    @property
+    def timings(self) -> StageTimings: ...
+
+
+@dataclass(frozen=True)
+class QueueView:
+    queue: str
+    stage: str
+    prefetch: int
+    consuming: bool
+
+
+class WorkerView(Protocol):
+    """What the collector reads of a worker (``workers.stage_worker.StageWorker``)."""
+
+    @property
+    def worker_id(self) -> str: ...
+    def metric_runners(self) -> Mapping[str, RunnerView]: ...
+    def metric_queues(self) -> Iterable[QueueView]: ...
+    @property
+    def plan_hash(self) -> str: ...
+    @property
+    def first_stage(self) -> str: ...
+
+
+def _stage_of(name: str, first: str) -> str:
+    return first if name == MODEL_INPUT else name
+
+
+class WorkerCollector:
+    """Builds a worker's metric families at scrape time (a prometheus_client collector)."""
+
+    def __init__(self, worker: WorkerView) -> None:
+        self.worker = worker
+
+    def describe(self) -> list[Metric]:
+        # No scrape at registration (the runners do not exist yet).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.worker
+        wid, first = w.worker_id, w.first_stage
+        runners = w.metric_runners()
+        requests = CounterMetricFamily(
+            "conveyor_requests", "Requests a stage finished, by outcome (ok or the error code)",
+            labels=["worker", "stage", "outcome"],
+        )
+        in_flight = GaugeMetricFamily(
+            "conveyor_in_flight", "Requests accepted by a stage and not handed on yet",
+            labels=["worker", "stage"],
+        )
+        redelivered = CounterMetricFamily(
+            "conveyor_redelivered", "Deliveries that arrived flagged redelivered",
+            labels=["worker", "stage"],
+        )
+        dead = CounterMetricFamily(
+            "conveyor_dead_lettered", "Deliveries rejected to the dead-letter queue",
+            labels=["worker", "stage"],
+        )
+        batches = CounterMetricFamily(
+            "conveyor_batches", "Batches a stage's session ran", labels=["worker", "stage"]
+        )
+        info = InfoMetricFamily(
+            "conveyor_worker", "What a worker serves",
+            labels=["worker", "stage", "plan", "provider", "version"],
+        )
+        ok: dict[str, int] = {}
+        fails: dict[tuple[str, str], int] = {}
+        flights: dict[str, int] = {}
+        redeliveries: dict[str, int] = {}
+        deads: dict[str, int] = {}
+        hists: dict[str, dict[str, list[Histogram]]] = {}
+        for name, runner in runners.items():
+            stage = _stage_of(name, first)
+            c, t = runner.counters, runner.timings
+            if name != MODEL_INPUT:
+                ok[stage] = ok.get(stage, 0) + c.requests + t.isolated_ok
+                batches.add_metric([wid, stage], c.batches)
+                info.add_metric(
+                    [wid, stage, w.plan_hash, c.provider, __version__], {}
+                )
+            for code, n in t.failures.items():
+                fails[(stage, code)] = fails.get((stage, code), 0) + n
+            flights[stage] = flights.get(stage, 0) + c.in_flight
+            redeliveries[stage] = redeliveries.get(stage, 0) + t.redelivered
+            deads[stage] = deads.get(stage, 0) + t.dead_lettered
+            per = hists.setdefault(stage, {})
+            for metric, hist in (
+                ("queue_wait", t.queue_wait), ("batch_wait", t.batch_wait),
+                ("compute", t.compute), ("publish", t.publish),
+                ("end_to_end", t.end_to_end), ("batch_size", t.batch_size),
+            ):
+                per.setdefault(metric, []).append(hist)
+        for stage, n in ok.items():
+            requests.add_metric([wid, stage, "ok"], n)
+        for (stage, code), n in fails.items():
+            requests.add_metric([wid, stage, code], n)
+        for stage, n in flights.items():
+            in_flight.add_metric([wid, stage], n)
+        for stage, n in redeliveries.items():
+            redelivered.add_metric([wid, stage], n)
+        for stage, n in deads.items():
+            dead.add_metric([wid, stage], n)
+        yield from (requests, in_flight, redelivered, dead, batches, info)
+        yield from _histograms(wid, hists)
+        yield _prefetch(wid, w.metric_queues())
+
+
+#: (metric key, name, help) of the histograms, in the order they are exposed.
+HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("queue_wait", "conveyor_queue_wait_seconds",
+     "Time a request waited in the broker before this stage's worker got it"),
+    ("batch_wait", "conveyor_batch_wait_seconds",
+     "Time a request waited in the worker (batching, the session busy) before it ran"),
+    ("compute", "conveyor_compute_seconds", "Session run time per batch"),
+    ("publish", "conveyor_publish_seconds",
+     "Time to publish a stage's outputs (or replies) until the broker confirmed them"),
+    ("end_to_end", "conveyor_request_duration_seconds",
+     "From the client's send to the reply's publish, at the stage that replies"),
+    ("batch_size", "conveyor_batch_size", "Requests per batch a stage ran"),
+)
+
+
+def _histograms(wid: str, hists: Mapping[str, Mapping[str, list[Histogram]]]) -> Iterator[Metric]:
+    for key, name, doc in HISTOGRAMS:
+        family = HistogramMetricFamily(name, doc, labels=["worker", "stage"])
+        for stage, per in hists.items():
+            parts = [h for h in per.get(key, []) if h.count]
+            if not parts:
+                continue
+            merged = Histogram(parts[0].bounds)
+            for h in parts:
+                merged.counts = [a + b for a, b in zip(merged.counts, h.counts, strict=True)]
+                merged.total += h.total
+                merged.count += h.count
+            family.add_metric([wid, stage], merged.buckets(), merged.total)
+        yield family
+
+
+def _prefetch(wid: str, queues: Iterable[QueueView]) -> Metric:
+    family = GaugeMetricFamily(
+        "conveyor_prefetch", "Prefetch limit of a queue this worker consumes (0: not consuming)",
+        labels=["worker", "stage", "queue"],
+    )
+    for q in queues:
+        family.add_metric([wid, q.stage, q.queue], q.prefetch if q.consuming else 0)
+    return family
+
+
+class WorkerMetrics:
+    """A worker's registry holding its collector; ``conveyor.app.observe`` serves it."""
+
+    def __init__(self, worker: WorkerView) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(WorkerCollector(worker))  # type: ignore[arg-type]
