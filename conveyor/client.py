@@ -19,6 +19,15 @@ for one routing key leave as one request pack, and workers may answer several in
 reply pack (``conveyor.packs``, docs/wire.md section 7). A reply whose request is no
 longer awaited (answered already, timed out or cancelled) is acknowledged and dropped:
 that is how duplicates on the wire are removed.
+
+Connection loss (docs/operations.md, "Broker restarts"): on a transport that reconnects
+(``conveyor.transport.Reconnecting``, RabbitMQ's) the reply queue is declared again with
+the consumer on it when the connection comes back, and every request still awaited is
+published again with its id and absolute deadline unchanged: a reply lost with the old
+queue is asked for again, a duplicate is dropped as above, and workers drop it unrun once
+its deadline has passed. A request whose publish was under way at the loss fails with the
+transport's typed error; any other ends with its answer or ``DeadlineExceeded`` by its
+deadline (``DeadlineExceeded.confirmed`` says whether the broker had accepted it).
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology
 from conveyor.tracing import current_traceparent
-from conveyor.transport import Message, QueueSpec
+from conveyor.transport import Message, QueueSpec, Reconnecting
 from conveyor.wire import check_tensor, encode
 
 if TYPE_CHECKING:
@@ -103,6 +112,10 @@ class ClientStats:
     #: Messages published (a request pack counts once) and reply messages received.
     messages_sent: int = 0
     reply_messages: int = 0
+    #: Requests published again after the connection came back (counted in ``sent`` too).
+    resent: int = 0
+    #: Times the transport's connection was restored.
+    reconnects: int = 0
 
 
 #: Opens the client's transport when it opens; registers what it opened on the stack,
@@ -131,7 +144,7 @@ class Client:
         opener: Opener | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         reply_prefetch: int = 1024,
-        durable: bool = False,
+        durable: bool = True,
         pack: bool = True,
         declare_topology: bool = True,
         on_no_consumer: NoConsumerPolicy = "warn",
@@ -173,7 +186,7 @@ class Client:
         #: The first request checks that a worker consumes the input (``client_checks``).
         self._consumers_unchecked = on_no_consumer != "off"
         self._state = ClientState.NEW
-        self._pending: dict[str, asyncio.Future[Outputs]] = {}
+        self._pending: dict[str, Outgoing] = {}
         self._given = transport
         self._opener = opener
         self._transport: Transport | None = None
@@ -181,6 +194,7 @@ class Client:
         self._stack = contextlib.AsyncExitStack()
         self._sent = self._answered = self._failed = self._dropped = 0
         self._messages = self._reply_messages = 0
+        self._resent = self._reconnects = 0
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -219,6 +233,45 @@ class Client:
         self._consumer = await transport.consume(
             self.reply_queue, self._on_reply, prefetch=self._reply_prefetch
         )
+        if isinstance(transport, Reconnecting):
+            # The transport re-declares the reply queue and re-consumes (it was declared
+            # through it); what was in flight is this client's to send again.
+            transport.add_reconnect_callback(self._after_reconnect)
+
+    async def _after_reconnect(self) -> None:
+        self._reconnects += 1
+        transport = self._transport
+        if self._state is not ClientState.OPEN or transport is None:
+            return
+        if self._declare_topology:
+            # What this client declared at open, again: a broker restart loses a
+            # non-durable topology (idempotent otherwise).
+            await declare_plan_topology(transport, self.plan, durable=self._durable)
+        items = [i for i in self._pending.values() if not i.future.done()]
+        if not items:
+            return
+        log.warning("connection to the broker restored: sending %d requests in flight again",
+                    len(items))
+        self._resent += len(items)
+        if self.pack:
+            for item in items:
+                self._packs.enqueue(item.routing_key, item)
+            return
+        await asyncio.gather(*(self._publish_one(transport, item) for item in items))
+
+    async def _publish_one(self, transport: Transport, item: Outgoing) -> None:
+        try:
+            await transport.publish(
+                self.topology.input_exchange, item.meta.to_message(encode(item.arrays)),
+                item.routing_key,
+            )
+        except ConveyorError as exc:
+            if not item.future.done():
+                item.future.set_exception(exc)
+            return
+        item.confirmed = True
+        self._sent += 1
+        self._messages += 1
 
     async def close(self) -> None:
         """Stop listening, fail what is still awaited, close what the client opened."""
@@ -228,7 +281,8 @@ class Client:
         await self._teardown()
 
     async def _teardown(self) -> None:
-        for request_id, fut in self._pending.items():
+        for request_id, item in self._pending.items():
+            fut = item.future
             if not fut.done():
                 fut.set_exception(
                     TransportClosed(f"client closed before the reply to {request_id} arrived")
@@ -345,14 +399,15 @@ class Client:
         routing_key, meta = self._meta(request_id, wait, key, trace_id)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
-        self._pending[request_id] = future
+        item = Outgoing(meta, arrays, future, packable(arrays) if self.pack else -1, routing_key)
+        self._pending[request_id] = item
         # A timer instead of asyncio.wait_for: one callback, no extra task per request.
-        expiry = loop.call_later(wait, _expire, future, request_id, wait)
+        expiry = loop.call_later(wait, _expire, item, request_id, wait)
         try:
             if self.pack:
                 # Sent with the other requests of this loop turn (``PackSender``); a publish
                 # failure lands on the future.
-                self._packs.enqueue(routing_key, Outgoing(meta, arrays, future, packable(arrays)))
+                self._packs.enqueue(routing_key, item)
             else:
                 # Bounded by the request's timeout, also when the broker blocks publishers
                 # (a memory or disk alarm) and no confirm comes.
@@ -368,6 +423,7 @@ class Client:
                         f"request {request_id} could not be sent within {wait:g} s (is the "
                         "broker blocking publishers?)"
                     ) from None
+                item.confirmed = True
                 self._sent += 1
                 self._messages += 1
             return await future
@@ -494,7 +550,8 @@ class Client:
                 await delivery.ack()
             return
         request_id = message.correlation_id or message.message_id
-        future = self._pending.pop(request_id, None) if request_id else None
+        item = self._pending.pop(request_id, None) if request_id else None
+        future = item.future if item is not None else None
         try:
             if future is None or future.done():
                 self._dropped += 1
@@ -519,15 +576,15 @@ class Client:
             # Unreadable: its correlation id names the first request; the others time out.
             log.warning("dropping an unreadable reply pack: %s", exc)
             first = self._pending.pop(message.correlation_id or "", None)
-            if first is not None and not first.done():
-                first.set_exception(exc)
+            if first is not None and not first.future.done():
+                first.future.set_exception(exc)
             return
         for request_id, tensors in answers:
-            future = self._pending.pop(request_id, None)
-            if future is None or future.done():
+            item = self._pending.pop(request_id, None)
+            if item is None or item.future.done():
                 self._dropped += 1
                 continue
-            future.set_result({name: np.array(t) for name, t in tensors.items()})
+            item.future.set_result({name: np.array(t) for name, t in tensors.items()})
             self._answered += 1
 
     # -- introspection ------------------------------------------------------------------
@@ -540,6 +597,8 @@ class Client:
             dropped_replies=self._dropped,
             messages_sent=self._messages + self._packs.messages,
             reply_messages=self._reply_messages,
+            resent=self._resent,
+            reconnects=self._reconnects,
         )
 
     def _require_open(self) -> Transport:
@@ -550,11 +609,12 @@ class Client:
         return self._transport
 
 
-def _expire(future: asyncio.Future[Outputs], request_id: str, wait: float) -> None:
-    if not future.done():
-        future.set_exception(
-            DeadlineExceeded(f"request {request_id} got no reply within {wait:g} s")
-        )
+def _expire(item: Outgoing, request_id: str, wait: float) -> None:
+    if not item.future.done():
+        unsent = "" if item.confirmed else " (the broker never confirmed it)"
+        error = DeadlineExceeded(f"request {request_id} got no reply within {wait:g} s{unsent}")
+        error.confirmed = item.confirmed
+        item.future.set_exception(error)
 
 
 async def _settle(task: asyncio.Task[Outputs], return_exceptions: bool) -> Any:

@@ -38,6 +38,9 @@ class Outgoing:
     arrays: dict[str, np.ndarray]
     future: asyncio.Future[dict[str, np.ndarray]]
     nbytes: int
+    routing_key: str = ""
+    #: The broker confirmed a publish of it (re-sent after a reconnect, it may be again).
+    confirmed: bool = False
 
 
 class PackSender:
@@ -105,6 +108,8 @@ class PackSender:
         except Exception as exc:  # each caller gets it from its future (typed if ours)
             fail_all(items, exc)
             return
+        for item in items:
+            item.confirmed = True
         self.sent += len(items)
         self.messages += 1
 

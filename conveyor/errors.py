@@ -140,6 +140,9 @@ class CrashLoopError(InferenceError):
 
 class DeadlineExceeded(ConveyorError):
     code = "deadline_exceeded"
+    #: Set by the client: True when the broker had confirmed the request (it may have
+    #: run), False when it never had; None when unknown (an error reply from a worker).
+    confirmed: bool | None = None
 
 
 class RemoteError(ConveyorError):

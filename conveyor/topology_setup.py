@@ -104,14 +104,15 @@ async def declare_plan_topology(
     transport: Transport,
     plan: Plan,
     *,
-    durable: bool = False,
+    durable: bool = True,
     queue_type: QueueType | None = None,
 ) -> None:
     """Declare the plan's exchanges, queues and bindings on ``transport`` (idempotent).
 
-    ``durable=True`` declares durable exchanges and queues (RabbitMQ deployments that must
-    survive a broker restart); the default suits brokerless and tests. Every process of one
-    deployment must pass the same value: RabbitMQ refuses a re-declaration with other flags.
+    Durable exchanges and queues by default, so that the topology and the persistent
+    messages in it survive a broker restart; ``durable=False`` for throw-away deployments.
+    Every process of one deployment must pass the same value: RabbitMQ refuses a
+    re-declaration with other flags (the embedded broker ignores it).
     ``queue_type`` overrides the plan's ``queues.type`` (None: the plan's, classic when the
     plan chose none); quorum implies durable.
     """

@@ -145,3 +145,14 @@ class Transport(Protocol):
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Consumer: ...
     async def queue_stats(self, queue: str) -> QueueStats: ...
     async def close(self, grace: float = 5.0) -> None: ...
+
+
+@runtime_checkable
+class Reconnecting(Protocol):
+    """A transport that repairs lost connections itself (RabbitMQ's; the embedded broker
+    never loses one). What it restores: its channels, and the consumers with the queues
+    declared through it. What it cannot: deliveries in flight and messages that were in a
+    queue the broker lost; whoever owns them (the client's requests, a worker's plan
+    topology) acts in ``callback``, run after each restore."""
+
+    def add_reconnect_callback(self, callback: Callable[[], Awaitable[None]]) -> None: ...

@@ -56,6 +56,8 @@ class Outbox:
         self.request_log = RequestLog(log)
         #: Publishes refused by a full queue and retried after a back-off.
         self.backoffs = 0
+        #: Replies that reached no queue (their request id is logged at WARNING).
+        self.unroutable_replies = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -232,8 +234,13 @@ class Outbox:
         try:
             await self.transport.publish("", message, meta.reply_to)
         except UnroutableError:
-            log.info(
-                "reply to %s for %s: no such queue (client gone)", meta.reply_to, meta.request_id
+            # The client left, or its reply queue is being declared again after a broker
+            # restart (the client then sends its requests again): counted, never silent.
+            self.unroutable_replies += 1
+            log.warning(
+                "reply for request %s to %s: no such queue (client gone or reconnecting); "
+                "%d unroutable replies so far",
+                meta.request_id, meta.reply_to, self.unroutable_replies,
             )
         except TransportError as exc:
             log.warning(

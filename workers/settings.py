@@ -49,8 +49,8 @@ class WorkerSettings:
     #: A join queue's prefetch doubles while its window is full of parts waiting for their
     #: partners (else the partners could never be delivered), up to this many messages.
     join_prefetch_max: int = 4096
-    #: Declare durable queues/exchanges (RabbitMQ deployments); all processes must agree.
-    durable: bool = False
+    #: Declare durable queues/exchanges (off: throw-away ones); all processes must agree.
+    durable: bool = True
     batch_wait: WaitPolicy = "idle"
     #: Measure durations and batch sizes for the metrics (``workers.metrics``); off only
     #: to measure what measuring costs (bench/bench_pipeline.py ``--metrics off``).

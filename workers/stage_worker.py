@@ -56,7 +56,7 @@ from conveyor.errors import (
 from conveyor.plan import MODEL_INPUT, Plan, StageSpec
 from conveyor.topology import Topology
 from conveyor.topology_setup import declare_plan_topology, stage_queues
-from conveyor.transport import Consumer, Delivery, Transport
+from conveyor.transport import Consumer, Delivery, Reconnecting, Transport
 from workers.intake import Intake
 from workers.metrics import QueueView, RunnerView, WorkerMetrics
 from workers.outbox import Outbox
@@ -228,6 +228,11 @@ class StageWorker:
     ) -> None:
         await self.stop()
 
+    async def _redeclare(self) -> None:
+        """After a reconnect: the plan's topology again (idempotent; bindings a controller
+        moved are kept, docs/scheduling.md "Who owns the bindings")."""
+        await declare_plan_topology(self.transport, self.plan, durable=self.settings.durable)
+
     async def start(self) -> None:
         if self._state is not WorkerState.NEW:
             raise ConfigError(f"worker {self.worker_id} is {self._state.value}; start it once")
@@ -237,6 +242,10 @@ class StageWorker:
                 await declare_plan_topology(
                     self.transport, self.plan, durable=self.settings.durable
                 )
+                if isinstance(self.transport, Reconnecting):
+                    # A broker that lost non-durable topology (or an operator's delete)
+                    # would leave this worker publishing into nothing.
+                    self.transport.add_reconnect_callback(self._redeclare)
             await self._build_runners()
             self._routes = build_routes(self.plan, self.hosted, self.hosts_ingress)
             self._link_runners()

@@ -54,8 +54,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                    help="save the throughput-latency curve (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--durable", action="store_true",
-                   help="the workers declared durable queues (conveyor worker --durable)")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="durable queues (default; --no-durable as the workers were started)")
     add_local_worker_options(p)
     p.set_defaults(func=cmd_bench)
 

@@ -34,8 +34,8 @@ def add_infer_parser(sub: Any) -> None:
     p.add_argument("--key", default=None, help="partition key (hash / range partitioning)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds (30)")
     p.add_argument("--out", type=Path, default=None, metavar="OUT.npz", help="save outputs")
-    p.add_argument("--durable", action="store_true",
-                   help="the workers declared durable queues (conveyor worker --durable)")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="durable queues (default; --no-durable as the workers were started)")
     p.set_defaults(func=cmd_infer)
 
 

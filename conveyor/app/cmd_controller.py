@@ -34,8 +34,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--policy", choices=("static", "dynamic", "hybrid"), default="hybrid")
     p.add_argument("--period", type=float, default=1.0, metavar="S",
                    help="seconds between decisions (1.0)")
-    p.add_argument("--durable", action="store_true",
-                   help="declare durable control queues (must match the workers' --durable)")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="durable control queues (default; --no-durable as the workers)")
     p.add_argument("--report-every", type=int, default=10, metavar="N",
                    help="log a report every N periods (10; 0: never)")
     add_metrics_option(p)

@@ -35,8 +35,8 @@ def add_parsers(sub: Any) -> None:
                    help="seconds a request may take unless it says (30)")
     p.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB",
                    help="largest request body accepted, MiB (64); larger ones get 413")
-    p.add_argument("--durable", action="store_true",
-                   help="the workers declared durable queues (conveyor worker --durable)")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="durable queues (default; --no-durable as the workers were started)")
     p.add_argument("--no-declare", dest="declare", action="store_false",
                    help="do not declare the plan's topology (an admin step did: `conveyor "
                    "topology`); a least-privilege client user may not")

@@ -111,8 +111,10 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--durable",
-        action="store_true",
-        help="declare durable queues and exchanges (all processes must agree)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="durable queues and exchanges (default; --no-durable for throw-away ones: "
+        "all processes of a deployment must agree)",
     )
 
 

@@ -22,8 +22,8 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
     add_broker_options(p, embedded=False)
-    p.add_argument("--durable", action="store_true",
-                   help="durable exchanges and queues (all processes must agree)")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="durable exchanges and queues (default; all processes must agree)")
     p.add_argument("--queue-type", choices=("classic", "quorum"), default=None,
                    help="input and stage queues (default: the plan's queues.type, else "
                    "classic); quorum implies --durable")

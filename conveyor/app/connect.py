@@ -79,7 +79,7 @@ class LocalClient(Client):
                 worker_transport = await self.target.connect()
                 stack.push_async_callback(worker_transport.close, grace=1.0)
             self._workers = await _start_local_workers(
-                self.plan, worker_transport, self._worker_options
+                self.plan, worker_transport, self._worker_options, self._durable
             )
             stack.push_async_callback(self._stop_workers)
         log.info(
@@ -102,7 +102,7 @@ def connect(
     local_workers: bool | None = None,
     reply_prefetch: int = 1024,
     worker_options: Mapping[str, Any] | None = None,
-    durable: bool = False,
+    durable: bool = True,
     pack: bool = True,
     declare_topology: bool = True,
     on_no_consumer: NoConsumerPolicy = "warn",
@@ -113,10 +113,11 @@ def connect(
     embedded broker. Use it as ``async with connect(...) as client``. ``local_workers``
     (default: true exactly when the client runs on the embedded broker) runs the plan's
     workers in this process; ``worker_options`` are passed to them (``workers.serve``).
-    ``durable`` must match the workers' ``--durable`` (RabbitMQ refuses a queue
-    re-declared with other flags). ``pack`` (default on) sends the requests made in one
-    event-loop turn for one partition as one message and lets workers answer several in
-    one message (``conveyor.packs``); off, every request and reply is a message of its own.
+    ``durable`` (default on) must match the workers' ``--durable``/``--no-durable``
+    (RabbitMQ refuses a queue re-declared with other flags). ``pack`` (default on) sends
+    the requests made in one event-loop turn for one partition as one message and lets
+    workers answer several in one message (``conveyor.packs``); off, every request and
+    reply is a message of its own.
     ``declare_topology=False`` leaves the plan's exchanges and queues to the admin step
     (``conveyor topology PLAN_DIR``): a least-privilege client user (``conveyor users``)
     may not declare them, only its own reply queue.
@@ -139,9 +140,16 @@ def connect(
 
 
 async def _start_local_workers(
-    plan: Plan, transport: Transport, options: Mapping[str, Any]
+    plan: Plan, transport: Transport, options: Mapping[str, Any], durable: bool
 ) -> StageWorker:
-    import workers
+    """The plan's workers in this process, declaring queues as durable as the client's
+    (a broker refuses the same queue declared both ways)."""
+    from dataclasses import replace
 
-    worker: StageWorker = await workers.serve(plan, transport, **options)
+    import workers
+    from workers.settings import WorkerSettings
+
+    chosen = dict(options)
+    chosen["settings"] = replace(chosen.get("settings") or WorkerSettings(), durable=durable)
+    worker: StageWorker = await workers.serve(plan, transport, **chosen)
     return worker

@@ -117,6 +117,9 @@ async def serve_on_rabbitmq(
     from conveyor.app.connect import connect
 
     target = BrokerTarget(url)
+    # The demo's plan has the same name every run: its queues are the demo's own, deleted
+    # before (leftovers of an earlier run, perhaps declared with other flags) and after.
+    await _delete_topology(target, plan)
     with tempfile.TemporaryDirectory(prefix="conveyor-demo-logs-") as logs:
         procs = await start_workers(plan, url, Path(logs))
         print(f"started {len(procs)} worker process(es) on {target.describe()}: "
@@ -135,9 +138,25 @@ async def serve_on_rabbitmq(
                 await control_transport.close(grace=0.5)
         finally:
             await stop_workers(procs)
+            await _delete_topology(target, plan)
         stages = [exit_figures(Path(logs) / f"{s}.log", s) for s in procs]
     return Served(outputs, latencies, seconds, ("CPUExecutionProvider (worker processes)",),
                   stages, summary[0] if summary else "")
+
+
+async def _delete_topology(target: BrokerTarget, plan: Plan) -> None:
+    from conveyor.topology import Topology
+    from conveyor.topology_setup import delete_plan_topology
+    from workers.control import heartbeat_queue, state_queue
+
+    transport = await target.connect()
+    try:
+        topo = Topology.of(plan)
+        for queue in (heartbeat_queue(topo), state_queue(topo)):
+            await transport.delete_queue(queue)
+        await delete_plan_topology(transport, plan)
+    finally:
+        await transport.close(grace=0.5)
 
 
 async def start_workers(

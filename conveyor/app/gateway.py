@@ -281,7 +281,7 @@ async def serve_gateway(
     settings: GatewaySettings,
     *,
     worker_options: Mapping[str, Any] | None = None,
-    durable: bool = False,
+    durable: bool = True,
     declare_topology: bool = True,
 ) -> AsyncIterator[RunningGateway]:
     """Open the plan's client on ``target`` and listen; stop listening, then close it.

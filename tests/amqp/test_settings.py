@@ -37,6 +37,15 @@ def test_the_environment_adds_optional_fields_to_the_url() -> None:
     assert settings.host == "rabbit.internal"
 
 
+def test_messages_are_persistent_unless_the_url_or_environment_says_otherwise() -> None:
+    assert AmqpSettings.from_url(URL).persistent is True
+    assert AmqpSettings.from_url("amqp://h/?persistent=0").persistent is False
+    env = {"CONVEYOR_AMQP_PERSISTENT": "no"}
+    assert AmqpSettings.from_url_and_env("amqp://h/", env).persistent is False
+    with pytest.raises(ConfigError, match="persistent"):
+        AmqpSettings.from_url("amqp://h/?persistent=maybe")
+
+
 @pytest.mark.parametrize(
     ("url", "overrides", "fragment"),
     [

@@ -159,7 +159,8 @@ async def test_conveyor_infer_command_over_rabbitmq(
 async def test_durable_deployment_needs_a_durable_client(
     rabbitmq_url: str, tmp_path: Path, mlp: Case
 ) -> None:
-    """Workers started with ``--durable``: a durable client is served, a plain one refused."""
+    """Workers started with ``--durable`` (the default): a durable client (the default) is
+    served, a non-durable one refused."""
     from conveyor.app.connect import connect
     from conveyor.errors import TransportError
     from tests.support.pipeline import WorkerProcesses, delete_topology, wait_until_consumed
@@ -171,10 +172,10 @@ async def test_durable_deployment_needs_a_durable_client(
         procs.start_all()
         await wait_until_consumed(rabbitmq_url, plan, procs)
         with pytest.raises(TransportError):
-            async with connect(rabbitmq_url, plan=plan):
+            async with connect(rabbitmq_url, plan=plan, durable=False):
                 pass
         request = mlp.requests(1)[0]
-        async with connect(rabbitmq_url, plan=plan, durable=True) as client:
+        async with connect(rabbitmq_url, plan=plan) as client:
             mlp.check(request, await client.infer(request))
     finally:
         await asyncio.to_thread(procs.stop_all)

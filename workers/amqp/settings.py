@@ -28,6 +28,7 @@ ENV_FIELDS: dict[str, str] = {
     "CONVEYOR_AMQP_RECONNECT_INTERVAL": "reconnect_interval_s",
     "CONVEYOR_AMQP_CONNECTION_NAME": "connection_name",
     "CONVEYOR_AMQP_SPEEDUPS": "speedups",
+    "CONVEYOR_AMQP_PERSISTENT": "persistent",
     "CONVEYOR_AMQP_CAFILE": "cafile",
     "CONVEYOR_AMQP_CERTFILE": "certfile",
     "CONVEYOR_AMQP_KEYFILE": "keyfile",
@@ -43,6 +44,7 @@ QUERY_FIELDS: dict[str, str] = {
     "reconnect_interval": "reconnect_interval_s",
     "name": "connection_name",
     "speedups": "speedups",
+    "persistent": "persistent",
     "cafile": "cafile",
     "certfile": "certfile",
     "keyfile": "keyfile",
@@ -70,8 +72,10 @@ class AmqpSettings:
     reconnect_interval_s: float = 2.0
     #: Shown in the management UI; the two connections get ``-pub`` and ``-con``.
     connection_name: str = "conveyor"
-    #: AMQP delivery mode 2 (written to disk on durable queues) for every publish.
-    persistent: bool = False
+    #: AMQP delivery mode 2 (written to disk on durable queues) for every publish, so that
+    #: what the broker confirmed survives its restart. ``?persistent=0`` in the URL or
+    #: ``CONVEYOR_AMQP_PERSISTENT=0`` trade that for speed (transient messages).
+    persistent: bool = True
     #: The faster byte paths through aiormq (``workers.amqp.speedups``); off = plain
     #: aio-pika/aiormq. ``?speedups=off`` in the URL, ``CONVEYOR_AMQP_SPEEDUPS=0``.
     speedups: bool = True

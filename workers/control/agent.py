@@ -73,7 +73,7 @@ def command_queue(topology: Topology, worker_id: str) -> str:
 
 
 async def declare_control_exchange(
-    transport: Transport, topology: Topology, *, durable: bool = False
+    transport: Transport, topology: Topology, *, durable: bool = True
 ) -> None:
     """The control exchange, declared as ``conveyor.topology_setup`` declares it."""
     await transport.declare_exchange(
@@ -96,7 +96,7 @@ class ControlAgent:
         worker_id: str,
         period: float = 1.0,
         *,
-        durable: bool = False,
+        durable: bool = True,
         queue_check_every: int = QUEUE_CHECK_EVERY,
     ) -> None:
         if period <= 0:

@@ -103,7 +103,7 @@ class Controller:
         policy: PolicyConfig,
         *,
         period: float = 1.0,
-        durable: bool = False,
+        durable: bool = True,
         reconcile_every: int = 10,
         report_every: int = 10,
         clock: Callable[[], float] = time.time,
