@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_plan
 
 from conveyor.errors import BackpressureError, TransportError
 from conveyor.plan import Plan, PlanLimits
 from conveyor.topology_setup import delete_plan_topology
 from conveyor.transport import Message
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_plan
 from workers import serve
 from workers.amqp import AmqpTransport
 from workers.outbox import Outbox

@@ -39,11 +39,9 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -51,24 +49,24 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from conveyor.client_checks import NoConsumerPolicy, no_consumer_message
+from conveyor.client_inputs import InputCheck
 from conveyor.client_packs import Outgoing, PackSender, packable
+from conveyor.client_stream import in_input_order
 from conveyor.eager import mark_eager
 from conveyor.envelope import (
     RequestMeta,
     read_reply,
 )
 from conveyor.errors import (
-    CodecError,
     ConfigError,
     ConveyorError,
     DeadlineExceeded,
     NoConsumerError,
-    RequestTooLarge,
     TransportClosed,
 )
 from conveyor.packs import REPLY_PACK_TYPE, unpack_replies
@@ -77,7 +75,7 @@ from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology
 from conveyor.tracing import current_traceparent
 from conveyor.transport import Message, QueueSpec, Reconnecting
-from conveyor.wire import check_tensor, encode
+from conveyor.wire import encode
 
 if TYPE_CHECKING:
     from conveyor.transport import Consumer, Delivery, Transport
@@ -172,13 +170,8 @@ class Client:
         self._packs = PackSender(
             plan.hash, self.topology.input_exchange, max_requests=plan.limits.pack_requests
         )
-        self._limits = plan.limits
         self._ids = itertools.count(1)
-        self._input_checks = [
-            (t.name, np.dtype(t.dtype), len(t.shape),
-             [(axis, d) for axis, d in enumerate(t.shape) if isinstance(d, int) and d >= 0])
-            for t in plan.inputs
-        ]
+        self._inputs = InputCheck(plan)
         self._reply_prefetch = reply_prefetch
         self._durable = durable
         self._declare_topology = declare_topology
@@ -310,63 +303,9 @@ class Client:
 
     # -- requests -----------------------------------------------------------------------
     def validate(self, inputs: Inputs) -> dict[str, np.ndarray]:
-        """Check ``inputs`` against ``plan.inputs`` (names, dtype, shape); CodecError if not."""
-        if len(inputs) != len(self._input_checks):
-            self._explain(inputs)
-        arrays: dict[str, np.ndarray] = {}
-        for name, dtype, rank, fixed in self._input_checks:
-            array = inputs.get(name)
-            if (
-                not isinstance(array, np.ndarray)
-                or array.dtype != dtype
-                or array.ndim != rank
-                or any(array.shape[axis] != size for axis, size in fixed)
-            ):
-                self._explain(inputs)
-            arrays[name] = array
-        limits = self._limits
-        if limits.max_request_rows is not None or limits.max_request_bytes is not None:
-            self._check_size(arrays)
-        return arrays
-
-    def _check_size(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """``RequestTooLarge`` for more rows or bytes than the plan's limits allow (the
-        workers refuse such a request too; this saves sending it)."""
-        limits = self._limits
-        rows = max((a.shape[0] for a in arrays.values() if a.ndim), default=1)
-        if limits.max_request_rows is not None and rows > limits.max_request_rows:
-            raise RequestTooLarge(
-                f"request has {rows} rows; plan {self.plan.name!r} allows at most "
-                f"{limits.max_request_rows} per request (limits.max_request_rows): split it "
-                "into smaller requests"
-            )
-        size = sum(a.nbytes for a in arrays.values())
-        if limits.max_request_bytes is not None and size > limits.max_request_bytes:
-            raise RequestTooLarge(
-                f"request carries {size} bytes of tensors; plan {self.plan.name!r} allows at "
-                f"most {limits.max_request_bytes} (limits.max_request_bytes): split it into "
-                "smaller requests"
-            )
-
-    def _explain(self, inputs: Inputs) -> NoReturn:
-        """Raise the CodecError naming what is wrong with ``inputs`` (the slow path)."""
-        expected = {t.name: t for t in self.plan.inputs}
-        unknown = sorted(set(inputs) - set(expected))
-        if unknown:
-            raise CodecError(
-                f"unknown input tensor(s) {unknown}; plan {self.plan.name!r} takes "
-                f"{sorted(expected)}"
-            )
-        for name, spec in expected.items():
-            if name not in inputs:
-                raise CodecError(f"input tensor {name!r} is missing")
-            array = inputs[name]
-            if not isinstance(array, np.ndarray):
-                raise CodecError(
-                    f"input tensor {name!r} must be a numpy array, got {type(array).__name__}"
-                )
-            check_tensor(name, array, spec)
-        raise CodecError(f"inputs do not match plan {self.plan.name!r}: {sorted(inputs)}")
+        """Check ``inputs`` against ``plan.inputs`` (names, dtype, shape) and the plan's
+        size limits; ``CodecError`` (``RequestTooLarge``) if not."""
+        return self._inputs.validate(inputs)
 
     async def infer(
         self,
@@ -409,23 +348,7 @@ class Client:
                 # failure lands on the future.
                 self._packs.enqueue(routing_key, item)
             else:
-                # Bounded by the request's timeout, also when the broker blocks publishers
-                # (a memory or disk alarm) and no confirm comes.
-                try:
-                    async with asyncio.timeout(wait):
-                        await transport.publish(
-                            self.topology.input_exchange,
-                            meta.to_message(encode(arrays)),
-                            routing_key,
-                        )
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"request {request_id} could not be sent within {wait:g} s (is the "
-                        "broker blocking publishers?)"
-                    ) from None
-                item.confirmed = True
-                self._sent += 1
-                self._messages += 1
+                await self._send_alone(transport, item, wait)
             return await future
         except ConveyorError:
             self._failed += 1
@@ -433,6 +356,24 @@ class Client:
         finally:
             expiry.cancel()
             self._pending.pop(request_id, None)
+
+    async def _send_alone(self, transport: Transport, item: Outgoing, wait: float) -> None:
+        """Publish one request as its own message, bounded by its timeout, also when the
+        broker blocks publishers (a memory or disk alarm) and no confirm comes."""
+        try:
+            async with asyncio.timeout(wait):
+                await transport.publish(
+                    self.topology.input_exchange, item.meta.to_message(encode(item.arrays)),
+                    item.routing_key,
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"request {item.meta.request_id} could not be sent within {wait:g} s (is the "
+                "broker blocking publishers?)"
+            ) from None
+        item.confirmed = True
+        self._sent += 1
+        self._messages += 1
 
     async def _check_consumers(self, transport: Transport) -> None:
         problem = await no_consumer_message(transport, self.plan)
@@ -512,31 +453,7 @@ class Client:
         """
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
-        return self._stream(inputs, concurrency, timeout, keys, return_exceptions)
-
-    async def _stream(
-        self,
-        inputs: Iterable[Inputs] | AsyncIterable[Inputs],
-        concurrency: int,
-        timeout: float | None,  # noqa: ASYNC109
-        keys: Iterable[str | None] | None,
-        return_exceptions: bool,
-    ) -> AsyncGenerator[Any, None]:
-        key_iter = iter(keys) if keys is not None else None
-        window: deque[asyncio.Task[Outputs]] = deque()
-        try:
-            async for item in _aiter(inputs):
-                key = next(key_iter, None) if key_iter is not None else None
-                window.append(asyncio.create_task(self.infer(item, timeout=timeout, key=key)))
-                if len(window) >= concurrency:
-                    yield await _settle(window.popleft(), return_exceptions)
-            while window:
-                yield await _settle(window.popleft(), return_exceptions)
-        finally:
-            for task in window:
-                task.cancel()
-            if window:
-                await asyncio.gather(*window, return_exceptions=True)
+        return in_input_order(self.infer, inputs, concurrency, timeout, keys, return_exceptions)
 
     # -- replies ------------------------------------------------------------------------
     @mark_eager  # needs no task of its own (conveyor.eager)
@@ -615,24 +532,6 @@ def _expire(item: Outgoing, request_id: str, wait: float) -> None:
         error = DeadlineExceeded(f"request {request_id} got no reply within {wait:g} s{unsent}")
         error.confirmed = item.confirmed
         item.future.set_exception(error)
-
-
-async def _settle(task: asyncio.Task[Outputs], return_exceptions: bool) -> Any:
-    if not return_exceptions:
-        return await task
-    try:
-        return await task
-    except ConveyorError as exc:
-        return exc
-
-
-async def _aiter(items: Iterable[Inputs] | AsyncIterable[Inputs]) -> AsyncIterator[Inputs]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
 
 
 async def _quietly(step: Any, what: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.support.brokers", "tests.support.pipeline"]
+pytest_plugins = ["tests.support.brokers", "tests.support.pipeline", "tests.support.amqp"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from conveyor.errors import BrokerUnreachable, TransportClosed, TransportError
 from conveyor.transport import Delivery, ExchangeSpec, ExchangeType, Message, QueueSpec
-from tests.amqp.conftest import Management, Rabbit
+from tests.support.amqp import Management, Rabbit
 from workers.amqp import AmqpDelivery, AmqpTransport, Settlement
 from workers.amqp.consumer import ConsumerState
 

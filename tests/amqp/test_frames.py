@@ -24,7 +24,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from conveyor.transport import Delivery, Message, QueueSpec
-from tests.amqp.conftest import Rabbit
+from tests.support.amqp import Rabbit
 from workers.amqp import frames as amqp_frames
 from workers.amqp import speedups
 

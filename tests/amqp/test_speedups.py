@@ -18,7 +18,7 @@ import pytest
 
 from conveyor.errors import ConfigError
 from conveyor.transport import Delivery, Message, QueueSpec
-from tests.amqp.conftest import Rabbit
+from tests.support.amqp import Rabbit
 from workers.amqp import AmqpSettings, frames, speedups
 from workers.amqp.writer import CoalescingConnection
 

@@ -19,10 +19,9 @@ import pytest
 
 from conveyor.errors import CrashLoopError
 from conveyor.plan import Plan
-from tests.e2e.conftest import REPO
 from tests.support.crashing_worker import DIED
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.pipeline import REPO, Harness
+from tests.support.plans import chain_expected, chain_plan
 from workers.amqp import AmqpTransport
 
 pytestmark = pytest.mark.rabbitmq

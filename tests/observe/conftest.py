@@ -8,7 +8,7 @@ import pytest
 
 # The RabbitMQ management API helper of the transport tests (closes connections from the
 # broker's side), shared rather than written twice.
-from tests.amqp.conftest import Management, management
+from tests.support.amqp import Management, management
 
 __all__ = ["Management", "management", "unique"]
 

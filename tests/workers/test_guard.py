@@ -18,9 +18,9 @@ from conveyor.errors import BackpressureError, CrashLoopError, RequestTooLarge, 
 from conveyor.plan import Plan, PlanLimits, QueueSettings
 from conveyor.topology import Topology
 from conveyor.transport import QueueSpec, Transport
-from tests.transport.conftest import BrokerHandle
-from tests.workers.harness import Harness
-from tests.workers.plans import chain_expected, chain_plan
+from tests.support.brokers import BrokerHandle
+from tests.support.pipeline import Harness
+from tests.support.plans import chain_expected, chain_plan
 from workers import serve
 from workers.session import StageSession
 from workers.stage_worker import StageWorker
