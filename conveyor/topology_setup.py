@@ -143,32 +143,30 @@ async def declare_plan_topology(
             for key in keys:
                 await transport.bind_queue(queue, topo.input_exchange, key)
 
-    batches = plan.limits.max_queued_batches
     for stage in plan.stages:
-        if not consumes_stage_queue(plan, stage):
-            continue
-        exchange = topo.stage_exchange(stage.name)
-        if stage.is_join:
-            await transport.declare_exchange(
-                ExchangeSpec(exchange, ExchangeType.HASH, durable=durable)
-            )
-            for i in range(join_shards(plan, stage)):
-                queue = topo.stage_queue(stage.name, i)
-                await transport.declare_queue(
-                    work_queue(plan, queue, durable=durable, queue_type=queue_type,
-                           max_length=batches)
-                )
-                await transport.bind_queue(queue, exchange, "1")
-        else:
-            await transport.declare_exchange(
-                ExchangeSpec(exchange, ExchangeType.DIRECT, durable=durable)
-            )
-            queue = topo.stage_queue(stage.name)
-            await transport.declare_queue(
-                work_queue(plan, queue, durable=durable, queue_type=queue_type,
-                           max_length=batches)
-            )
-            await transport.bind_queue(queue, exchange, stage.name)
+        if consumes_stage_queue(plan, stage):
+            await _declare_stage(transport, plan, stage, durable, queue_type)
+
+
+async def _declare_stage(
+    transport: Transport, plan: Plan, stage: StageSpec, durable: bool,
+    queue_type: QueueType | None,
+) -> None:
+    """A stage's exchange and queue(s): one competing queue, or a join's shard queues."""
+    topo = Topology.of(plan)
+    exchange = topo.stage_exchange(stage.name)
+    kind = ExchangeType.HASH if stage.is_join else ExchangeType.DIRECT
+    await transport.declare_exchange(ExchangeSpec(exchange, kind, durable=durable))
+    if stage.is_join:
+        routes = [(topo.stage_queue(stage.name, i), "1") for i in range(join_shards(plan, stage))]
+    else:
+        routes = [(topo.stage_queue(stage.name), stage.name)]
+    for queue, key in routes:
+        await transport.declare_queue(
+            work_queue(plan, queue, durable=durable, queue_type=queue_type,
+                       max_length=plan.limits.max_queued_batches)
+        )
+        await transport.bind_queue(queue, exchange, key)
 
 
 async def delete_plan_topology(transport: Transport, plan: Plan) -> None:
