@@ -63,11 +63,11 @@ from workers.outbox import Outbox
 from workers.redelivery import RedeliveryGuard
 from workers.routes import Routes, build_routes, check_model_outputs
 from workers.runner import Batch, Request, StageRunner, stage_sources
-from workers.session import StageSession, Tensor
+from workers.runner_setup import build_runners, link_runners
+from workers.session import Tensor
 from workers.settings import WorkerSettings
 from workers.settlement import Lot, Outcome
 from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
-from workers.tracing import StageTracer
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,10 @@ class StageWorker:
                     # A broker that lost non-durable topology (or an operator's delete)
                     # would leave this worker publishing into nothing.
                     self.transport.add_reconnect_callback(self._redeclare)
-            await self._build_runners()
+            self._runners.update(await build_runners(self.plan, self.settings, self.hosted,
+                                                     self.hosts_ingress, self, self.worker_id))
             self._routes = build_routes(self.plan, self.hosted, self.hosts_ingress)
-            self._link_runners()
+            link_runners(self._runners, self._routes)
             for runner in self._runners.values():
                 runner.start()
             self._plan_consumers()
@@ -513,59 +514,6 @@ class StageWorker:
             await self._apply_prefetch(record, record.base_prefetch)
 
     # -- building -------------------------------------------------------------------------
-    async def _build_runners(self) -> None:
-        threads = self.settings.threads_per_stage(len(self.hosted))
-        s = self.settings
-        for name in self.hosted:
-            spec = self.plan.stage(name)
-            session = await asyncio.to_thread(
-                StageSession.load,
-                self.plan.stage_path(name),
-                spec,
-                device=s.device,
-                threads=threads,
-                inter_threads=s.inter_op_threads,
-            )
-            log.info("stage %s: %s (%s)", name, session.provider, session.choice.reason)
-            sched = self.plan.scheduling.for_stage(name)
-            self._runners[name] = StageRunner(
-                name,
-                spec,
-                session,
-                self,
-                max_batch=s.max_batch or sched.max_batch,
-                max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
-                sources=stage_sources(spec),
-                join_timeout=s.join_timeout,
-                batch_wait=s.batch_wait,
-            )
-            self._runners[name].tracer = StageTracer.for_process(name, self.worker_id)
-            self._runners[name].timings.enabled = s.metrics
-        if self.hosts_ingress:
-            sched = self.plan.scheduling.for_stage(self.plan.stages[0].name)
-            self._runners[MODEL_INPUT] = StageRunner(
-                MODEL_INPUT,
-                None,
-                None,
-                self,
-                max_batch=s.max_batch or sched.max_batch,
-                max_delay_ms=sched.max_delay_ms if s.max_delay_ms is None else s.max_delay_ms,
-                sources=(),
-                batch_wait=s.batch_wait,
-            )
-            self._runners[MODEL_INPUT].timings.enabled = s.metrics
-
-    def _link_runners(self) -> None:
-        """The ingress can start a batch only when the local stages it feeds can."""
-        ingress = self._runners.get(MODEL_INPUT)
-        if ingress is None:
-            return
-        for dest in self._routes.destinations.get(MODEL_INPUT, []):
-            if dest.local:
-                runner = self._runners[dest.stage]
-                ingress.hands_to.append(runner)
-                runner.fed_by.append(ingress)
-
     def _plan_consumers(self) -> None:
         for name in self.home:
             for record in self._records_for(name, None, create=True):

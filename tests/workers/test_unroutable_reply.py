@@ -4,6 +4,7 @@ at WARNING with its request id, and the worker goes on serving."""
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ async def test_unroutable_reply_is_counted_and_logged_with_its_request_id(
     client = await Harness(await broker.connect(), plan).open()
     worker = await serve(plan, await broker.connect(), None, "cpu")
     try:
-        gone = RequestMeta("orphan-1", reply_to=f"test.replies.gone.{unique}",
+        # A reply queue of the plan's scheme (workers reply to no other) that nobody declared.
+        gone = RequestMeta("orphan-1", reply_to=client.topology.reply_queue(uuid.uuid4().hex),
                            plan_hash=plan.hash)
         with caplog.at_level(logging.WARNING, logger="workers.outbox"):
             await client.publish(gone.to_message(wire.encode({"x": rand()})))
