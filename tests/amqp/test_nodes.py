@@ -8,7 +8,6 @@ back on B by itself and works (declare, publish, consume), without a new connect
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,48 +16,10 @@ import pytest
 from conveyor.app.transports import BrokerTarget
 from conveyor.transport import Delivery, Message, QueueSpec
 from tests.support.polling import until
+from tests.support.relay import Relay
 from workers.amqp import AmqpSettings, AmqpTransport
 
 pytestmark = pytest.mark.rabbitmq
-
-
-class Relay:
-    """127.0.0.1:<port> -> the broker; ``cut()`` closes the listener and every connection."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.writers: list[asyncio.StreamWriter] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.writers += [writer, up_writer]
-        for a, b in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(a, b))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def test_a_lost_node_reconnects_to_the_next_one(rabbitmq_url: str) -> None:

@@ -95,6 +95,7 @@ async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
         assert not any(depths.values()), f"messages left behind: {depths}"
     except BaseException:
         print(workers.logs())
+        print(broker_view(node))
         raise
     finally:
         await asyncio.to_thread(workers.stop_all)
@@ -104,6 +105,23 @@ async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
     print(f"outage {run.outage_s:.1f} s, recovery {run.recovery_s:.2f} s after the broker's "
           f"return, {run.resent} requests re-sent")
     return run
+
+
+def broker_view(node: RabbitNode) -> str:
+    """What the broker holds (queues, consumers, channels), printed when a run fails."""
+    views = [
+        ("list_queues", "name", "messages_ready", "messages_unacknowledged", "consumers"),
+        ("list_consumers", "queue_name", "channel_pid", "prefetch_count", "active"),
+        ("list_channels", "pid", "connection", "consumer_count", "messages_unacknowledged",
+         "prefetch_count", "global_prefetch_count", "state"),
+    ]
+    out = []
+    for view in views:
+        try:
+            out.append(f"--- rabbitmqctl {view[0]}\n" + node.ctl(*view))
+        except Exception as exc:  # diagnostics only: the failure itself is raised
+            out.append(f"--- rabbitmqctl {view[0]}: {exc}")
+    return "\n".join(out)
 
 
 def stop_start_app(node: RabbitNode) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import aiormq.exceptions as amqp_exc
+from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from conveyor.errors import TransportError
@@ -22,6 +24,7 @@ from workers.amqp.convert import delivery_count, from_incoming
 from workers.amqp.errors import translated
 
 if TYPE_CHECKING:
+    import aiormq
     from aiormq.abc import AbstractChannel
 
 log = logging.getLogger(__name__)
@@ -221,6 +224,12 @@ class AmqpConsumer:
         Under a channel limit the queue handles the limiter's "resume" (sent when the
         reject frees a slot) before the requeue, and would deliver the next message
         first. Without a consumer there is nothing to resume: cancel, reject, consume.
+
+        The three steps run on the delivery's own aiormq channel, not through aio-pika's
+        queue: ``RobustQueue.cancel`` forgets the consumer before the broker answers, so
+        a connection lost in between left the channel's restore nothing to consume again
+        (tests/amqp/test_requeue_on_a_dying_connection.py). Here the robust registration
+        stays, and a channel that dies mid-way comes back consuming.
         """
         async with self._lock:
             tag = self._tag
@@ -232,12 +241,20 @@ class AmqpConsumer:
             ):
                 await channel.basic_reject(delivery_tag, requeue=True)
                 return
-            await self._queue.cancel(tag, timeout=self._timeout)
-            self._tag = None
+            await channel.basic_cancel(tag, timeout=self._timeout)
             try:
                 await channel.basic_reject(delivery_tag, requeue=True)
             finally:
-                self._tag = await self._queue.consume(self._on_message, timeout=self._timeout)
+                # A restore may have consumed again on this channel meanwhile.
+                consumers = cast("aiormq.Channel", channel).consumers  # aiormq's own class
+                if not channel.is_closed and tag not in consumers:
+                    await channel.basic_consume(
+                        self.queue, self._on_delivered, consumer_tag=tag, timeout=self._timeout
+                    )
+
+    async def _on_delivered(self, message: DeliveredMessage) -> None:
+        # What aio-pika's queue hands its consumers, for the re-consume above.
+        await self._on_message(IncomingMessage(message, no_ack=False))
 
     async def _set_qos(self, prefetch: int) -> None:
         # aio-pika remembers this call and repeats it when it reopens the channel, before
