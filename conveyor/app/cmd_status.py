@@ -1,9 +1,11 @@
 """``conveyor status PLAN_DIR``: every stage's backlog, consumers, rates and service time.
 
-Against RabbitMQ (``--broker`` or ``$CONVEYOR_AMQP_URL``) it reads each stage's queues;
-``--metrics URL`` (repeat it: one per worker, or a ``conveyor run`` process's) adds the
-rates, service times, batches, errors and dead letters measured by the workers, and for a
-``conveyor run`` on its embedded broker the queue figures too. Light at import.
+Against RabbitMQ (``--broker`` or ``$CONVEYOR_AMQP_URL``) it reads each stage's queues and,
+without ``--metrics``, the workers' heartbeats for rates, batches, errors and in flight
+(``status_heartbeats``); ``--metrics URL`` (repeat it: one per worker, or a ``conveyor
+run`` process's) gives those from the workers' metrics instead, with service times and dead
+letters, and for a ``conveyor run`` on its embedded broker the queue figures too. Light at
+import.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from conveyor.errors import ConfigError, TransportError
 
 if TYPE_CHECKING:
     from conveyor.app.status import Samples, StageSample, StageStatus
+    from conveyor.app.status_heartbeats import HeartbeatTap
     from conveyor.plan import Plan
 
 
@@ -68,24 +71,39 @@ async def _status(
 
     transport = await target.connect() if target.url is not None else None
     console = Console()
+    tap = None
     try:
-        before = await sample(plan, transport, urls)
+        if transport is not None and not urls:
+            tap = await _tap_heartbeats(plan, transport)
+        before = await sample(plan, transport, urls, tap)
         started = time.monotonic()
         if not watch:
             await asyncio.sleep(interval)
-            after = await sample(plan, transport, urls)
-            console.print(render(plan, target, _rows(plan, before, after, started)))
+            after = await sample(plan, transport, urls, tap)
+            console.print(render(plan, target, _rows(plan, before, after, started), tap))
             return 0
         with Live(console=console, auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(interval)
-                after = await sample(plan, transport, urls)
-                live.update(render(plan, target, _rows(plan, before, after, started)))
+                after = await sample(plan, transport, urls, tap)
+                live.update(render(plan, target, _rows(plan, before, after, started), tap))
                 live.refresh()
                 before, started = after, time.monotonic()
     finally:
+        if tap is not None:
+            await tap.close()
         if transport is not None:
             await transport.close(grace=0.5)
+
+
+async def _tap_heartbeats(plan: Plan, transport: Any) -> HeartbeatTap:
+    """Without metrics endpoints the rates come from the workers' heartbeats."""
+    from conveyor.app.status_heartbeats import HeartbeatTap
+
+    tap = HeartbeatTap(transport, plan)
+    await tap.start()
+    await tap.wait_first()
+    return tap
 
 
 def _rows(
@@ -96,13 +114,18 @@ def _rows(
     return compare(plan, before, after, max(1e-3, time.monotonic() - started))
 
 
-async def sample(plan: Plan, transport: Any, urls: Sequence[str]) -> dict[str, StageSample]:
-    """One sample of every stage: metrics endpoints first, the broker's queues over them."""
+async def sample(
+    plan: Plan, transport: Any, urls: Sequence[str], tap: HeartbeatTap | None = None
+) -> dict[str, StageSample]:
+    """One sample of every stage: metrics endpoints (or the workers' heartbeats) first, the
+    broker's queues over them."""
     from conveyor.app.status import merge_broker, sample_from_metrics
     from conveyor.topology_setup import stage_queues
 
     scrapes = [await scrape(url) for url in urls]
     samples = sample_from_metrics(plan, scrapes)
+    if tap is not None:
+        tap.add_to(samples)
     if transport is not None:
         figures: dict[str, tuple[int, int]] = {}
         for spec in plan.stages:
@@ -142,11 +165,17 @@ async def scrape(url: str) -> Samples:
     return out
 
 
-def render(plan: Plan, target: BrokerTarget, rows: Sequence[StageStatus]) -> Any:
+def render(
+    plan: Plan, target: BrokerTarget, rows: Sequence[StageStatus], tap: HeartbeatTap | None = None
+) -> Any:
     from rich.table import Table
 
     where = target.describe() if target.url is not None else "metrics endpoints"
-    table = Table(title=f"plan {plan.name} ({plan.short_hash}) on {where}")
+    caption = None
+    if tap is not None:
+        caption = (f"rates from the heartbeats of {tap.workers} worker(s); service times "
+                   "need --metrics URL")
+    table = Table(title=f"plan {plan.name} ({plan.short_hash}) on {where}", caption=caption)
     for column in ("stage", "depth", "consumers", "in/s", "done/s", "p50 ms", "p99 ms",
                    "batch", "errors", "dead", ""):
         table.add_column(column, justify="left" if column in ("stage", "") else "right")

@@ -113,7 +113,7 @@ def broker_view(node: RabbitNode) -> str:
         ("list_queues", "name", "messages_ready", "messages_unacknowledged", "consumers"),
         ("list_consumers", "queue_name", "channel_pid", "prefetch_count", "active"),
         ("list_channels", "pid", "connection", "consumer_count", "messages_unacknowledged",
-         "prefetch_count", "global_prefetch_count", "state"),
+         "prefetch_count", "global_prefetch_count"),
     ]
     out = []
     for view in views:

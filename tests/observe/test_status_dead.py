@@ -155,3 +155,50 @@ async def test_status_reads_a_conveyor_run_process_through_its_metrics(
     for stage in plan.stage_names:
         cells = [c.strip() for c in rows[stage].split("│")]
         assert cells[2:4] == ["0", "1"]  # depth 0, one consumer: the run process
+
+
+async def test_status_reads_rates_from_heartbeats_without_metrics(
+    broker: BrokerHandle, tmp_path: Path, unique: str
+) -> None:
+    """No --metrics: the completions per stage come from the workers' heartbeats, and the
+    table says so."""
+    from contextlib import AsyncExitStack
+
+    from conveyor.app.status_heartbeats import HeartbeatTap
+    from workers.control.agent import ControlAgent
+
+    plan = chain_plan(tmp_path, 2, name=unique)
+    topo = Topology.of(plan)
+    workers = [StageWorker(plan, await broker.connect(), [s]) for s in plan.stage_names]
+    admin = await broker.connect()
+    requests = 30
+    async with AsyncExitStack() as stack:
+        for i, w in enumerate(workers):
+            await w.start()
+            stack.push_async_callback(w.stop, 0.5)
+            await stack.enter_async_context(
+                ControlAgent(w.transport, topo, w, f"w{i}-{unique}", period=0.2))
+        tap = HeartbeatTap(admin, plan)
+        await tap.start()
+        stack.push_async_callback(tap.close)
+        assert await tap.wait_first(), "no heartbeat within the first wait"
+        before = await sample(plan, admin, [], tap)
+        started = time.monotonic()
+        async with Client(plan, await broker.connect()) as client:
+            for _ in range(requests):
+                await client.infer({"x": np.ones((1, 4), np.float32)})
+
+        async def all_counted() -> bool:
+            after = await sample(plan, admin, [], tap)
+            return all(after[s].ok - before[s].ok >= requests for s in plan.stage_names)
+
+        await _until(all_counted, 10)
+        after = await sample(plan, admin, [], tap)
+        rows = compare(plan, before, after, time.monotonic() - started)
+        assert tap.workers == 2
+    for s in plan.stage_names:
+        assert (after[s].ok - before[s].ok, after[s].errors) == (requests, 0), s
+    assert all(r.completion_rps > 0 and r.consumers == 1 for r in rows)
+    console = Console(record=True, width=200)
+    console.print(render(plan, BrokerTarget("amqp://x/"), rows, tap))
+    assert "heartbeats of 2 worker(s)" in console.export_text()
