@@ -275,30 +275,13 @@ def run_demo(
     ``workdir`` keeps the plan (``workdir/layer-3``) and the whole model; ``broker`` (a
     RabbitMQ URL) serves with one worker process per stage instead of in-process.
     """
-    from converter.report import stage_table
-
     out = sys.stdout if out is None else out
     if requests < 1:
         raise ConfigError(f"requests must be at least 1, got {requests}")
     with tempfile.TemporaryDirectory(prefix="conveyor-demo-") as tmp:
         root = workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        print("building the Keras MLP 784-64-64-10 ...", file=out, flush=True)
-        with quiet_native_stderr():
-            model = build_mlp(seed)
-        t1 = time.perf_counter()
-        print("converting to ONNX and splitting into 3 stages by layer ...", file=out, flush=True)
-        with quiet_native_stderr():
-            whole, plan = convert_model(model, root, stages=3)
-        t2 = time.perf_counter()
-        print(
-            f"plan {plan.name!r} ({plan.short_hash}): stages "
-            + " -> ".join(s.name for s in plan.stages),
-            file=out,
-            flush=True,
-        )
-        print(stage_table(plan), file=out, flush=True)
+        whole, plan, build_s, convert_s = _build_and_split(seed, root, out)
         rng = np.random.default_rng(seed)
         spec = plan.inputs[0]
         x = rng.random((requests, *[int(d) for d in spec.shape[1:]]), dtype=np.float32)
@@ -324,13 +307,33 @@ def run_demo(
         max_rel_err=worst,
         mismatches=mismatches,
         providers=served.providers,
-        build_s=t1 - t0,
-        convert_s=t2 - t1,
+        build_s=build_s,
+        convert_s=convert_s,
         stages=tuple(served.stages),
         controller=served.controller,
     )
     print_result(result, out)
     return result
+
+
+def _build_and_split(seed: int, root: Path, out: TextIO) -> tuple[Path, Plan, float, float]:
+    """The Keras MLP built, converted and split in 3 under ``root``; its stage table
+    printed. Returns the whole model, the plan and the build and convert seconds."""
+    from converter.report import stage_table
+
+    t0 = time.perf_counter()
+    print("building the Keras MLP 784-64-64-10 ...", file=out, flush=True)
+    with quiet_native_stderr():
+        model = build_mlp(seed)
+    t1 = time.perf_counter()
+    print("converting to ONNX and splitting into 3 stages by layer ...", file=out, flush=True)
+    with quiet_native_stderr():
+        whole, plan = convert_model(model, root, stages=3)
+    t2 = time.perf_counter()
+    print(f"plan {plan.name!r} ({plan.short_hash}): stages "
+          + " -> ".join(s.name for s in plan.stages), file=out, flush=True)
+    print(stage_table(plan), file=out, flush=True)
+    return whole, plan, t1 - t0, t2 - t1
 
 
 def print_result(r: DemoResult, out: TextIO) -> None:
