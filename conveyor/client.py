@@ -55,7 +55,7 @@ import numpy as np
 
 from conveyor.client_checks import NoConsumerPolicy, no_consumer_message
 from conveyor.client_inputs import InputCheck
-from conveyor.client_packs import Outgoing, PackSender, packable
+from conveyor.client_packs import Outgoing, PackSender, packable, publish_through_loss
 from conveyor.client_stream import in_input_order
 from conveyor.eager import mark_eager
 from conveyor.envelope import (
@@ -254,13 +254,16 @@ class Client:
 
     async def _publish_one(self, transport: Transport, item: Outgoing) -> None:
         try:
-            await transport.publish(
-                self.topology.input_exchange, item.meta.to_message(encode(item.arrays)),
-                item.routing_key,
+            sent = await publish_through_loss(
+                transport, self.topology.input_exchange,
+                item.meta.to_message(encode(item.arrays)), item.routing_key,
+                awaited=lambda: not item.future.done(),
             )
         except ConveyorError as exc:
             if not item.future.done():
                 item.future.set_exception(exc)
+            return
+        if not sent:
             return
         item.confirmed = True
         self._sent += 1
@@ -362,15 +365,18 @@ class Client:
         broker blocks publishers (a memory or disk alarm) and no confirm comes."""
         try:
             async with asyncio.timeout(wait):
-                await transport.publish(
-                    self.topology.input_exchange, item.meta.to_message(encode(item.arrays)),
-                    item.routing_key,
+                sent = await publish_through_loss(
+                    transport, self.topology.input_exchange,
+                    item.meta.to_message(encode(item.arrays)), item.routing_key,
+                    awaited=lambda: not item.future.done(),
                 )
         except TimeoutError:
             raise DeadlineExceeded(
                 f"request {item.meta.request_id} could not be sent within {wait:g} s (is the "
                 "broker blocking publishers?)"
             ) from None
+        if not sent:  # its deadline passed while the broker was away: the future says so
+            return
         item.confirmed = True
         self._sent += 1
         self._messages += 1

@@ -2,8 +2,10 @@
 
 ``PackSender`` collects the requests ``Client.infer`` makes in one loop turn, per routing
 key, and publishes them when the turn ends: one message per routing key (a request pack,
-``conveyor.packs``) up to the pack limits, a lone request as it is. A publish failure
-lands on each request's future; a request abandoned before its turn ends is not sent.
+``conveyor.packs``) up to the pack limits, a lone request as it is. A publish that the
+loss of the connection cuts short is tried again once it is back (``publish_through_loss``);
+another failure lands on each request's future; a request abandoned before its turn ends is
+not sent.
 """
 
 from __future__ import annotations
@@ -16,18 +18,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from conveyor.envelope import RequestMeta
-from conveyor.errors import TransportClosed
+from conveyor.errors import ChannelBroken, TransportClosed
 from conveyor.packs import pack_requests
 from conveyor.wire import encode
 
 if TYPE_CHECKING:
-    from conveyor.transport import Transport
+    from collections.abc import Callable
+
+    from conveyor.transport import Message, Transport
 
 #: A request pack holds at most this many requests and (past its first) this many bytes
 #: of tensors. Large requests gain from packs too (W2, 602 KB images: RabbitMQ's CPU per
 #: request 1.8 -> 1.1 ms); the byte cap bounds how long a pack holds up a queue.
 PACK_MAX_REQUESTS = 64
 PACK_MAX_BYTES = 4 << 20
+#: Pauses between tries of a publish cut short by a lost connection: doubling to the cap.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
 
 
 @dataclass
@@ -104,9 +111,14 @@ class PackSender:
                 message = item.meta.to_message(encode(item.arrays))
             else:
                 message = pack_requests(self.plan_hash, [(i.meta, i.arrays) for i in items])
-            await transport.publish(self.exchange, message, routing_key)
+            sent = await publish_through_loss(
+                transport, self.exchange, message, routing_key,
+                awaited=lambda: any(not i.future.done() for i in items),
+            )
         except Exception as exc:  # each caller gets it from its future (typed if ours)
             fail_all(items, exc)
+            return
+        if not sent:  # every caller gave up (its deadline) while the broker was away
             return
         for item in items:
             item.confirmed = True
@@ -144,6 +156,27 @@ def chunks(
         size += item.nbytes
     if chunk:
         yield chunk
+
+
+async def publish_through_loss(
+    transport: Transport, exchange: str, message: Message, routing_key: str, *,
+    awaited: Callable[[], bool],
+) -> bool:
+    """Publish; when the connection's loss cuts the publish short (``ChannelBroken``), try
+    again once the transport is back, for as long as ``awaited()`` (some caller still waits:
+    each request's own deadline ends that). False when nobody waits any more (not sent).
+    A second copy is harmless: workers run a request id once and the client takes one
+    reply per id (docs/wire.md)."""
+    pause = RETRY_FIRST_S
+    while True:
+        try:
+            await transport.publish(exchange, message, routing_key)
+            return True
+        except ChannelBroken:
+            if not awaited():
+                return False
+        await asyncio.sleep(pause)  # the reconnect is aio-pika's, at its own interval
+        pause = min(2 * pause, RETRY_MAX_S)
 
 
 def fail_all(items: list[Outgoing], error: Exception) -> None:
