@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from converter.costs import CostModel, estimate_costs, profile_costs
 from converter.export import load_model, sanitize
-from converter.extract import WiredStage, wire_chain, wire_dag
+from converter.extract import WiredStage, runnable, wire_chain, wire_dag
 from converter.fold import control_flow_note
 from converter.graph import Analysis, analyze
 from converter.plan_writer import check_target, split_report, write_plan
@@ -126,7 +126,7 @@ def function_stages(analysis: Analysis, costs: CostModel,
     should that pass ``max_stages``, the split is merged one stage further first.
     """
     drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages)
-    if len(drafts) == 1 and analysis.n > 1:
+    if len(runnable(analysis, drafts)) == 1 and analysis.n > 1:
         raise SplitError(
             "the function split finds no parallel structure in this model: its layers form "
             "one chain, so it would be one stage; use --by layer --stages K for a pipeline, "
