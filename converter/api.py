@@ -69,15 +69,12 @@ def convert(
     symbolic dimensions (``height=640``) the costs are taken at; ``batch_axes``: inputs or
     outputs whose batch is not on axis 0 (``converter.batch_axes``); ``custom_objects``: for
     loading a Keras file with custom layers; ``constants``: tensors fixed at plan time
-    (``converter.constants``: ``{"cond": 1}`` inlines the branch of a top-level If decided
-    by it); ``fallback="layer"``: a function split that finds no parallel structure
-    becomes a layer split (of ``stages``, default 2) instead of an error, said in the plan's
-    notes. Raises ``ConversionError`` subclasses or ``ConfigError``.
+    (``{"cond": 1}``, ``converter.constants``); ``fallback="layer"``: a function split
+    without parallel structure becomes a layer split, noted. Raises ``ConversionError``
+    subclasses or ``ConfigError``.
     """
     out = Path(out_dir)
-    compiled = _checked_groups(by, stages, groups)
-    if fallback not in (None, "layer") or (fallback and by != "function"):
-        raise SplitError(f"fallback={fallback!r}: only 'layer', and for --by function only")
+    compiled = _checked_groups(by, stages, groups, fallback)
     check_target(out, overwrite=overwrite)
     partitioning = partitioning or Partitioning()
     scheduling = scheduling or Scheduling()
@@ -115,8 +112,10 @@ def _split(analysis: Analysis, costs: CostModel, by: SplitBy, stages: int | None
     return "layer", layer_stages(analysis, costs, stages or DEFAULT_LAYER_STAGES, notes)
 
 
-def _checked_groups(by: str, stages: int | None,
-                    groups: Sequence[str]) -> list[tuple[str, re.Pattern[str]]]:
+def _checked_groups(by: str, stages: int | None, groups: Sequence[str],
+                    fallback: str | None = None) -> list[tuple[str, re.Pattern[str]]]:
+    if fallback not in (None, "layer") or (fallback and by != "function"):
+        raise SplitError(f"fallback={fallback!r}: only 'layer', and for --by function only")
     if by not in ("layer", "function"):
         raise SplitError(f"unknown split {by!r}; use 'layer' or 'function'")
     if stages is not None and stages < 1:

@@ -26,7 +26,13 @@ from onnx import helper, numpy_helper
 
 from converter.fold import fold_constants
 from converter.probe import Probe, probe_model
-from converter.recompute import Floating, StageRebuilder, find_floating, fixed_shape
+from converter.recompute import (
+    Floating,
+    StageRebuilder,
+    find_floating,
+    fixed_shape,
+    stage_reads,
+)
 from conveyor.errors import UnsupportedModelError
 from conveyor.plan import BATCH
 
@@ -236,7 +242,7 @@ def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
         tensors = _probed_infos(tensors, seen)
     floating = (_floating(nodes, node_inputs, inits, outputs, tensors, seen)
                 if seen is not None and recompute else Floating(frozenset(), {}))
-    reads = _stage_reads(node_inputs, producer, floating)
+    reads = stage_reads(node_inputs, producer, floating)
     last_use: dict[str, int] = {}
     for k, names in enumerate(reads):
         for name in names:
@@ -263,23 +269,6 @@ def _floating(nodes: Sequence[onnx.NodeProto], node_inputs: Sequence[Sequence[st
         log.info("%d node(s) of shape arithmetic are recomputed in every stage reading them",
                  len(found.nodes))
     return found
-
-
-def _stage_reads(node_inputs: Sequence[Sequence[str]], producer: Mapping[str, int],
-                 floating: Floating) -> tuple[tuple[str, ...], ...]:
-    """``node_inputs`` with floating tensors replaced by the roots carried for them."""
-    if not floating.nodes:
-        return tuple(tuple(r) for r in node_inputs)
-    out = []
-    for k, names in enumerate(node_inputs):
-        need: dict[str, None] = {}
-        for x in names:
-            if producer.get(x) not in floating.nodes:
-                need.setdefault(x, None)
-            elif k not in floating.nodes:
-                need.update(dict.fromkeys(floating.carried_roots.get(x, ())))
-        out.append(tuple(need))
-    return tuple(out)
 
 
 def _probed_infos(tensors: dict[str, TensorInfo], seen: Probe) -> dict[str, TensorInfo]:

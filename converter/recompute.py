@@ -85,6 +85,23 @@ def find_floating(nodes: Sequence[onnx.NodeProto], reads: Sequence[Sequence[str]
     return Floating(frozenset(out), {t: r for t, r in carried.items() if r})
 
 
+def stage_reads(node_inputs: Sequence[Sequence[str]], producer: Mapping[str, int],
+                 floating: Floating) -> tuple[tuple[str, ...], ...]:
+    """``node_inputs`` with floating tensors replaced by the roots carried for them."""
+    if not floating.nodes:
+        return tuple(tuple(r) for r in node_inputs)
+    out = []
+    for k, names in enumerate(node_inputs):
+        need: dict[str, None] = {}
+        for x in names:
+            if producer.get(x) not in floating.nodes:
+                need.setdefault(x, None)
+            elif k not in floating.nodes:
+                need.update(dict.fromkeys(floating.carried_roots.get(x, ())))
+        out.append(tuple(need))
+    return tuple(out)
+
+
 def _floats(node: onnx.NodeProto, reads: Sequence[str], initializers: Collection[str],
             outputs: Collection[str], probe: Probe, made: Collection[str],
             batched: Collection[str]) -> bool:

@@ -201,9 +201,11 @@ def split_by_function(
 
 def _segments(analysis: Analysis, keys: Sequence[tuple[str, bool]]) -> _SegmentGraph:
     graph = _SegmentGraph()
-    seg_of: list[int] = []
+    seg_of: dict[int, int] = {}
     current: dict[str, int] = {}
     for v, (key, pinned) in enumerate(keys):
+        if v in analysis.floating:  # recomputed where read: in no segment of its own
+            continue
         preds = {seg_of[analysis.producer[x]] for x in analysis.reads[v]
                  if x in analysis.producer}
         sid = current.get(key)
@@ -211,7 +213,7 @@ def _segments(analysis: Analysis, keys: Sequence[tuple[str, bool]]) -> _SegmentG
             sid = graph.add(_Segment(key, [], pinned, [key]))
             current[key] = sid
         graph.segs[sid].nodes.append(v)
-        seg_of.append(sid)
+        seg_of[v] = sid
         for t in preds:
             graph.link(t, sid)
     return graph
@@ -236,6 +238,8 @@ def _merge_unbatched_edges(analysis: Analysis, graph: _SegmentGraph) -> None:
     for _ in range(len(graph.segs)):
         bad = None
         for v, reads in enumerate(analysis.reads):
+            if v in analysis.floating:
+                continue
             for x in reads:
                 p = analysis.producer.get(x)
                 if p is not None and seg_of[p] != seg_of[v] and not analysis.info(x).cuttable:
