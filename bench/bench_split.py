@@ -171,8 +171,6 @@ def _balance_models() -> dict[str, Any]:
 
 
 def balance() -> None:
-    import json
-
     import onnx
 
     from converter import convert
@@ -194,12 +192,11 @@ def balance() -> None:
             for k in (2, 4, 8):
                 out = tmp / f"{name}-k{k}"
                 plan, secs = _timed(convert, src, out, by="layer", stages=k, profile=True)
-                report = json.loads((out / "split.json").read_text())
                 timed = _timed_stages(out)
                 measured = max(timed) / (sum(timed) / len(timed))
-                est = report["estimated"]["balance"]
+                est = plan.split.estimated_balance or 0.0
                 print(f"{name:<12} {analysis.n:>5} {cuts:>5} {k:>2} {len(plan.stages):>6} "
-                      f"{est:>9.3f} {report['measured']['balance']:>8.3f} {measured:>6.3f} "
+                      f"{est:>9.3f} {plan.split.measured_balance or 0.0:>8.3f} {measured:>6.3f} "
                       f"{est / measured:>9.2f} {secs:>9.2f}")
 
 

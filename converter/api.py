@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from converter.constants import fix_constants
 from converter.costs import CostModel, estimate_costs, profile_costs
 from converter.export import load_model, sanitize
-from converter.extract import WiredStage, wire_chain, wire_dag
+from converter.extract import WiredStage, runnable, wire_chain, wire_dag
 from converter.fold import control_flow_note
 from converter.graph import Analysis, analyze
 from converter.plan_writer import check_target, split_report, write_plan
@@ -31,6 +32,9 @@ DEFAULT_LAYER_STAGES = 2
 #: that overhead outweighs the parallelism, so the model's structure (often 30 to 120
 #: segments for CNNs) is merged, cheapest neighbours first, down to this many.
 DEFAULT_FUNCTION_STAGES = 8
+#: Why a function split of a sequential model is refused (or falls back to a layer split).
+NO_PARALLEL_STRUCTURE = ("the function split finds no parallel structure in this model: its "
+                         "layers form one chain, so it would be one stage")
 
 
 def convert(
@@ -50,6 +54,8 @@ def convert(
     dims: Mapping[str, int] | None = None,
     batch_axes: Mapping[str, int] | None = None,
     custom_objects: Mapping[str, Any] | None = None,
+    constants: Mapping[str, Any] | None = None,
+    fallback: Literal["layer"] | None = None,
 ) -> Plan:
     """Export ``model`` to ONNX, split it and write a plan directory at ``out_dir``.
 
@@ -62,24 +68,24 @@ def convert(
     at least that many bytes into external data files. ``dims``: representative sizes of
     symbolic dimensions (``height=640``) the costs are taken at; ``batch_axes``: inputs or
     outputs whose batch is not on axis 0 (``converter.batch_axes``); ``custom_objects``: for
-    loading a Keras file with custom layers. Raises
-    ``ConversionError`` subclasses or ``ConfigError``.
+    loading a Keras file with custom layers; ``constants``: tensors fixed at plan time
+    (``{"cond": 1}``, ``converter.constants``); ``fallback="layer"``: a function split
+    without parallel structure becomes a layer split, noted. Raises ``ConversionError``
+    subclasses or ``ConfigError``.
     """
     out = Path(out_dir)
-    compiled = _checked_groups(by, stages, groups)
+    compiled = _checked_groups(by, stages, groups, fallback)
     check_target(out, overwrite=overwrite)
     partitioning = partitioning or Partitioning()
     scheduling = scheduling or Scheduling()
-    proto = load_model(model, opset=opset, batch_axes=batch_axes,
-                       custom_objects=custom_objects)
+    proto = fix_constants(load_model(model, opset=opset, batch_axes=batch_axes,
+                                     custom_objects=custom_objects), constants or {})
     analysis = analyze(proto, dims=dims)
     estimate = estimate_costs(analysis)
     costs = profile_costs(analysis) if profile else estimate
-    notes: list[str] = []
-    if by == "layer":
-        wired = layer_stages(analysis, costs, stages or DEFAULT_LAYER_STAGES, notes)
-    else:
-        wired = function_stages(analysis, costs, compiled, stages or DEFAULT_FUNCTION_STAGES)
+    notes = [f"tensor {k!r} fixed at plan time to {v} (--constant)"
+             for k, v in (constants or {}).items()]
+    by, wired = _split(analysis, costs, by, stages, compiled, fallback, notes)
     return write_plan(
         analysis, costs, wired, out,
         name=name or _default_name(model, proto),
@@ -92,8 +98,24 @@ def convert(
     )
 
 
-def _checked_groups(by: str, stages: int | None,
-                    groups: Sequence[str]) -> list[tuple[str, re.Pattern[str]]]:
+def _split(analysis: Analysis, costs: CostModel, by: SplitBy, stages: int | None,
+           groups: Sequence[tuple[str, re.Pattern[str]]], fallback: str | None,
+           notes: list[str]) -> tuple[SplitBy, list[WiredStage]]:
+    """The split asked for (``by``), or the layer split a function split fell back to."""
+    if by == "function":
+        found = function_stages(analysis, costs, groups, stages or DEFAULT_FUNCTION_STAGES,
+                                fallback=fallback == "layer")
+        if found is not None:
+            return by, found
+        notes.append(f"{NO_PARALLEL_STRUCTURE}: fell back to --by layer (--fallback layer)")
+        log.warning("%s", notes[-1])
+    return "layer", layer_stages(analysis, costs, stages or DEFAULT_LAYER_STAGES, notes)
+
+
+def _checked_groups(by: str, stages: int | None, groups: Sequence[str],
+                    fallback: str | None = None) -> list[tuple[str, re.Pattern[str]]]:
+    if fallback not in (None, "layer") or (fallback and by != "function"):
+        raise SplitError(f"fallback={fallback!r}: only 'layer', and for --by function only")
     if by not in ("layer", "function"):
         raise SplitError(f"unknown split {by!r}; use 'layer' or 'function'")
     if stages is not None and stages < 1:
@@ -119,19 +141,20 @@ def layer_stages(analysis: Analysis, costs: CostModel, k: int,
 
 def function_stages(analysis: Analysis, costs: CostModel,
                     groups: Sequence[tuple[str, re.Pattern[str]]],
-                    max_stages: int) -> list[WiredStage]:
-    """The function split wired as a DAG, at most ``max_stages`` stages in all.
+                    max_stages: int, *, fallback: bool = False) -> list[WiredStage] | None:
+    """The function split wired as a DAG, at most ``max_stages`` stages in all; for a model
+    without parallel structure a SplitError, or None with ``fallback``.
 
     When the model outputs end up in several stages, ``wire_dag`` appends a gather stage;
     should that pass ``max_stages``, the split is merged one stage further first.
     """
     drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages)
-    if len(drafts) == 1 and analysis.n > 1:
+    if len(runnable(analysis, drafts)) == 1 and analysis.n > 1:
+        if fallback:
+            return None
         raise SplitError(
-            "the function split finds no parallel structure in this model: its layers form "
-            "one chain, so it would be one stage; use --by layer --stages K for a pipeline, "
-            "or name stages with --group NAME=REGEX"
-        )
+            f"{NO_PARALLEL_STRUCTURE}; use --by layer --stages K for a pipeline, name stages "
+            "with --group NAME=REGEX, or pass --fallback layer to get a layer split instead")
     wired = wire_dag(analysis, drafts)
     if len(wired) > max_stages:
         drafts = split_by_function(analysis, costs, groups=groups, max_stages=max_stages - 1)
@@ -141,9 +164,12 @@ def function_stages(analysis: Analysis, costs: CostModel,
 
 def analyze_model(model: Any, *, opset: int | None = None, profile: bool = False,
                   dims: Mapping[str, int] | None = None,
-                  batch_axes: Mapping[str, int] | None = None) -> tuple[Analysis, CostModel]:
+                  batch_axes: Mapping[str, int] | None = None,
+                  constants: Mapping[str, Any] | None = None) -> tuple[Analysis, CostModel]:
     """Load and analyse a model without splitting it (``conveyor inspect MODEL``)."""
-    analysis = analyze(load_model(model, opset=opset, batch_axes=batch_axes), dims=dims)
+    proto = fix_constants(load_model(model, opset=opset, batch_axes=batch_axes),
+                          constants or {})
+    analysis = analyze(proto, dims=dims)
     return analysis, (profile_costs(analysis) if profile else estimate_costs(analysis))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from converter.graph import Analysis, TensorInfo
+from converter.graph import Analysis, TensorInfo, outer_references
 from conveyor.errors import SplitError
 from conveyor.plan import BATCH, MODEL_INPUT
 
@@ -69,8 +69,15 @@ def wire_chain(analysis: Analysis, ranges: Sequence[tuple[int, int]]) -> list[Wi
     return out
 
 
+def runnable(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[StageDraft]:
+    """``drafts`` less those of floating nodes only: they have nothing to run (their nodes
+    are recomputed where read, ``converter.recompute``)."""
+    return [d for d in drafts if any(v not in analysis.floating for v in d.nodes)]
+
+
 def wire_dag(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[WiredStage]:
     """Stages of a function split: each reads every outside tensor from its producer."""
+    drafts = runnable(analysis, drafts)
     stage_of = {v: d.name for d in drafts for v in d.nodes}
     readers: dict[str, dict[str, None]] = {}
     reads_per_stage: list[dict[str, None]] = []
@@ -78,7 +85,7 @@ def wire_dag(analysis: Analysis, drafts: Sequence[StageDraft]) -> list[WiredStag
         made = {o for v in d.nodes for o in analysis.nodes[v].output if o}
         reads: dict[str, None] = {}
         for v in d.nodes:
-            for x in analysis.node_inputs[v]:
+            for x in analysis.reads[v]:
                 if x not in made and x not in analysis.initializers:
                     reads.setdefault(x, None)
         reads_per_stage.append(reads)
@@ -158,8 +165,11 @@ class StageExtractor:
 
     def extract(self, stage: WiredStage) -> onnx.ModelProto:
         a = self.analysis
-        nodes = [a.nodes[v] for v in sorted(stage.nodes)]
-        reads = {x for v in stage.nodes for x in a.node_inputs[v]}
+        own = [v for v in sorted(stage.nodes) if v not in a.floating]
+        chain, rebuilt = self._recomputed(stage, own)
+        nodes = [n for _, n in sorted([*((v, a.nodes[v]) for v in own), *chain],
+                                      key=lambda kn: kn[0])]
+        reads = {x for n in nodes for x in _all_reads(n)}
         made = {o for n in nodes for o in n.output if o}
         out_names = {t for t, _, _ in stage.outputs}
         nodes = [*self._from_wire(stage), *nodes, *self._to_wire(stage)]
@@ -168,7 +178,8 @@ class StageExtractor:
             stage.name,
             [value_info(a.wire_name(t), a.info(t).batch_first()) for t, _ in stage.inputs],
             [value_info(a.wire_name(t), a.info(t).batch_first()) for t, _, _ in stage.outputs],
-            initializer=[self._inits[x] for x in sorted(reads) if x in self._inits],
+            initializer=[*(self._inits[x] for x in sorted(reads) if x in self._inits),
+                         *rebuilt],
             value_info=[self._vinfo[x] for x in sorted(made - out_names) if x in self._vinfo],
         )
         graph.sparse_initializer.extend(self._sparse[x] for x in sorted(reads)
@@ -182,6 +193,25 @@ class StageExtractor:
         model.metadata_props.extend(src.metadata_props)
         return model
 
+
+    def _recomputed(self, stage: WiredStage, own: Sequence[int]
+                    ) -> tuple[list[tuple[int, onnx.NodeProto]], list[onnx.TensorProto]]:
+        """The floating chains the stage's nodes read, placed where the model has them
+        (after their roots, before their readers), roots it lacks rebuilt."""
+        a = self.analysis
+        if not a.floating:
+            return [], []
+        received = [t for t, _ in stage.inputs]
+        have = {*received, *(o for v in own for o in a.nodes[v].output if o)}
+        batched = [t for t in received if a.info(t).batch_axis is not None]
+        rebuilder = a.rebuilder()
+        chain: list[tuple[int, onnx.NodeProto]] = []
+        inits: list[onnx.TensorProto] = []
+        for k in rebuilder.chain({x for v in own for x in a.node_inputs[v]}):
+            nodes, consts = rebuilder.node(k, have, batched)
+            chain.extend((k, n) for n in nodes)
+            inits.extend(consts)
+        return chain, inits
 
     def _from_wire(self, stage: WiredStage) -> list[onnx.NodeProto]:
         """Transposes from a received batch-first tensor back to the model's layout."""
@@ -208,6 +238,15 @@ class StageExtractor:
                 out.append(helper.make_node("Transpose", [t], [wire], perm=perm,
                                             name=f"{wire}__to_wire"))
         return out
+
+
+def _all_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, those its sub-graphs capture included."""
+    names = {x for x in node.input if x}
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+            names |= outer_references(g)
+    return names
 
 
 def save_stage(model: onnx.ModelProto, path: Path, *, external_threshold: int | None) -> None:

@@ -9,7 +9,8 @@ initializers they are copied into each stage instead.
 
 A top-level If whose condition is such a constant (or an initializer) is replaced by the
 branch it selects, so the split can cut inside it. An If decided by the data stays one
-node: ``control_flow_note`` says why it cannot be split inside.
+node: ``control_flow_note`` says why it cannot be split inside, and that the user may fix
+its condition (``--constant``, ``converter.constants``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def control_flow_note(model: onnx.ModelProto) -> str | None:
             continue
         inside = _nested(onnx.GraphProto(node=[node])) - 1
         if inside / total > 0.5:
+            fix = (f"; if every request takes the same branch, fix its condition with "
+                   f"--constant {node.input[0]}=1 (or =0): that branch is inlined and split"
+                   if node.op_type == "If" else "")
             return (f"{node.op_type} {node.name!r} holds {100 * inside / total:.0f}% of the "
                     "model's nodes in one node: its condition / trip count depends on the "
-                    "request's data, so no plan-time split can cut inside it")
+                    f"request's data, so no plan-time split can cut inside it{fix}")
     return None

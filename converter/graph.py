@@ -26,6 +26,13 @@ from onnx import helper, numpy_helper
 
 from converter.fold import fold_constants
 from converter.probe import Probe, probe_model
+from converter.recompute import (
+    Floating,
+    StageRebuilder,
+    find_floating,
+    fixed_shape,
+    stage_reads,
+)
 from conveyor.errors import UnsupportedModelError
 from conveyor.plan import BATCH
 
@@ -136,6 +143,12 @@ class Analysis:
     #: (empty when the model was not probed or has none).
     dims: dict[str, int] = field(default_factory=dict)
     probed: bool = False
+    #: Nodes of small shape arithmetic that every stage reading it recomputes: their
+    #: outputs are never carried across a cut (``converter.recompute``).
+    floating: frozenset[int] = frozenset()
+    #: What each node needs from outside its stage: ``node_inputs`` less the floating
+    #: tensors, plus the roots of their chains that a stage cannot rebuild.
+    reads: tuple[tuple[str, ...], ...] = ()
 
     @property
     def n(self) -> int:
@@ -149,6 +162,20 @@ class Analysis:
         not on axis 0 (the sending stage transposes it, the receiving one back)."""
         info = self.info(name)
         return name if info.batched or not info.cuttable else f"{name}__batch_first"
+
+    def is_floating(self, name: str) -> bool:
+        """True for a tensor a floating node makes (recomputed, never carried)."""
+        return self.producer.get(name) in self.floating
+
+    def rebuilder(self) -> StageRebuilder:
+        """Recomputes the floating chains a stage reads (``converter.recompute``)."""
+        roots = {x for k in self.floating for x in self.nodes[k].input[:1]
+                 if self.nodes[k].op_type in ("Shape", "Size")}
+        fixed = {r: f for r in roots if (f := fixed_shape(self.info(r).shape,
+                                                          self.info(r).batch_axis,
+                                                          self.info(r).sample)) is not None}
+        axes = {t: i.batch_axis for t, i in self.tensors.items()}
+        return StageRebuilder(self.nodes, self.producer, self.floating, fixed, axes)
 
     def defined_at(self, name: str) -> int:
         """Index of the producing node, -1 for a graph input."""
@@ -187,11 +214,12 @@ class Analysis:
 
 # -- building it ----------------------------------------------------------------------------
 def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
-            probe: bool = True) -> Analysis:
+            probe: bool = True, recompute: bool = True) -> Analysis:
     """Analyse a prepared model (see ``converter.export.prepare``).
 
     ``probe``: run it (``converter.probe``) to see which tensors carry the batch and how
-    big they are with the symbolic dimensions at ``dims`` (default 1 each).
+    big they are with the symbolic dimensions at ``dims`` (default 1 each). ``recompute``:
+    let small shape arithmetic float (``converter.recompute``; needs the probe).
     """
     model = infer_shapes(constants_to_initializers(model))
     seen = probe_model(model, dims or {}) if probe else None
@@ -212,9 +240,12 @@ def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
     tensors = _tensor_infos(model)
     if seen is not None:
         tensors = _probed_infos(tensors, seen)
+    floating = (_floating(nodes, node_inputs, inits, outputs, tensors, seen)
+                if seen is not None and recompute else Floating(frozenset(), {}))
+    reads = stage_reads(node_inputs, producer, floating)
     last_use: dict[str, int] = {}
-    for k, reads in enumerate(node_inputs):
-        for name in reads:
+    for k, names in enumerate(reads):
+        for name in names:
             if name not in inits:
                 last_use[name] = k
     for name in outputs:
@@ -222,7 +253,22 @@ def analyze(model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None,
     flops = tuple(node_flops(node, reads, tensors) for node, reads in zip(nodes, node_inputs,
                                                                            strict=True))
     return Analysis(model, nodes, node_inputs, producer, inits, inputs, outputs, tensors,
-                    flops, last_use, dict(seen.dims) if seen else {}, seen is not None)
+                    flops, last_use, dict(seen.dims) if seen else {}, seen is not None,
+                    floating.nodes, reads)
+
+
+def _floating(nodes: Sequence[onnx.NodeProto], node_inputs: Sequence[Sequence[str]],
+              inits: Mapping[str, int], outputs: Sequence[str],
+              tensors: Mapping[str, TensorInfo], seen: Probe) -> Floating:
+    batched = {t for t, i in tensors.items() if i.probed and i.batch_axis is not None}
+    rebuildable = {t for t in batched
+                   if fixed_shape(tensors[t].shape, tensors[t].batch_axis, tensors[t].sample)}
+    found = find_floating(nodes, node_inputs, set(inits), set(outputs), seen, rebuildable,
+                          batched)
+    if found.nodes:
+        log.info("%d node(s) of shape arithmetic are recomputed in every stage reading them",
+                 len(found.nodes))
+    return found
 
 
 def _probed_infos(tensors: dict[str, TensorInfo], seen: Probe) -> dict[str, TensorInfo]:

@@ -7,7 +7,6 @@ never leaves a partial plan behind.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,9 +32,8 @@ from conveyor.plan import (
     TensorSpec,
 )
 
-#: The converter's own account of a split, next to plan.json: the sizes the costs were
-#: taken at, the estimated and (with --profile) measured share of every stage, and what
-#: was merged. Informational: workers never read it, the plan hash does not cover it.
+#: Where plans written before the converter's account moved into plan.json (SplitInfo,
+#: StageCost) kept it; read for those only (``converter.report.read_report``).
 SPLIT_REPORT = "split.json"
 
 
@@ -117,6 +115,8 @@ def write_plan(
     specs, balance = build_specs(analysis, costs, stages)
     g = analysis.model.graph
     opset = next(o.version for o in analysis.model.opset_import if o.domain in ("", "ai.onnx"))
+    if report is not None:
+        split, specs = _with_report(split, specs, report)
     plan = Plan(
         name=name,
         opset=opset,
@@ -137,8 +137,6 @@ def write_plan(
             save_stage(extractor.extract(stage), tmp / spec.file,
                        external_threshold=external_threshold)
         plan = plan.save(tmp)
-        if report is not None:
-            (tmp / SPLIT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -146,6 +144,19 @@ def write_plan(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return replace(plan, directory=out_dir)
+
+
+def _with_report(split: SplitInfo, specs: Sequence[StageSpec], report: Mapping[str, Any]
+                 ) -> tuple[SplitInfo, list[StageSpec]]:
+    """The split and stage specs carrying the converter's account (``split_report``)."""
+    est, got = report["estimated"], report["measured"]
+    split = replace(split, dims=dict(report["dims"]), probed=bool(report["probed"]),
+                    estimated_balance=est["balance"],
+                    measured_balance=got["balance"] if got else None,
+                    notes=tuple(report["notes"]))
+    return split, [replace(s, cost=replace(s.cost, estimated_share=est["shares"][i],
+                                           measured_share=got["shares"][i] if got else None))
+                   for i, s in enumerate(specs)]
 
 
 def check_target(out_dir: Path, *, overwrite: bool) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from conveyor.errors import ConfigError
+from conveyor.errors import ConfigError, ConveyorError
 from conveyor.plan import MODEL_INPUT, PLAN_FILE, Plan
 
 
@@ -69,14 +69,35 @@ def _pct(shares: Any, i: int) -> str:
 
 
 def read_report(directory: Path) -> dict[str, Any] | None:
-    """The converter's ``split.json`` of a plan directory, None when absent or unreadable."""
+    """The converter's account of a plan's split (``split_report``'s layout): from its
+    plan.json, or from the ``split.json`` that older plans kept beside it; None when
+    neither has it."""
     from converter.plan_writer import SPLIT_REPORT
 
+    try:
+        plan = Plan.load(directory, verify=False)
+    except ConveyorError:
+        return None
+    if plan.split.estimated_balance is not None:
+        return plan_report(plan)
     try:
         data = json.loads((directory / SPLIT_REPORT).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def plan_report(plan: Plan) -> dict[str, Any]:
+    """What ``split_report`` wrote, as plan.json carries it (SplitInfo, StageCost)."""
+    sp = plan.split
+    measured = None
+    if sp.measured_balance is not None:
+        measured = {"balance": sp.measured_balance,
+                    "shares": [s.cost.measured_share for s in plan.stages]}
+    return {"dims": dict(sp.dims), "probed": sp.probed, "notes": list(sp.notes),
+            "estimated": {"balance": sp.estimated_balance,
+                          "shares": [s.cost.estimated_share for s in plan.stages]},
+            "measured": measured}
 
 
 #: FLOP/s one replica sustains when the caller gives no figure: a few CPU cores running

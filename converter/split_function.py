@@ -94,11 +94,11 @@ def _shared_preprocessing(analysis: Analysis, keys: list[tuple[str, bool]]) -> N
     (``towerB_.../convolution__6``); left in that tower, the other one would wait for it.
     """
     readers: dict[str, set[str]] = {}
-    for v, reads in enumerate(analysis.node_inputs):
+    for v, reads in enumerate(analysis.reads):
         for x in reads:
             readers.setdefault(x, set()).add(keys[v][0])
     for v, node in enumerate(analysis.nodes):
-        if any(x in analysis.producer for x in analysis.node_inputs[v]):
+        if any(x in analysis.producer for x in analysis.reads[v]):
             continue
         fed = set().union(*(readers.get(o, set()) for o in node.output))
         if len(fed) > 1:
@@ -201,17 +201,19 @@ def split_by_function(
 
 def _segments(analysis: Analysis, keys: Sequence[tuple[str, bool]]) -> _SegmentGraph:
     graph = _SegmentGraph()
-    seg_of: list[int] = []
+    seg_of: dict[int, int] = {}
     current: dict[str, int] = {}
     for v, (key, pinned) in enumerate(keys):
-        preds = {seg_of[analysis.producer[x]] for x in analysis.node_inputs[v]
+        if v in analysis.floating:  # recomputed where read: in no segment of its own
+            continue
+        preds = {seg_of[analysis.producer[x]] for x in analysis.reads[v]
                  if x in analysis.producer}
         sid = current.get(key)
         if sid is None or any(t != sid and graph.reaches(sid, t) for t in preds):
             sid = graph.add(_Segment(key, [], pinned, [key]))
             current[key] = sid
         graph.segs[sid].nodes.append(v)
-        seg_of.append(sid)
+        seg_of[v] = sid
         for t in preds:
             graph.link(t, sid)
     return graph
@@ -235,7 +237,9 @@ def _merge_unbatched_edges(analysis: Analysis, graph: _SegmentGraph) -> None:
     seg_of = {v: sid for sid, seg in graph.segs.items() for v in seg.nodes}
     for _ in range(len(graph.segs)):
         bad = None
-        for v, reads in enumerate(analysis.node_inputs):
+        for v, reads in enumerate(analysis.reads):
+            if v in analysis.floating:
+                continue
             for x in reads:
                 p = analysis.producer.get(x)
                 if p is not None and seg_of[p] != seg_of[v] and not analysis.info(x).cuttable:

@@ -85,6 +85,11 @@ class StageCost:
     cost: float = 0.0
     #: This stage's share of the total cost, 0..1.
     share: float = 0.0
+    #: The converter's account: the share under the FLOP estimate and (``--profile``)
+    #: under the measured times. None (left out of plan.json, so older plans keep their
+    #: hash): not recorded.
+    estimated_share: float | None = None
+    measured_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,15 @@ class SplitInfo:
     #: slowest stage cost over the ideal (total / k); 1.0 is perfect balance.
     balance: float = 1.0
     cost_model: Literal["flops", "profile"] = "flops"
+    #: The converter's account (left out of plan.json when unset, so older plans keep
+    #: their hash): the sizes symbolic dimensions were costed at, whether the model was
+    #: probed, the balance under the FLOP estimate and under ``--profile``, what it merged
+    #: or fixed.
+    dims: Mapping[str, int] = field(default_factory=dict)
+    probed: bool | None = None
+    estimated_balance: float | None = None
+    measured_balance: float | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -300,6 +314,9 @@ class Plan:
         # Left out at its defaults, so plans written before it keep their hash.
         if self.limits == PlanLimits():
             d.pop("limits")
+        _drop_unset(d["split"])
+        for stage in d["stages"]:
+            _drop_unset(stage["cost"])
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -314,7 +331,7 @@ class Plan:
                 inputs=tuple(_tensor(t) for t in d["inputs"]),
                 outputs=tuple(_tensor(t) for t in d["outputs"]),
                 stages=tuple(_stage(s) for s in d["stages"]),
-                split=SplitInfo(**d.get("split", {})),
+                split=_split(d.get("split", {})),
                 partitioning=_partitioning(d.get("partitioning", {})),
                 scheduling=Scheduling(
                     default=StageSchedule(**sched.get("default", {})),
@@ -419,6 +436,22 @@ class Plan:
                 f"range partitioning over {p.shards} shards needs {p.shards - 1} boundaries, "
                 f"got {len(p.boundaries)}"
             )
+
+
+#: Fields of SplitInfo / StageCost written only when set (the converter's account).
+_UNSET_OMITTED = ("dims", "probed", "estimated_balance", "measured_balance", "notes",
+                  "estimated_share", "measured_share")
+
+
+def _drop_unset(d: dict[str, Any]) -> None:
+    for key in _UNSET_OMITTED:
+        if key in d and d[key] in (None, {}, (), []):
+            del d[key]
+
+
+def _split(d: Mapping[str, Any]) -> SplitInfo:
+    return SplitInfo(**{**d, "dims": dict(d.get("dims", {})),
+                        "notes": tuple(d.get("notes", ()))})
 
 
 def _tensors_of(s: StageSpec) -> Iterable[TensorSpec]:

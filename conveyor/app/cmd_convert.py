@@ -37,6 +37,13 @@ def add_parsers(sub: Any) -> None:
     conv.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
                       help="an input or output whose batch is on AXIS, not 0 (state "
                       "[layers, batch, hidden]: h0=1); the plan's tensor is batch-first")
+    conv.add_argument("--constant", action="append", default=[], metavar="NAME=VALUE",
+                      help="fix a tensor (a model input, or the condition of a top-level If "
+                      "decided by the data) to VALUE at plan time: the If's branch is "
+                      "inlined and split; the plan always computes the model with it")
+    conv.add_argument("--fallback", choices=("layer",),
+                      help="--by function on a model without parallel structure: make a "
+                      "layer split of --stages K (default 2) instead of exiting 2")
     conv.add_argument("--partition", choices=("random", "hash", "range"), default="random")
     conv.add_argument("--shards", type=int, default=1, help="stage-0 queues (default 1)")
     conv.add_argument("--boundaries", default="",
@@ -97,6 +104,7 @@ def run_convert(args: argparse.Namespace) -> int:
     partitioning = _partitioning(args)
     from converter.api import convert
     from converter.batch_axes import parse_batch_axes
+    from converter.constants import parse_constants
     from converter.export import load_custom_objects
 
     custom = load_custom_objects(args.custom_objects) if args.custom_objects else None
@@ -107,7 +115,8 @@ def run_convert(args: argparse.Namespace) -> int:
         profile=args.profile, opset=args.opset, partitioning=partitioning,
         external_threshold=args.external_data_threshold, overwrite=args.force,
         dims=parse_dims(args.dims), batch_axes=parse_batch_axes(args.batch_axis),
-        custom_objects=custom,
+        custom_objects=custom, constants=parse_constants(args.constant),
+        fallback=args.fallback,
     )
     print(stage_table(plan, read_report(args.out)))
     print(f"wrote {plan.directory} (hash {plan.short_hash})")

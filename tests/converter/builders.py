@@ -3,7 +3,8 @@
 Keras: a squeeze-and-excite CNN, a transformer encoder on int64 tokens, a grayscale
 Sequential CNN (tf2onnx turns its one-channel layout Transpose into a Reshape). ONNX
 (onnx.helper): a batch-1 export, a ``-1``-dim export, a time-major LSTM with its state
-batched on axis 1, a model with a per-request scalar input.
+batched on axis 1, a model with a per-request scalar input, attention blocks reshaping to
+a batch size computed once at the input (as tf2onnx writes ``tf.shape(x)[0]``).
 """
 
 from __future__ import annotations
@@ -248,3 +249,67 @@ def dynamic_image() -> onnx.ModelProto:
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"))
     return _model(nodes, [helper.make_tensor_value_info("image", F, ["N", 3, "height", "width"])],
                   [helper.make_tensor_value_info("pooled", F, ["N", 8, 1, 1])], inits, "dyn")
+
+
+def computed_batch_attention(blocks: int = 4, seq: int = 8, heads: int = 2,
+                             dh: int = 8, *, dynamic_seq: bool = False) -> onnx.ModelProto:
+    """Self-attention blocks as tf2onnx writes a hand-written Keras attention with a dynamic
+    batch: ``b = tf.shape(x)[0]`` taken once at the model input (Shape -> Cast -> Slice ->
+    Cast), every block's head split and merge a Reshape to ``Concat(b, ...)`` and the
+    model's mask an Expand to ``[b, 1, seq, seq]``. The batch size lives from the first
+    node to the last; it changes with the batch, so it is no plan-time constant.
+    ``dynamic_seq``: the sequence length is symbolic too (taken with the batch, slice
+    ``[0:2]``; no mask)."""
+    n = helper.make_node
+    dim = heads * dh
+    i64 = lambda v, name: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [n("Shape", ["x"], ["x_shape"], name="Shape__5"),
+             n("Cast", ["x_shape"], ["x_shape_i32"], to=TensorProto.INT32, name="Cast__6"),
+             n("Slice", ["x_shape_i32", "zero", "one"], ["b_i32"], name="strided_slice__9"),
+             n("Cast", ["b_i32"], ["b"], to=TensorProto.INT64, name="Cast__10"),
+             n("Concat", ["b", "split_dims"], ["split_shape"], axis=0, name="stack__12"),
+             n("Concat", ["b", "merge_dims"], ["merge_shape"], axis=0, name="stack_1__14"),
+             n("Concat", ["b", "mask_dims"], ["mask_shape"], axis=0, name="stack_2__16")]
+    if dynamic_seq:  # b is [batch, seq] here
+        nodes[2] = n("Slice", ["x_shape_i32", "zero", "two"], ["b_i32"], name="strided_slice__9")
+        nodes.pop()
+    inits = [i64([0], "zero"), i64([1], "one"), i64([2], "two"),
+             i64([heads, dh] if dynamic_seq else [seq, heads, dh], "split_dims"),
+             i64([dim] if dynamic_seq else [seq, dim], "merge_dims"),
+             i64([1, seq, seq], "mask_dims"),
+             numpy_helper.from_array(np.triu(np.full((seq, seq), -1e4, np.float32), 1), "causal"),
+             numpy_helper.from_array(np.array(dh ** -0.5, np.float32), "scale")]
+    x = "x"
+    for i in range(blocks):
+        p = f"block{i}"
+        for w in "qkvo":
+            inits.append(_weights(f"{p}_W{w}", (dim, dim), 10 * i + "qkvo".index(w)))
+        nodes += [n("MatMul", [x, f"{p}_W{w}"], [f"{p}_{w}"], name=f"{p}/MatMul_{w}")
+                  for w in "qkv"]
+        for w in "qkv":
+            nodes += [n("Reshape", [f"{p}_{w}", "split_shape"], [f"{p}_{w}4"],
+                        name=f"{p}/Reshape_{w}"),
+                      n("Transpose", [f"{p}_{w}4"], [f"{p}_{w}h"],
+                        perm=[0, 2, 3, 1] if w == "k" else [0, 2, 1, 3],
+                        name=f"{p}/transpose_{w}")]
+        nodes += [n("MatMul", [f"{p}_qh", f"{p}_kh"], [f"{p}_s"], name=f"{p}/MatMul_s"),
+                  n("Mul", [f"{p}_s", "scale"], [f"{p}_ss" if dynamic_seq else f"{p}_sm"],
+                    name=f"{p}/mul")]
+        if not dynamic_seq:
+            nodes += [n("Expand", ["causal", "mask_shape"], [f"{p}_mask"],
+                        name=f"{p}/BroadcastTo"),
+                      n("Add", [f"{p}_sm", f"{p}_mask"], [f"{p}_ss"], name=f"{p}/add_mask")]
+        nodes += [n("Softmax", [f"{p}_ss"], [f"{p}_a"], axis=-1, name=f"{p}/Softmax"),
+                  n("MatMul", [f"{p}_a", f"{p}_vh"], [f"{p}_c"], name=f"{p}/MatMul_c"),
+                  n("Transpose", [f"{p}_c"], [f"{p}_ct"], perm=[0, 2, 1, 3],
+                    name=f"{p}/transpose_c"),
+                  n("Reshape", [f"{p}_ct", "merge_shape"], [f"{p}_m"], name=f"{p}/Reshape_m"),
+                  n("MatMul", [f"{p}_m", f"{p}_Wo"], [f"{p}_o"], name=f"{p}/MatMul_o"),
+                  n("Add", [x, f"{p}_o"], [f"{p}_r"], name=f"{p}/add"),
+                  n("Tanh", [f"{p}_r"], [f"{p}_out"], name=f"{p}/tanh")]
+        x = f"{p}_out"
+    nodes.append(n("ReduceMean", [x], ["y"], axes=[1], keepdims=0, name="pool"))
+    shape = ["unk__20", "seq" if dynamic_seq else seq, dim]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, shape)],
+                  [helper.make_tensor_value_info("y", F, ["unk__20", dim])], inits,
+                  "computed_batch")

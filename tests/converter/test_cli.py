@@ -159,16 +159,20 @@ def test_inspect_shows_estimated_and_measured_share_per_stage(
     capsys.readouterr()
     assert cli.main(["inspect", str(tmp_path / "p")]) == 0
     text = capsys.readouterr().out
-    report = json.loads((tmp_path / "p" / "split.json").read_text())
+    # the converter's account is in plan.json (covered by the plan hash), not beside it
+    assert not (tmp_path / "p" / "split.json").exists()
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    split = plan["split"]
+    assert split["dims"] == {"height": 32, "width": 24} and split["probed"] is True
     assert "symbolic dims taken at: height=32, width=24" in text
-    assert f"measured {report['measured']['balance']:.3f}" in text
+    assert f"measured {split['measured_balance']:.3f}" in text
     header = next(line for line in text.splitlines() if line.startswith("stage "))
     assert header.split()[-2:] == ["estimated", "measured"]
     rows = [line.split() for line in text.splitlines() if line.startswith("stage") and
             line.split()[0] != "stage"]
     assert len(rows) == 3
-    for row, est, got in zip(rows, report["estimated"]["shares"],
-                             report["measured"]["shares"], strict=True):
+    for row, stage in zip(rows, plan["stages"], strict=True):
+        est, got = stage["cost"]["estimated_share"], stage["cost"]["measured_share"]
         assert row[-2:] == [f"{100 * est:.1f}%", f"{100 * got:.1f}%"]
 
 
