@@ -28,11 +28,16 @@ How it maps onto RabbitMQ:
 * **Publishing.** One channel in confirm mode; ``publish`` returns after the broker's
   ack. ``mandatory=True`` (the default) turns a ``basic.return`` into
   ``UnroutableError``; a ``basic.nack`` (a full ``reject-publish`` queue) into
-  ``BackpressureError``; no confirm within ``confirm_timeout_s`` into
-  ``TransportError``. Concurrent publishes share the channel and their confirms are
-  kept in flight together. Returns are matched to publishes by ``message_id`` (aiormq
-  fills in a random one when a message has none), so concurrent publishes should not
-  reuse one ``message_id``.
+  ``BackpressureError``; no confirm within ``confirm_timeout_s`` (or the publish's
+  ``timeout``, when shorter) into ``TransportError``. Concurrent publishes share the
+  channel and their confirms are kept in flight together. Returns are matched to
+  publishes by ``message_id`` (aiormq fills in a random one when a message has none), so
+  concurrent publishes should not reuse one ``message_id``.
+* **Blocked publishers.** Under a memory or disk alarm RabbitMQ sends
+  ``connection.blocked`` and stops reading from connections that publish: no confirm
+  comes until ``connection.unblocked``. ``publish_blocked`` says whether the publishing
+  connection is blocked now (``conveyor.transport.Throttled``); a publish that times out
+  meanwhile says so in its error. Consuming and declaring (the other connection) go on.
 * **Declarations** go to a plain channel of the consumer connection. aio-pika does not
   re-declare them after a reconnect: topology belongs to whoever declares it (durable
   entities survive a broker restart; a controller's binding changes are not undone by a
@@ -89,6 +94,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 import aio_pika
+import aiormq.abc
 import aiormq.exceptions as amqp_exc
 from aio_pika.abc import AbstractRobustConnection
 from aiormq import Channel as AmqpChannel
@@ -129,6 +135,31 @@ class TransportState(enum.Enum):
     #: Consumers stopped; running handlers may still publish.
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+#: What a publish that timed out on a blocked connection adds to its error.
+BLOCKED = (
+    "the broker is blocking publishes (a memory or disk alarm; `rabbitmq-diagnostics "
+    "alarms` names it): free memory or disk on the broker, or raise its "
+    "vm_memory_high_watermark / disk_free_limit"
+)
+
+
+def _blocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """Whether ``connection`` is connected and blocked by the broker, without waiting.
+
+    aiormq keeps the block in a private event that ``ready()`` (public: "connected and not
+    blocked") awaits; running that coroutine's first step tells whether it would wait."""
+    if not connection.is_opened:
+        return False
+    probe = connection.ready()
+    try:
+        probe.send(None)
+    except StopIteration:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustConnection:
@@ -332,6 +363,12 @@ class AmqpTransport:
             and self._con_connection.connected.is_set()
         )
 
+    @property
+    def publish_blocked(self) -> bool:
+        """The broker blocks the publishing connection now (a memory or disk alarm)."""
+        transport = self._pub_connection.transport
+        return transport is not None and _blocked(transport.connection)
+
     def __repr__(self) -> str:
         return f"<AmqpTransport {self._settings.safe_url} {self._state.value}>"
 
@@ -423,26 +460,40 @@ class AmqpTransport:
     # -- messages ---------------------------------------------------------------------
 
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self,
+        exchange: str,
+        message: Message,
+        routing_key: str = "",
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 (aiormq's own timeout bounds it)
     ) -> None:
         # Handlers still running during close(grace) may publish their results.
         self._require(TransportState.OPEN, TransportState.CLOSING)
         channel = self._pub.current() or await self._pub.get("publish")
-        timeout = self._settings.confirm_timeout_s
+        limit = self._settings.confirm_timeout_s
+        if timeout is not None:
+            limit = max(0.0, min(limit, timeout))
         properties = to_properties(message, persistent=self._settings.persistent)
-        with translated("publish to", exchange=exchange, routing_key=routing_key, timeout=timeout):
-            await channel.basic_publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                timeout=timeout,
-                # The broker's confirm is what we wait for, not the socket; but a large body
-                # also waits for the socket to take it, or with many in flight the
-                # transport's buffer grows by whole bodies, copied at each growth.
-                wait=len(message.body) >= DRAIN_BODIES_FROM,
-            )
+        try:
+            with translated("publish to", exchange=exchange, routing_key=routing_key,
+                            timeout=limit):
+                await channel.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                    timeout=limit,
+                    # The broker's confirm is what we wait for, not the socket; but a large
+                    # body also waits for the socket to take it, or with many in flight the
+                    # transport's buffer grows by whole bodies, copied at each growth.
+                    wait=len(message.body) >= DRAIN_BODIES_FROM,
+                )
+        except TransportError as exc:
+            if isinstance(exc.__cause__, TimeoutError) and self.publish_blocked:
+                raise TransportError(f"{exc}: {BLOCKED}") from exc
+            raise
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> AmqpConsumer:
         self._require(TransportState.OPEN)
