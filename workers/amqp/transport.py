@@ -38,7 +38,10 @@ How it maps onto RabbitMQ:
   comes until ``connection.unblocked``. ``publish_blocked`` says whether the publishing
   connection is blocked now (``conveyor.transport.Throttled``); a publish that times out
   meanwhile says so in its error. Consuming and declaring (the other connection) go on.
-* **Declarations** go to a plain channel of the consumer connection. aio-pika does not
+* **Declarations** go to a plain channel of the consumer connection (``queue_stats``, a
+  passive declare, to another one, one at a time: ``NOT_FOUND``, raised as ``NotFound``,
+  or ``RESOURCE_LOCKED`` for another connection's exclusive queue closes the channel it
+  came on, and must fail neither declarations nor other stats under way). aio-pika does not
   re-declare them after a reconnect: topology belongs to whoever declares it (durable
   entities survive a broker restart; a controller's binding changes are not undone by a
   worker's reconnect). Broker refusals (``PRECONDITION_FAILED`` on an inequivalent
@@ -317,6 +320,10 @@ class AmqpTransport:
         timeout = settings.operation_timeout_s
         self._pub = _LazyChannel(publish_connection, confirms=True, timeout=timeout)
         self._admin = _LazyChannel(consume_connection, confirms=False, timeout=timeout)
+        #: Passive declares (``queue_stats``), one at a time: a missing queue (or another
+        #: connection's exclusive one) closes this channel, failing whatever else is on it.
+        self._stats = _LazyChannel(consume_connection, confirms=False, timeout=timeout)
+        self._stats_lock = asyncio.Lock()
         self._consumers: list[AmqpConsumer] = []
         #: queues declared here that may take a channel limit (see above)
         self._channel_limit_ok: dict[str, bool] = {}
@@ -450,9 +457,11 @@ class AmqpTransport:
 
     async def queue_stats(self, queue: str) -> QueueStats:
         timeout = self._settings.operation_timeout_s
-        channel = await self._admin_channel("queue stats")
-        with translated("read stats of", queue=queue, timeout=timeout):
-            ok = await channel.queue_declare(queue, passive=True, timeout=timeout)
+        self._require(TransportState.OPEN, TransportState.CLOSING)
+        async with self._stats_lock:
+            channel = self._stats.current() or await self._stats.get("queue stats")
+            with translated("read stats of", queue=queue, timeout=timeout):
+                ok = await channel.queue_declare(queue, passive=True, timeout=timeout)
         return QueueStats(
             name=queue, depth=int(ok.message_count or 0), consumers=int(ok.consumer_count or 0)
         )
@@ -583,6 +592,7 @@ class AmqpTransport:
             await asyncio.gather(*self._reconnect_tasks, return_exceptions=True)
             await self._pub.close()
             await self._admin.close()
+            await self._stats.close()
             for connection in (self._pub_connection, self._con_connection):
                 await self._close_connection(connection)
         finally:
