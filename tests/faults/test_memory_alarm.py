@@ -123,6 +123,9 @@ async def test_infer_returns_within_its_timeout_under_a_memory_alarm(
                 assert got.confirmed is False, got
                 assert "blocking publishes" in str(got) and "alarm" in str(got), got
                 assert took <= ALARM_TIMEOUT_S + 1.0, f"infer returned after {took:.2f} s"
+            print(f"pack={pack}: {len(results)} infer(timeout={ALARM_TIMEOUT_S:g}) under the "
+                  f"alarm returned after {min(t for t, _ in results):.2f} to "
+                  f"{max(t for t, _ in results):.2f} s")
             await answered_again(client, fault_mlp, checker, 2000)
             report = checker.report(wire_duplicates=client.stats().dropped_replies)
         await until(lambda: queues_empty(node, fault_plan), 30.0, "the plan's queues to empty")
