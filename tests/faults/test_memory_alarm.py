@@ -8,8 +8,9 @@ publish is confirmed until the alarm clears. Proved on the fault suite's own nod
   alarm returns within T + 1 s with ``DeadlineExceeded`` (never confirmed) whose message
   says that the broker is blocking publishes and what to do; once the alarm is cleared the
   same client is answered again; nothing confirmed is lost;
-* a worker whose output publish is blocked: the requests it holds are settled (dropped as
-  expired, not run again) when their deadline passes, not after the 30 s confirm timeout;
+* a worker whose output publish or reply is blocked: the requests it holds are settled
+  (dropped as expired, not run again) when their deadline passes, not after the 30 s
+  confirm timeout;
   nothing is dead-lettered and the queues are empty once the alarm has cleared.
 """
 
@@ -24,6 +25,7 @@ import pytest
 from conveyor.app.connect import connect
 from conveyor.errors import DeadlineExceeded
 from conveyor.plan import Plan
+from conveyor.topology_setup import stage_queues
 from tests.faults.checker import Checker
 from tests.faults.node import RabbitNode
 from tests.faults.rig import Workers, plan_queues, queue_depths, wait_consumed
@@ -138,26 +140,39 @@ async def test_infer_returns_within_its_timeout_under_a_memory_alarm(
     assert report.correct == 2 * REQUESTS, report
 
 
+@pytest.mark.parametrize("held", [0, 2], ids=["output-publish", "reply"])
 async def test_a_workers_blocked_publishes_end_at_the_requests_deadline(
-    node: RabbitNode, fault_mlp: Case, fault_plan: Plan, tmp_path: Path
+    node: RabbitNode, fault_mlp: Case, fault_plan: Plan, tmp_path: Path, held: int
 ) -> None:
-    """Requests the broker confirmed before the alarm reach a worker whose output publish
-    is then blocked: it settles them at their deadline (dropped as expired, not requeued
-    to run again), long before the transport's 30 s confirm timeout."""
+    """Requests the broker confirmed before the alarm reach a worker whose publish is then
+    blocked (stage 0's output to stage 1, or the last stage's reply): it settles them at
+    their deadline (dropped as expired, not requeued to run again), long before the
+    transport's 30 s confirm timeout. The stages before ``held`` run before the alarm."""
     workers = Workers(fault_plan, node.url, tmp_path)
+    stage = fault_plan.stages[held].name
     # Room for the worker processes to start under the alarm and run the requests.
     deadline_s = 12.0
     try:
         async with connect(node.url, plan=fault_plan, timeout=20.0,
                            on_no_consumer="off") as client:
+            for before in fault_plan.stages[:held]:
+                workers.start(before.name)
             inputs = fault_mlp.requests(REQUESTS, seed=3000)
             tasks = [asyncio.create_task(timed(client, r, deadline_s)) for r in inputs]
-            await until(lambda: client.stats().sent == REQUESTS, 10.0, "requests confirmed")
             sent_at = time.monotonic()
+            await until(lambda: client.stats().sent == REQUESTS, 10.0, "requests confirmed")
+            queue = stage_queues(fault_plan, fault_plan.stages[held])[0]
+
+            def waiting_for_held() -> bool:
+                return list(unsettled(node, fault_plan)) == [queue]
+
+            await until(waiting_for_held, 10.0, lambda: f"requests in {queue}: "
+                        f"{unsettled(node, fault_plan)}", every=0.2)
             raise_alarm(node)
             try:
                 await wait_alarm(node, on=True)
-                workers.start_all()
+                for after in fault_plan.stages[held:]:
+                    workers.start(after.name)
                 results = await asyncio.gather(*tasks)
                 for took, got in results:
                     assert isinstance(got, DeadlineExceeded), got
@@ -167,10 +182,10 @@ async def test_a_workers_blocked_publishes_end_at_the_requests_deadline(
                             deadline_s + 3.0 - (time.monotonic() - sent_at),
                             lambda: f"the worker to settle: {unsettled(node, fault_plan)}",
                             every=0.2)
-                print(f"inputs settled {time.monotonic() - sent_at:.1f} s after the send")
-                # ... because the first stage ran them and its output publish ended there.
-                first = fault_plan.stages[0].name
-                assert "dropped as expired" in workers.logs_of(first), workers.logs()
+                print(f"{stage}: inputs settled {time.monotonic() - sent_at:.1f} s after "
+                      "the send")
+                # ... because that stage ran them and its publish ended there.
+                assert "dropped as expired" in workers.logs_of(stage), workers.logs()
             finally:
                 clear_alarm(node)
             await wait_alarm(node, on=False)
