@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from conveyor.errors import TransportError, UnroutableError
+from conveyor.errors import NotFound, TransportError, UnroutableError
 from conveyor.transport import ExchangeSpec, HeaderValue, Message, QueueSpec
 
 from .exchanges import Exchange, make_exchange
@@ -129,7 +129,7 @@ class Broker:
     def queue(self, name: str, owner: object | None = None) -> BrokerQueue:
         queue = self._queues.get(name)
         if queue is None:
-            raise TransportError(f"no queue {name!r} (NOT_FOUND)")
+            raise NotFound(f"no queue {name!r} (NOT_FOUND)")
         if owner is not None:
             self._check_exclusive(queue, owner)
         return queue
@@ -142,7 +142,7 @@ class Broker:
             raise TransportError("the default exchange cannot be bound to (ACCESS_REFUSED)")
         found = self._exchanges.get(exchange)
         if found is None:
-            raise TransportError(f"no exchange {exchange!r} (NOT_FOUND)")
+            raise NotFound(f"no exchange {exchange!r} (NOT_FOUND)")
         return found
 
     @staticmethod
@@ -160,7 +160,7 @@ class Broker:
             return [] if queue is None else [queue]
         found = self._exchanges.get(exchange)
         if found is None:
-            raise TransportError(f"no exchange {exchange!r} (NOT_FOUND)")
+            raise NotFound(f"no exchange {exchange!r} (NOT_FOUND)")
         return [self._queues[name] for name in found.route(message, routing_key)]
 
     def publish(self, exchange: str, message: Message, routing_key: str, mandatory: bool) -> None:

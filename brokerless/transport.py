@@ -384,7 +384,13 @@ class BrokerlessTransport:
         self._broker.delete_exchange(name)
 
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self,
+        exchange: str,
+        message: Message,
+        routing_key: str = "",
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 (confirmed at once: nothing to bound)
     ) -> None:
         self.require(ConnectionState.OPEN, ConnectionState.CLOSING)
         self._broker.publish(exchange, message, routing_key, mandatory)

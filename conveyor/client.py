@@ -74,7 +74,7 @@ from conveyor.plan import Plan
 from conveyor.topology import Topology, partition_routing_key
 from conveyor.topology_setup import declare_plan_topology
 from conveyor.tracing import current_traceparent
-from conveyor.transport import Message, QueueSpec, Reconnecting
+from conveyor.transport import Message, QueueSpec, Reconnecting, Throttled
 from conveyor.wire import encode
 
 if TYPE_CHECKING:
@@ -89,6 +89,13 @@ Outputs = dict[str, np.ndarray]
 DEFAULT_TIMEOUT = 30.0
 #: Waits from this long on (or not finite) go through RequestMeta's checks.
 _NO_DEADLINE = 1e9
+#: Why a request was not confirmed when the transport says its publishes are blocked.
+BLOCKED_PUBLISHES = (
+    "the broker never confirmed it: it is blocking publishes (a memory or disk alarm; "
+    "`rabbitmq-diagnostics alarms` on the broker names it). Free memory or disk there, or "
+    "raise its vm_memory_high_watermark / disk_free_limit, then send again; workers drop "
+    "the request unrun if the broker takes it after its deadline"
+)
 
 
 class ClientState(enum.Enum):
@@ -344,7 +351,7 @@ class Client:
         item = Outgoing(meta, arrays, future, packable(arrays) if self.pack else -1, routing_key)
         self._pending[request_id] = item
         # A timer instead of asyncio.wait_for: one callback, no extra task per request.
-        expiry = loop.call_later(wait, _expire, item, request_id, wait)
+        expiry = loop.call_later(wait, self._expire, item, request_id, wait)
         try:
             if self.pack:
                 # Sent with the other requests of this loop turn (``PackSender``); a publish
@@ -371,10 +378,12 @@ class Client:
                     awaited=lambda: not item.future.done(),
                 )
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"request {item.meta.request_id} could not be sent within {wait:g} s (is the "
-                "broker blocking publishers?)"
-            ) from None
+            error = DeadlineExceeded(
+                f"request {item.meta.request_id} could not be sent within {wait:g} s: "
+                f"{self._unconfirmed_cause()}"
+            )
+            error.confirmed = False
+            raise error from None
         if not sent:  # its deadline passed while the broker was away: the future says so
             return
         item.confirmed = True
@@ -524,20 +533,26 @@ class Client:
             reconnects=self._reconnects,
         )
 
+    def _expire(self, item: Outgoing, request_id: str, wait: float) -> None:
+        if not item.future.done():
+            unsent = "" if item.confirmed else f" ({self._unconfirmed_cause()})"
+            error = DeadlineExceeded(f"request {request_id} got no reply within {wait:g} s{unsent}")
+            error.confirmed = item.confirmed
+            item.future.set_exception(error)
+
+    def _unconfirmed_cause(self) -> str:
+        """Why the broker has not confirmed a request: blocked publishers, if it says so."""
+        transport = self._transport
+        if isinstance(transport, Throttled) and transport.publish_blocked:
+            return BLOCKED_PUBLISHES
+        return "the broker never confirmed it"
+
     def _require_open(self) -> Transport:
         if self._state is ClientState.CLOSED:
             raise TransportClosed("client is closed; open a new one with conveyor.connect")
         if self._state is not ClientState.OPEN or self._transport is None:
             raise ConfigError(f"client is {self._state.value}; use it inside 'async with'")
         return self._transport
-
-
-def _expire(item: Outgoing, request_id: str, wait: float) -> None:
-    if not item.future.done():
-        unsent = "" if item.confirmed else " (the broker never confirmed it)"
-        error = DeadlineExceeded(f"request {request_id} got no reply within {wait:g} s{unsent}")
-        error.confirmed = item.confirmed
-        item.future.set_exception(error)
 
 
 async def _quietly(step: Any, what: str) -> None:

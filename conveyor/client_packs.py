@@ -11,6 +11,7 @@ not sent.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -111,10 +112,15 @@ class PackSender:
                 message = item.meta.to_message(encode(item.arrays))
             else:
                 message = pack_requests(self.plan_hash, [(i.meta, i.arrays) for i in items])
-            sent = await publish_through_loss(
-                transport, self.exchange, message, routing_key,
-                awaited=lambda: any(not i.future.done() for i in items),
-            )
+            # Bounded by the last deadline of its requests, also when the broker blocks
+            # publishers and no confirm comes (their futures expire on their own then).
+            async with asyncio.timeout(_seconds_left(items)):
+                sent = await publish_through_loss(
+                    transport, self.exchange, message, routing_key,
+                    awaited=lambda: any(not i.future.done() for i in items),
+                )
+        except TimeoutError:
+            return
         except Exception as exc:  # each caller gets it from its future (typed if ours)
             fail_all(items, exc)
             return
@@ -124,6 +130,14 @@ class PackSender:
             item.confirmed = True
         self.sent += len(items)
         self.messages += 1
+
+
+def _seconds_left(items: list[Outgoing]) -> float | None:
+    """Until the last of the requests' deadlines (None when one has none)."""
+    deadlines = [i.meta.deadline for i in items]
+    if any(d is None for d in deadlines):
+        return None
+    return max(d for d in deadlines if d is not None) - time.time()
 
 
 def packable(arrays: Mapping[str, np.ndarray]) -> int:

@@ -18,6 +18,7 @@ they enter our code, with ``raise ... from exc``, so callers catch ours only.
     │   ├── BrokerUnreachable        the first connect failed
     │   ├── TransportClosed          used after close (an orderly state, not a fault)
     │   ├── ChannelBroken            the channel or connection died under an operation
+    │   ├── NotFound                 the queue or exchange an operation names does not exist
     │   ├── UnroutableError          a mandatory publish that reached no queue
     │   ├── BackpressureError        a queue is full (reject-publish) or the publish was nacked
     │   └── NoConsumerError          no worker consumes the queue a request would wait in
@@ -97,6 +98,12 @@ class TransportClosed(TransportError):
 
 class ChannelBroken(TransportError):
     code = "channel_broken"
+
+
+class NotFound(TransportError):
+    """The broker has no queue or exchange of the name an operation gave (``NOT_FOUND``)."""
+
+    code = "not_found"
 
 
 class UnroutableError(TransportError):

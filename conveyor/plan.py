@@ -238,6 +238,11 @@ class QueueSettings:
     #: quorum queues: dead-letter a message returned more than this many times (a request
     #: that crashes its worker); None: RabbitMQ's default (no limit before 4.0).
     delivery_limit: int | None = None
+    #: Messages written to disk (AMQP delivery mode 2) so that what the broker confirmed
+    #: survives its restart; False trades that for speed. None (not chosen): persistent.
+    #: The URL's ``?persistent=``, ``CONVEYOR_AMQP_PERSISTENT`` and ``--[no-]persistent``
+    #: win over it (docs/operations.md, "Broker restarts").
+    persistent: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +311,8 @@ class Plan:
         if self.queues == QueueSettings():
             # absent when not chosen: plans written before the setting keep their hash
             d.pop("queues")
+        elif self.queues.persistent is None:
+            del d["queues"]["persistent"]  # newer than the others: absent unless chosen
         for key, default in (
             ("dead_letter_ttl_s", DEAD_LETTER_TTL_S), ("dead_letter_max", DEAD_LETTER_MAX)
         ):
@@ -494,4 +501,9 @@ def _queues(d: Mapping[str, Any]) -> QueueSettings:
     limit = d.get("delivery_limit")
     if limit is not None and (isinstance(limit, bool) or int(limit) < 0):
         raise PlanError(f"queues.delivery_limit must be a count >= 0, got {limit!r}")
-    return QueueSettings(type=kind, delivery_limit=None if limit is None else int(limit))
+    persistent = d.get("persistent")
+    if persistent is not None and not isinstance(persistent, bool):
+        raise PlanError(f"queues.persistent must be true, false or null, got {persistent!r}")
+    return QueueSettings(
+        type=kind, delivery_limit=None if limit is None else int(limit), persistent=persistent
+    )

@@ -9,6 +9,10 @@ Semantics every implementation honours:
 * ``publish`` returns once the broker has confirmed the message. A message that reaches
   no queue raises ``UnroutableError``; one refused by a full queue (``overflow=
   "reject-publish"``) raises ``BackpressureError``. A message never vanishes silently.
+  ``timeout`` bounds the wait for the confirm (``TransportError`` when it passes; the
+  transport's own limit when None, or when it is the shorter): a worker passes the time
+  left to the requests it publishes for, so a broker that blocks publishers (RabbitMQ's
+  memory and disk alarms, ``Throttled``) holds them no longer than their deadline.
 * ``consume`` delivers at most ``prefetch`` unacknowledged messages to that consumer.
   ``Consumer.set_prefetch`` changes the limit of a running consumer.
 * A delivery is settled exactly once: ``ack``, ``reject`` (dead-lettered when the queue
@@ -140,7 +144,13 @@ class Transport(Protocol):
     async def delete_queue(self, name: str) -> None: ...
     async def delete_exchange(self, name: str) -> None: ...
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self,
+        exchange: str,
+        message: Message,
+        routing_key: str = "",
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 (bounds the broker's confirm)
     ) -> None: ...
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Consumer: ...
     async def queue_stats(self, queue: str) -> QueueStats: ...
@@ -156,3 +166,14 @@ class Reconnecting(Protocol):
     topology) acts in ``callback``, run after each restore."""
 
     def add_reconnect_callback(self, callback: Callable[[], Awaitable[None]]) -> None: ...
+
+
+@runtime_checkable
+class Throttled(Protocol):
+    """A transport whose broker may block publishers (RabbitMQ: ``connection.blocked``,
+    sent under a memory or disk alarm); the embedded broker refuses at once instead
+    (``BackpressureError``). ``publish_blocked``: its publishing connection is blocked
+    now, so no publish will be confirmed until the broker lifts the block."""
+
+    @property
+    def publish_blocked(self) -> bool: ...

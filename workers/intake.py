@@ -12,6 +12,9 @@ names, dtypes and fixed dimensions) and handed to its runner's batcher, or answe
   dead-lettered;
 * a ``reply_to`` outside the plan's reply queues (``Topology.is_reply_queue``): logged as
   an error and dead-lettered, never answered nor run;
+* on the input shards, a ``reply_to`` that no longer exists (its caller is gone,
+  ``workers.callers``): acked and dropped unrun, counted as outcome ``caller_gone``,
+  logged at INFO (rate-limited); requests without ``reply_to`` run as before;
 * an unreadable message: dead-lettered, its envelope's request told when it names one.
 
 The ``lot`` callable makes the delivery's settlement for ``n`` requests
@@ -42,6 +45,7 @@ from conveyor.packs import CLIENT_SOURCE, StageMessage, read_requests, request_p
 from conveyor.plan import MODEL_INPUT, Plan, TensorSpec
 from conveyor.topology import Topology
 from conveyor.transport import Delivery, Message
+from workers.callers import Callers
 from workers.outbox import Outbox
 from workers.redelivery import deaths_before
 from workers.runner import Item, Request, StageRunner, deadline_error
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Makes the settlement of the delivery at hand for ``n`` requests.
 LotFactory = Callable[[int], Lot]
+#: The outcome (``conveyor_requests_total``) of a request whose caller was gone.
+CALLER_GONE = "caller_gone"
 
 
 class Intake:
@@ -68,6 +74,7 @@ class Intake:
         self._topology = Topology.of(plan)
         #: Reply queues seen to be of the plan's scheme (a client's requests share one).
         self._reply_queues: set[str] = set()
+        self.callers = Callers(outbox.transport)
 
     # -- input shards ---------------------------------------------------------------------
     async def request(self, delivery: Delivery, lot: LotFactory) -> None:
@@ -152,7 +159,8 @@ class Intake:
         """Admit each request of a pack or stage message on its own. The requests' rows
         share the message's dtypes and dims 1..n, so the tensors are checked once for
         all (per request only when a spec fixes the batch dimension itself). ``limited``:
-        requests from clients, held to the plan's size limits."""
+        requests from clients, held to the plan's size limits and run only while their
+        caller is there."""
         settlement = lot(len(msg.requests))
         arrived = time.perf_counter()
         if msg.at is not None and runner.timings.enabled:
@@ -169,6 +177,14 @@ class Intake:
             if meta.reply_to is not None and not self._reply_queue_ok(meta):
                 runner.counters.errors += 1
                 await request.token.done(Outcome.FAILED)
+                continue
+            if limited and meta.reply_to is not None and await self.callers.gone(meta.reply_to):
+                runner.timings.failed(CALLER_GONE)
+                self.outbox.request_log.dropped(
+                    meta, CALLER_GONE, "its reply queue is gone (the caller left)",
+                    stage=self._stage(runner),
+                )
+                await request.token.done(Outcome.OK)
                 continue
             error = self._admission_error(meta, msg.plan_hash) or wrong_source
             if error is not None:

@@ -55,6 +55,21 @@ class RequestLog:
                    "error_code": error.code},
         )
 
+    def dropped(
+        self, meta: RequestMeta, code: str, why: str, *, stage: str | None,
+        level: int = logging.INFO,
+    ) -> None:
+        """A request acked and dropped unrun, without an error reply (nobody to read it)."""
+        if not self.logger.isEnabledFor(level) or not self._admit(code, level):
+            return
+        trace = trace_of(meta.trace_id)
+        self.logger.log(
+            level, "request %s trace %s dropped at stage %s (%s): %s; not run, no reply",
+            meta.request_id, trace, stage or "-", code, why,
+            extra={"request_id": meta.request_id, "trace_id": trace, "stage": stage,
+                   "error_code": code},
+        )
+
     def _admit(self, code: str, level: int) -> bool:
         now = time.monotonic()
         window = self._windows.setdefault(code, _Window(now))

@@ -14,6 +14,13 @@ failure: the send backs off (``BACKOFF_FIRST_S`` doubling up to ``BACKOFF_MAX_S`
 again while any of its requests may still be answered, holding its inputs unsettled, so
 the worker's prefetch window fills and it stops taking work instead of spinning. Replies go
 only to queues of the plan's reply scheme (``Topology.is_reply_queue``).
+
+Every publish for requests waits for its confirm at most until their (last) deadline, and
+``PUBLISH_GRACE_S`` at least: a broker that blocks publishers (a memory or disk alarm)
+holds a worker's inputs no longer than that, not for the transport's whole confirm
+timeout. A publish that fails once its requests' deadline has passed drops them as
+expired (their inputs are acked, not run again; no error reply, whose publish would wait
+on the same block while the caller's own deadline has already ended its wait).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from conveyor.envelope import RequestMeta, reply_error, reply_ok
 from conveyor.errors import BackpressureError, ConveyorError, TransportError, UnroutableError
 from conveyor.packs import encode_stage_message, pack_replies
 from conveyor.topology import Topology
-from conveyor.transport import Message, Transport
+from conveyor.transport import Message, Throttled, Transport
 from workers.batching import split
 from workers.logs import RequestLog
 from workers.metrics import StageTimings
@@ -45,6 +52,9 @@ log = logging.getLogger(__name__)
 #: Back-off of a publish refused by a full next-stage queue: first wait, and its cap.
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
+#: A publish for requests whose deadline is (nearly) past still waits this long for its
+#: confirm (an error reply about an expired request, say).
+PUBLISH_GRACE_S = 0.5
 
 
 class Outbox:
@@ -58,6 +68,9 @@ class Outbox:
         self.backoffs = 0
         #: Replies that reached no queue (their request id is logged at WARNING).
         self.unroutable_replies = 0
+        #: Requests whose outputs or replies were not confirmed before their deadline
+        #: (dropped as expired; logged at WARNING, first and every 100th).
+        self.expired_unsent = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -183,28 +196,34 @@ class Outbox:
         outcome = Outcome.OK
         if request.meta.reply_to is not None:
             message = reply_ok(request.meta, wire.encode(tensors))
-            outcome = await self._send_reply(request.meta, message)
+            outcome = await self._send_reply(request.meta, message, _deadline_of([request.meta]))
         await request.token.done(outcome)
 
     async def _packed(self, group: list[Request], tensors: dict[str, np.ndarray]) -> None:
         message = pack_replies([(r.meta.request_id, r.rows) for r in group], tensors)
-        outcome = await self._send_reply(group[0].meta, message)
+        deadline = _deadline_of([r.meta for r in group])
+        outcome = await self._send_reply(group[0].meta, message, deadline)
         for request in group:
             await request.token.done(outcome)
 
     async def send_error(self, meta: RequestMeta, error: ConveyorError) -> None:
         if meta.reply_to is not None:
-            await self._send_reply(meta, reply_error(meta, error))
+            await self._send_reply(meta, reply_error(meta, error), _deadline_of([meta]))
 
     async def _publish(
         self, exchange: str, message: Message, routing_key: str, requests: list[Request]
     ) -> Outcome:
         wait = BACKOFF_FIRST_S
+        deadline = _deadline_of([r.meta for r in requests])
         while True:
+            if self._blocked_past(deadline):
+                return self._expired(exchange, len(requests), "the broker blocks publishes")
             try:
-                await self.transport.publish(exchange, message, routing_key)
+                await self.transport.publish(
+                    exchange, message, routing_key, timeout=_confirm_bound(deadline)
+                )
             except BackpressureError as exc:
-                left = _time_left(requests)
+                left = deadline - time.time()
                 if left <= 0:
                     log.info("%s is full and the requests' deadlines passed; not sent", exchange)
                     return Outcome.OK  # expired: dropped as the next stage would drop them
@@ -215,6 +234,8 @@ class Outbox:
                 await asyncio.sleep(min(wait, left))
                 wait = min(wait * 2, BACKOFF_MAX_S)
             except TransportError as exc:
+                if time.time() >= deadline:
+                    return self._expired(exchange, len(requests), exc)
                 log.warning(
                     "publish to %s failed (%s); the input will be redelivered", exchange, exc
                 )
@@ -222,7 +243,29 @@ class Outbox:
             else:
                 return Outcome.OK
 
-    async def _send_reply(self, meta: RequestMeta, message: Message) -> Outcome:
+    def _blocked_past(self, deadline: float) -> bool:
+        """The deadline has passed and the broker blocks publishes: a publish would only
+        wait (``PUBLISH_GRACE_S``) for nothing."""
+        return (
+            time.time() >= deadline
+            and isinstance(self.transport, Throttled)
+            and self.transport.publish_blocked
+        )
+
+    def _expired(self, target: str, requests: int, why: object) -> Outcome:
+        """Requests whose publish to ``target`` failed after their deadline: dropped."""
+        if self.expired_unsent % 100 == 0:
+            log.warning(
+                "publish to %s not confirmed before the deadline of its %d request(s) (%s); "
+                "dropped as expired (%d so far)", target, requests, why,
+                self.expired_unsent + requests,
+            )
+        self.expired_unsent += requests
+        return Outcome.OK
+
+    async def _send_reply(self, meta: RequestMeta, message: Message, deadline: float) -> Outcome:
+        """Publish a reply to ``meta.reply_to``, waiting for its confirm until ``deadline``
+        (``PUBLISH_GRACE_S`` at least)."""
         assert meta.reply_to is not None
         if not self.topology.is_reply_queue(meta.reply_to):
             # Intake refuses these; this guards every other path (error replies included).
@@ -231,8 +274,12 @@ class Outbox:
                 meta.reply_to, meta.request_id, self.topology.base,
             )
             return Outcome.FAILED
+        if self._blocked_past(deadline):
+            return self._expired(meta.reply_to, 1, "the broker blocks publishes")
         try:
-            await self.transport.publish("", message, meta.reply_to)
+            await self.transport.publish(
+                "", message, meta.reply_to, timeout=_confirm_bound(deadline)
+            )
         except UnroutableError:
             # The client left, or its reply queue is being declared again after a broker
             # restart (the client then sends its requests again): counted, never silent.
@@ -243,6 +290,8 @@ class Outbox:
                 meta.request_id, meta.reply_to, self.unroutable_replies,
             )
         except TransportError as exc:
+            if time.time() >= deadline:
+                return self._expired(meta.reply_to, 1, exc)
             log.warning(
                 "reply for %s failed (%s); the input will be redelivered", meta.request_id, exc
             )
@@ -250,12 +299,22 @@ class Outbox:
         return Outcome.OK
 
 
-def _time_left(requests: list[Request]) -> float:
-    """Seconds until the last of ``requests``' deadlines (infinite when one has none)."""
-    deadlines = [r.meta.deadline for r in requests]
-    if not deadlines or any(d is None for d in deadlines):
-        return float("inf")
-    return max(d for d in deadlines if d is not None) - time.time()
+def _deadline_of(metas: list[RequestMeta]) -> float:
+    """The last of the requests' deadlines (infinite when one has none)."""
+    last = float("inf") if not metas else 0.0
+    for meta in metas:
+        if meta.deadline is None:
+            return float("inf")
+        last = max(last, meta.deadline)
+    return last
+
+
+def _confirm_bound(deadline: float) -> float | None:
+    """How long a publish for requests due at ``deadline`` waits for its confirm (None:
+    the transport's own limit)."""
+    if deadline == float("inf"):
+        return None
+    return max(deadline - time.time(), PUBLISH_GRACE_S)
 
 
 async def _send_all(sends: list[Coroutine[Any, Any, None]]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from conveyor.app.cmd_gateway import add_local_worker_options, local_worker_options
-from conveyor.app.cmd_serve import add_broker_options, broker_target
+from conveyor.app.cmd_serve import add_broker_options, add_persistent_option, broker_target
 from conveyor.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="durable queues (default; --no-durable as the workers were started)")
+    add_persistent_option(p)
     add_local_worker_options(p)
     p.set_defaults(func=cmd_bench)
 
@@ -152,7 +153,7 @@ async def _measure(
     target = broker_target(args)
     options = local_worker_options(args) if target.embedded else None
     client = connect(target.url, plan=plan, timeout=args.timeout, worker_options=options,
-                     durable=args.durable)
+                     durable=args.durable, persistent=target.persistent)
     async with client:
         where = ("the SDK, in-process workers on " if target.embedded else "the SDK on ") + \
             target.describe()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conveyor.app.cmd_serve import add_broker_options, broker_target
+from conveyor.app.cmd_serve import add_broker_options, add_persistent_option, broker_target
 from conveyor.errors import CodecError, ConfigError
 
 
@@ -36,6 +36,7 @@ def add_infer_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="OUT.npz", help="save outputs")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="durable queues (default; --no-durable as the workers were started)")
+    add_persistent_option(p)
     p.set_defaults(func=cmd_infer)
 
 
@@ -98,7 +99,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     async def one() -> dict[str, np.ndarray]:
         async with connect(
             target.url, plan=plan, timeout=args.timeout, durable=args.durable,
-            on_no_consumer="fail",
+            persistent=target.persistent, on_no_consumer="fail",
         ) as client:
             return await client.infer(inputs, key=args.key)
 

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from conveyor.app.cmd_serve import add_broker_options, add_metrics_option
+from conveyor.app.cmd_serve import add_broker_options, add_metrics_option, add_persistent_option
 from conveyor.app.observe import ObserveServer, broker_check, metrics_port
 from conveyor.app.transports import BrokerTarget
 from conveyor.errors import ConfigError
@@ -36,6 +36,7 @@ def add_parsers(sub: Any) -> None:
                    help="seconds between decisions (1.0)")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="durable control queues (default; --no-durable as the workers)")
+    add_persistent_option(p)
     p.add_argument("--report-every", type=int, default=10, metavar="N",
                    help="log a report every N periods (10; 0: never)")
     add_metrics_option(p)
@@ -46,6 +47,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from conveyor.plan import Plan
 
     target = BrokerTarget.required(args.broker, "controller")
+    target.persistent = args.persistent
     if args.period <= 0:
         raise ConfigError(f"--period must be > 0, got {args.period}")
     port = metrics_port(args.metrics_port)
@@ -60,7 +62,7 @@ async def _run(
     from workers.control.metrics import controller_registry
     from workers.control.policies import PolicyConfig
 
-    transport = await target.connect()
+    transport = await target.connect(plan=plan)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conveyor.app.cmd_serve import add_broker_options, broker_target
+from conveyor.app.cmd_serve import add_broker_options, add_persistent_option, broker_target
 
 
 def add_parsers(sub: Any) -> None:
@@ -37,6 +37,7 @@ def add_parsers(sub: Any) -> None:
                    help="largest request body accepted, MiB (64); larger ones get 413")
     p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                    help="durable queues (default; --no-durable as the workers were started)")
+    add_persistent_option(p)
     p.add_argument("--no-declare", dest="declare", action="store_false",
                    help="do not declare the plan's topology (an admin step did: `conveyor "
                    "topology`); a least-privilege client user may not")

@@ -38,9 +38,24 @@ def add_broker_options(p: argparse.ArgumentParser, *, embedded: bool) -> None:
                        f"${AMQP_URL_ENV} is set")
 
 
+def add_persistent_option(p: argparse.ArgumentParser) -> None:
+    """``--persistent`` / ``--no-persistent``: wins over the URL, the environment and the
+    plan (default: theirs, else persistent)."""
+    p.add_argument(
+        "--persistent", action=argparse.BooleanOptionalAction, default=None,
+        help="persistent messages (delivery mode 2: what the broker confirmed survives its "
+        "restart); --no-persistent for transient, faster ones. Wins over ?persistent= in "
+        "the URL, $CONVEYOR_AMQP_PERSISTENT and the plan's queues.persistent (default: "
+        "theirs, else persistent)",
+    )
+
+
 def broker_target(args: argparse.Namespace) -> BrokerTarget:
-    """The target a command's ``--broker`` / ``--embedded`` / environment name."""
-    return BrokerTarget.resolve(args.broker, embedded=getattr(args, "embedded", False))
+    """The target a command's ``--broker`` / ``--embedded`` / environment name, with its
+    ``--[no-]persistent`` choice."""
+    target = BrokerTarget.resolve(args.broker, embedded=getattr(args, "embedded", False))
+    target.persistent = getattr(args, "persistent", None)
+    return target
 
 
 def add_metrics_option(p: argparse.ArgumentParser) -> None:
@@ -116,6 +131,7 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         help="durable queues and exchanges (default; --no-durable for throw-away ones: "
         "all processes of a deployment must agree)",
     )
+    add_persistent_option(p)
 
 
 def add_worker_parser(sub: Any) -> None:
@@ -188,6 +204,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from conveyor.plan import Plan
 
     target = BrokerTarget.required(args.broker, "worker")
+    target.persistent = args.persistent
     settings = _settings(args)
     port = metrics_port(args.metrics_port)
     plan = Plan.load(args.plan)  # PlanError (exit 2) when the files do not match the hash
@@ -226,7 +243,7 @@ async def _serve(
     server = ObserveServer(port) if port is not None else None
     if server is not None:
         await server.start()
-    transport = await target.connect()
+    transport = await target.connect(plan=plan)
     code = 0
     try:
         worker = StageWorker(plan, transport, stages, settings, declare=declare)

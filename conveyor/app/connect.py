@@ -70,13 +70,13 @@ class LocalClient(Client):
         return self.target.broker
 
     async def _open_target(self, stack: contextlib.AsyncExitStack) -> Transport:
-        transport = await self.target.connect()
+        transport = await self.target.connect(plan=self.plan)
         stack.push_async_callback(transport.close, grace=1.0)
         if self.local_workers:
             # On the embedded broker the workers get a connection of their own.
             worker_transport = transport
             if self.target.embedded:
-                worker_transport = await self.target.connect()
+                worker_transport = await self.target.connect(plan=self.plan)
                 stack.push_async_callback(worker_transport.close, grace=1.0)
             self._workers = await _start_local_workers(
                 self.plan, worker_transport, self._worker_options, self._durable
@@ -103,6 +103,7 @@ def connect(
     reply_prefetch: int = 1024,
     worker_options: Mapping[str, Any] | None = None,
     durable: bool = True,
+    persistent: bool | None = None,
     pack: bool = True,
     declare_topology: bool = True,
     on_no_consumer: NoConsumerPolicy = "warn",
@@ -114,7 +115,10 @@ def connect(
     (default: true exactly when the client runs on the embedded broker) runs the plan's
     workers in this process; ``worker_options`` are passed to them (``workers.serve``).
     ``durable`` (default on) must match the workers' ``--durable``/``--no-durable``
-    (RabbitMQ refuses a queue re-declared with other flags). ``pack`` (default on) sends
+    (RabbitMQ refuses a queue re-declared with other flags). ``persistent`` (default:
+    the URL's ``?persistent=``, ``CONVEYOR_AMQP_PERSISTENT``, the plan's
+    ``queues.persistent``, else on) chooses delivery mode 2 for what this client and its
+    in-process workers publish on RabbitMQ. ``pack`` (default on) sends
     the requests made in one event-loop turn for one partition as one message and lets
     workers answer several in one message (``conveyor.packs``); off, every request and
     reply is a message of its own.
@@ -124,6 +128,7 @@ def connect(
     ``on_no_consumer``: see ``Client`` (warn once by default when no worker consumes).
     """
     target = BrokerTarget.resolve() if url is FROM_ENV else BrokerTarget(url)
+    target.persistent = persistent
     loaded = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
     return LocalClient(
         loaded,

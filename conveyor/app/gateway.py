@@ -290,7 +290,7 @@ async def serve_gateway(
 
     client = connect(target.url, plan=plan, timeout=settings.timeout,
                      worker_options=worker_options, durable=durable,
-                     declare_topology=declare_topology)
+                     persistent=target.persistent, declare_topology=declare_topology)
     async with client:
         gateway = Gateway(plan, client, settings)
         runner = web.AppRunner(gateway.application(), access_log=None)

@@ -31,6 +31,7 @@ from conveyor.errors import ConfigError
 
 if TYPE_CHECKING:
     from brokerless import Broker
+    from conveyor.plan import Plan
     from conveyor.transport import Transport
 
 log = logging.getLogger("conveyor.transports")
@@ -51,6 +52,10 @@ class BrokerTarget:
 
     url: str | None
     _broker: Broker | None = field(default=None, repr=False)
+    #: Persistent messages as chosen on the command line (``--[no-]persistent``): wins
+    #: over the URL's ``?persistent=``, ``CONVEYOR_AMQP_PERSISTENT`` and the plan's
+    #: ``queues.persistent``; None: not chosen there.
+    persistent: bool | None = None
 
     @classmethod
     def resolve(
@@ -111,8 +116,10 @@ class BrokerTarget:
             places.append(f"{parts.hostname or 'localhost'}:{port}")
         return f"RabbitMQ at {', '.join(places)} (vhost {vhost!r})"
 
-    async def connect(self) -> Transport:
-        """A new connection (``Transport``) to this target; the caller closes it."""
+    async def connect(self, *, plan: Plan | None = None) -> Transport:
+        """A new connection (``Transport``) to this target; the caller closes it. ``plan``:
+        the plan it serves, whose ``queues.persistent`` applies below the URL and
+        environment (persistence means nothing to the embedded broker)."""
         if self.url is None:
             if self._broker is None:
                 from brokerless import Broker
@@ -123,10 +130,15 @@ class BrokerTarget:
         from workers.amqp import AmqpSettings, AmqpTransport
 
         nodes = self.urls
+        chosen = plan.queues.persistent if plan is not None else None
+        defaults = {} if chosen is None else {"persistent": chosen}
         for i, url in enumerate(nodes):
-            # The URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the environment; a
-            # lost connection later goes on to the other nodes in turn.
-            settings = AmqpSettings.from_url_and_env(url)
+            # The plan, the URL, then CONVEYOR_AMQP_* (TLS files, timeouts) from the
+            # environment, then the command line; a lost connection later goes on to the
+            # other nodes in turn.
+            settings = AmqpSettings.from_url_and_env(url, defaults=defaults)
+            if self.persistent is not None:
+                settings = settings.with_values({"persistent": self.persistent})
             others = nodes[i + 1:] + nodes[:i]
             try:
                 return await AmqpTransport.connect(settings.with_other_nodes(others))

@@ -72,9 +72,16 @@ class Tap:
         await self.inner.delete_exchange(name)
 
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self,
+        exchange: str,
+        message: Message,
+        routing_key: str = "",
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
-        await self.inner.publish(exchange, message, routing_key, mandatory=mandatory)
+        await self.inner.publish(exchange, message, routing_key, mandatory=mandatory,
+                                 timeout=timeout)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Consumer:
         async def tapped(delivery: Delivery) -> None:

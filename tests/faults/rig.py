@@ -56,6 +56,11 @@ class Workers:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
                          for p in sorted(self.log_dir.glob("worker-*.log")))
 
+    def logs_of(self, stage: str) -> str:
+        """Everything the workers of ``stage`` have logged so far."""
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.log_dir.glob(f"worker-{stage}-*.log")))
+
     def stop_all(self, timeout: float = 20.0) -> None:
         live = [p for ps in self.procs.values() for p in ps if p.poll() is None]
         for p in live:

@@ -1,5 +1,6 @@
-"""A reply that reaches no queue (its client is gone or reconnecting) is counted and logged
-at WARNING with its request id, and the worker goes on serving."""
+"""A reply that reaches no queue (its client left after the request was admitted, or is
+reconnecting) is counted and logged at WARNING with its request id, and the worker goes on
+serving."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 from conveyor import wire
 from conveyor.envelope import RequestMeta
 from conveyor.plan import Plan
+from conveyor.transport import QueueSpec
 from tests.support.brokers import BrokerHandle
 from tests.support.pipeline import Harness
 from tests.support.plans import chain_expected, chain_plan
+from tests.support.polling import until
 from workers import serve
+from workers.stage_worker import StageWorker
 
 RNG = np.random.default_rng(12)
 
@@ -28,15 +32,27 @@ def rand() -> np.ndarray:
 async def test_unroutable_reply_is_counted_and_logged_with_its_request_id(
     broker: BrokerHandle, tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    plan = Plan.load(chain_plan(tmp_path, name=unique).directory)
-    client = await Harness(await broker.connect(), plan).open()
-    worker = await serve(plan, await broker.connect(), None, "cpu")
+    """The reply queue exists when the request is admitted (else it would not run,
+    tests/workers/test_caller_gone.py) and is gone when the last stage replies."""
+    plan = Plan.load(chain_plan(tmp_path, k=2, name=unique).directory)
+    transport = await broker.connect()
+    client = await Harness(transport, plan).open()
+    first = await serve(plan, await broker.connect(), ["s0"], "cpu")
+    last: StageWorker | None = None
     try:
-        # A reply queue of the plan's scheme (workers reply to no other) that nobody declared.
-        gone = RequestMeta("orphan-1", reply_to=client.topology.reply_queue(uuid.uuid4().hex),
-                           plan_hash=plan.hash)
+        orphan_queue = client.topology.reply_queue(uuid.uuid4().hex)
+        await transport.declare_queue(QueueSpec(orphan_queue))
+        gone = RequestMeta("orphan-1", reply_to=orphan_queue, plan_hash=plan.hash)
+        await client.publish(gone.to_message(wire.encode({"x": rand()})))
+        s1 = client.topology.stage_queue("s1")
+
+        async def passed_s0() -> bool:
+            return (await transport.queue_stats(s1)).depth == 1
+
+        await until(passed_s0, 10.0, "the orphan to pass stage s0")
+        await transport.delete_queue(orphan_queue)
         with caplog.at_level(logging.WARNING, logger="workers.outbox"):
-            await client.publish(gone.to_message(wire.encode({"x": rand()})))
+            last = await serve(plan, await broker.connect(), ["s1"], "cpu")
             # Served in order on one worker: once this one is answered, the orphan's
             # reply has been tried.
             x = rand()
@@ -44,10 +60,12 @@ async def test_unroutable_reply_is_counted_and_logged_with_its_request_id(
             await client.wait_for([rid])
         result = client.one(rid)
         assert not isinstance(result, Exception), result
-        np.testing.assert_allclose(result["y"], chain_expected(x), rtol=1e-5)
-        assert worker.outbox.unroutable_replies == 1
+        np.testing.assert_allclose(result["y"], chain_expected(x, k=2), rtol=1e-5)
+        assert last.outbox.unroutable_replies == 1
         warned = [r for r in caplog.records if "orphan-1" in r.getMessage()]
         assert warned and warned[0].levelno == logging.WARNING, caplog.text
     finally:
-        await worker.stop(grace=2.0)
+        for worker in (first, last):
+            if worker is not None:
+                await worker.stop(grace=2.0)
         await client.close()

@@ -297,12 +297,19 @@ class FlakyPublish:
         return getattr(self._inner, name)
 
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self,
+        exchange: str,
+        message: Message,
+        routing_key: str = "",
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
         if self.failed < self.failures:
             self.failed += 1
             raise BackpressureError("test: publish refused", queue=routing_key)
-        await self._inner.publish(exchange, message, routing_key, mandatory=mandatory)
+        await self._inner.publish(exchange, message, routing_key, mandatory=mandatory,
+                                  timeout=timeout)
 
 
 class HandedOver:

@@ -3,7 +3,7 @@
 ``with translated("declare queue", queue=name, timeout=t): await ...`` turns what the
 AMQP stack raises into the exception tree of ``conveyor.errors`` (``raise ... from exc``):
 
-* broker ``NOT_FOUND``            -> ``TransportError`` naming the queue or exchange
+* broker ``NOT_FOUND``            -> ``NotFound`` naming the queue or exchange
 * ``PRECONDITION_FAILED``, ``ACCESS_REFUSED``, ``RESOURCE_LOCKED``
                                    -> ``TransportError`` with the broker's reason
 * a returned mandatory publish     -> ``UnroutableError``
@@ -24,6 +24,7 @@ from conveyor.errors import (
     BackpressureError,
     ChannelBroken,
     ConveyorError,
+    NotFound,
     TransportError,
     UnroutableError,
 )
@@ -68,7 +69,7 @@ def translate(
             queue=queue if queue is not None else (routing_key if not exchange else None),
         )
     if isinstance(exc, amqp_exc.ChannelNotFoundEntity):
-        return TransportError(f"{where}: not found on the broker ({broker_reason(exc)})")
+        return NotFound(f"{where}: not found on the broker ({broker_reason(exc)})")
     if isinstance(
         exc,
         amqp_exc.ChannelPreconditionFailed

@@ -147,8 +147,11 @@ class AmqpSettings:
         return f"AmqpSettings(url={self.safe_url!r}, {shown}, other_nodes={len(self.other_nodes)})"
 
     @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> AmqpSettings:
-        """Settings from a URL; query parameters (``?heartbeat=10&name=w1``) set fields."""
+    def from_url(
+        cls, url: str, *, defaults: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> AmqpSettings:
+        """Settings from a URL; query parameters (``?heartbeat=10&name=w1``) set fields,
+        over ``defaults`` (a plan's choices) and under ``overrides``."""
         parts = urlsplit(url)
         values: dict[str, Any] = {}
         for key, raw in parse_qsl(parts.query, keep_blank_values=True):
@@ -158,15 +161,22 @@ class AmqpSettings:
                 )
             values[QUERY_FIELDS[key]] = raw
         base = cls(url=urlunsplit(parts._replace(query="", fragment="")))
-        return base.with_values({**values, **overrides})
+        return base.with_values({**(defaults or {}), **values, **overrides})
 
     @classmethod
-    def from_url_and_env(cls, url: str, env: Mapping[str, str] | None = None) -> AmqpSettings:
+    def from_url_and_env(
+        cls,
+        url: str,
+        env: Mapping[str, str] | None = None,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> AmqpSettings:
         """Settings from ``url``, then the optional ``CONVEYOR_AMQP_*`` variables (TLS
-        files, timeouts) on top: what a process given ``--broker URL`` uses."""
+        files, timeouts) on top: what a process given ``--broker URL`` uses. ``defaults``
+        (a plan's choices) apply below both."""
         env = os.environ if env is None else env
         values = {name: env[var] for var, name in ENV_FIELDS.items() if env.get(var)}
-        return cls.from_url(url).with_values(values)
+        return cls.from_url(url, defaults=defaults).with_values(values)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context of an ``amqps://`` URL (None for ``amqp://``); ``ConfigError``

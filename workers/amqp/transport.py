@@ -28,12 +28,20 @@ How it maps onto RabbitMQ:
 * **Publishing.** One channel in confirm mode; ``publish`` returns after the broker's
   ack. ``mandatory=True`` (the default) turns a ``basic.return`` into
   ``UnroutableError``; a ``basic.nack`` (a full ``reject-publish`` queue) into
-  ``BackpressureError``; no confirm within ``confirm_timeout_s`` into
-  ``TransportError``. Concurrent publishes share the channel and their confirms are
-  kept in flight together. Returns are matched to publishes by ``message_id`` (aiormq
-  fills in a random one when a message has none), so concurrent publishes should not
-  reuse one ``message_id``.
-* **Declarations** go to a plain channel of the consumer connection. aio-pika does not
+  ``BackpressureError``; no confirm within ``confirm_timeout_s`` (or the publish's
+  ``timeout``, when shorter) into ``TransportError``. Concurrent publishes share the
+  channel and their confirms are kept in flight together. Returns are matched to
+  publishes by ``message_id`` (aiormq fills in a random one when a message has none), so
+  concurrent publishes should not reuse one ``message_id``.
+* **Blocked publishers.** Under a memory or disk alarm RabbitMQ sends
+  ``connection.blocked`` and stops reading from connections that publish: no confirm
+  comes until ``connection.unblocked``. ``publish_blocked`` says whether the publishing
+  connection is blocked now (``conveyor.transport.Throttled``); a publish that times out
+  meanwhile says so in its error. Consuming and declaring (the other connection) go on.
+* **Declarations** go to a plain channel of the consumer connection (``queue_stats``, a
+  passive declare, to another one, one at a time: ``NOT_FOUND``, raised as ``NotFound``,
+  or ``RESOURCE_LOCKED`` for another connection's exclusive queue closes the channel it
+  came on, and must fail neither declarations nor other stats under way). aio-pika does not
   re-declare them after a reconnect: topology belongs to whoever declares it (durable
   entities survive a broker restart; a controller's binding changes are not undone by a
   worker's reconnect). Broker refusals (``PRECONDITION_FAILED`` on an inequivalent
@@ -89,6 +97,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 import aio_pika
+import aiormq.abc
 import aiormq.exceptions as amqp_exc
 from aio_pika.abc import AbstractRobustConnection
 from aiormq import Channel as AmqpChannel
@@ -129,6 +138,31 @@ class TransportState(enum.Enum):
     #: Consumers stopped; running handlers may still publish.
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+#: What a publish that timed out on a blocked connection adds to its error.
+BLOCKED = (
+    "the broker is blocking publishes (a memory or disk alarm; `rabbitmq-diagnostics "
+    "alarms` names it): free memory or disk on the broker, or raise its "
+    "vm_memory_high_watermark / disk_free_limit"
+)
+
+
+def _blocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """Whether ``connection`` is connected and blocked by the broker, without waiting.
+
+    aiormq keeps the block in a private event that ``ready()`` (public: "connected and not
+    blocked") awaits; running that coroutine's first step tells whether it would wait."""
+    if not connection.is_opened:
+        return False
+    probe = connection.ready()
+    try:
+        probe.send(None)
+    except StopIteration:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 async def _open_connection(settings: AmqpSettings, role: str) -> AbstractRobustConnection:
@@ -286,6 +320,10 @@ class AmqpTransport:
         timeout = settings.operation_timeout_s
         self._pub = _LazyChannel(publish_connection, confirms=True, timeout=timeout)
         self._admin = _LazyChannel(consume_connection, confirms=False, timeout=timeout)
+        #: Passive declares (``queue_stats``), one at a time: a missing queue (or another
+        #: connection's exclusive one) closes this channel, failing whatever else is on it.
+        self._stats = _LazyChannel(consume_connection, confirms=False, timeout=timeout)
+        self._stats_lock = asyncio.Lock()
         self._consumers: list[AmqpConsumer] = []
         #: queues declared here that may take a channel limit (see above)
         self._channel_limit_ok: dict[str, bool] = {}
@@ -331,6 +369,12 @@ class AmqpTransport:
             and self._pub_connection.connected.is_set()
             and self._con_connection.connected.is_set()
         )
+
+    @property
+    def publish_blocked(self) -> bool:
+        """The broker blocks the publishing connection now (a memory or disk alarm)."""
+        transport = self._pub_connection.transport
+        return transport is not None and _blocked(transport.connection)
 
     def __repr__(self) -> str:
         return f"<AmqpTransport {self._settings.safe_url} {self._state.value}>"
@@ -413,9 +457,11 @@ class AmqpTransport:
 
     async def queue_stats(self, queue: str) -> QueueStats:
         timeout = self._settings.operation_timeout_s
-        channel = await self._admin_channel("queue stats")
-        with translated("read stats of", queue=queue, timeout=timeout):
-            ok = await channel.queue_declare(queue, passive=True, timeout=timeout)
+        self._require(TransportState.OPEN, TransportState.CLOSING)
+        async with self._stats_lock:
+            channel = self._stats.current() or await self._stats.get("queue stats")
+            with translated("read stats of", queue=queue, timeout=timeout):
+                ok = await channel.queue_declare(queue, passive=True, timeout=timeout)
         return QueueStats(
             name=queue, depth=int(ok.message_count or 0), consumers=int(ok.consumer_count or 0)
         )
@@ -423,26 +469,40 @@ class AmqpTransport:
     # -- messages ---------------------------------------------------------------------
 
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self,
+        exchange: str,
+        message: Message,
+        routing_key: str = "",
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 (aiormq's own timeout bounds it)
     ) -> None:
         # Handlers still running during close(grace) may publish their results.
         self._require(TransportState.OPEN, TransportState.CLOSING)
         channel = self._pub.current() or await self._pub.get("publish")
-        timeout = self._settings.confirm_timeout_s
+        limit = self._settings.confirm_timeout_s
+        if timeout is not None:
+            limit = max(0.0, min(limit, timeout))
         properties = to_properties(message, persistent=self._settings.persistent)
-        with translated("publish to", exchange=exchange, routing_key=routing_key, timeout=timeout):
-            await channel.basic_publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                timeout=timeout,
-                # The broker's confirm is what we wait for, not the socket; but a large body
-                # also waits for the socket to take it, or with many in flight the
-                # transport's buffer grows by whole bodies, copied at each growth.
-                wait=len(message.body) >= DRAIN_BODIES_FROM,
-            )
+        try:
+            with translated("publish to", exchange=exchange, routing_key=routing_key,
+                            timeout=limit):
+                await channel.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                    timeout=limit,
+                    # The broker's confirm is what we wait for, not the socket; but a large
+                    # body also waits for the socket to take it, or with many in flight the
+                    # transport's buffer grows by whole bodies, copied at each growth.
+                    wait=len(message.body) >= DRAIN_BODIES_FROM,
+                )
+        except TransportError as exc:
+            if isinstance(exc.__cause__, TimeoutError) and self.publish_blocked:
+                raise TransportError(f"{exc}: {BLOCKED}") from exc
+            raise
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> AmqpConsumer:
         self._require(TransportState.OPEN)
@@ -532,6 +592,7 @@ class AmqpTransport:
             await asyncio.gather(*self._reconnect_tasks, return_exceptions=True)
             await self._pub.close()
             await self._admin.close()
+            await self._stats.close()
             for connection in (self._pub_connection, self._con_connection):
                 await self._close_connection(connection)
         finally:
