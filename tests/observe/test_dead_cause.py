@@ -112,7 +112,7 @@ async def rig(broker: BrokerHandle, tmp_path: Path, unique: str) -> AsyncIterato
 #: (body, what the error's text says): an unreadable body; a tensor of the wrong shape.
 REFUSALS = {
     "malformed": (b"\x93not a tensor message", "expected a map"),
-    "wrong-shape": (wire.encode({"x": np.ones((1, 5), np.float32)}), "shape"),
+    "wrong-shape": (wire.encode({"x": np.ones((1, 5), np.float32)}), "dimension 1 is 5"),
 }
 
 
