@@ -424,7 +424,7 @@ class StageWorker:
             part = {name: outputs[name] for name in dest.names}
             if dest.local:
                 await self._runners[dest.stage].accept_local(
-                    source, Batch(batch.requests, part, batch.batch_id)
+                    source, Batch(batch.requests, part, batch.batch_id, batch.arrived)
                 )
             else:
                 self.outbox.spawn(
