@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,19 +232,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def scrape_every(ports: list[int], period: float = 1.0) -> None:
-    """What Prometheus does to a "metrics on" leg: GET /metrics of each process each period."""
-    import aiohttp
+#: The scraper's loop (a process of its own, see ``scraping``).
+_SCRAPER = """
+import sys, time, urllib.request
+while True:
+    for port in sys.argv[1:]:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        except OSError:
+            pass  # not up yet
+    time.sleep(1.0)
+"""
 
-    async with aiohttp.ClientSession() as session:
-        while True:
-            for port in ports:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/metrics") as reply:
-                        await reply.read()
-                except aiohttp.ClientError:
-                    pass  # not up yet
-            await asyncio.sleep(period)
+
+@contextlib.contextmanager
+def scraping(ports: list[int]) -> Iterator[None]:
+    """What Prometheus does to a "metrics on" leg: GET /metrics of each port once a second,
+    from a process of its own (as Prometheus is), so that the measured processes pay for
+    serving a scrape and not for making one."""
+    proc = subprocess.Popen([sys.executable, "-c", _SCRAPER, *map(str, ports)])
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def leg_brokerless(cache: Path, name: str, seconds: float, max_batch: int | None,
@@ -263,18 +276,18 @@ def leg_brokerless(cache: Path, name: str, seconds: float, max_batch: int | None
         from conveyor.app.observe import ObserveServer
 
         async with connect(None, plan=plan, timeout=60.0, worker_options=options) as client:
-            server, scraper = None, None
-            if metrics == "on":  # served and scraped each second, as in production
-                assert client.workers is not None
-                server = ObserveServer(0, host="127.0.0.1")
-                server.add_registry(client.workers.metrics.registry)
-                await server.start()
-                scraper = asyncio.create_task(scrape_every([server.bound_port]))
-            result: dict[str, Any] = await drive(client, make_requests(plan), seconds,
-                                                 warmup=200 if name == "W1" else 32)
+            server = None
+            with contextlib.ExitStack() as stack:
+                if metrics == "on":  # served and scraped each second, as in production
+                    assert client.workers is not None
+                    server = ObserveServer(0, host="127.0.0.1")
+                    server.add_registry(client.workers.metrics.registry)
+                    await server.start()
+                    stack.enter_context(scraping([server.bound_port]))
+                result: dict[str, Any] = await drive(client, make_requests(plan), seconds,
+                                                     warmup=200 if name == "W1" else 32)
             result["stages"] = stage_report(client.workers)
-            if scraper is not None and server is not None:
-                scraper.cancel()
+            if server is not None:
                 await server.stop()
         return result
 
@@ -351,7 +364,8 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
                     )
                     return result
 
-            result = asyncio.run(run())
+            with scraping(ports) if ports else contextlib.nullcontext():
+                result = asyncio.run(run())
             for stage, proc in procs.items():
                 rss[f"worker {stage}"] = peak_rss_mib(proc.pid)
             rss["client"] = peak_rss_mib()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 VERSION = "00"
 #: Flags: sampled (the caller wants it recorded).
@@ -60,32 +62,29 @@ def with_parent(traceparent: str, span_id: str) -> str:
 
 def _otel_current() -> str | None:
     """The caller's OpenTelemetry span as a ``traceparent``, None when there is none."""
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
+    if _CURRENT_SPAN is None:
+        return None
+    context = _CURRENT_SPAN().get_span_context()
     if not context.is_valid:
         return None
     flags = SAMPLED if context.trace_flags.sampled else "00"
     return f"{VERSION}-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
 
 
-def _has_otel() -> bool:
+def _span_getter() -> Callable[[], Any] | None:
     try:
-        import opentelemetry.trace  # noqa: F401
+        from opentelemetry import trace
     except ImportError:
-        return False
-    return True
+        return None
+    return trace.get_current_span
 
 
 #: Looked up once: with OpenTelemetry installed the SDK continues the caller's span.
-_OTEL = _has_otel()
+_CURRENT_SPAN = _span_getter()
 
 
 def current_traceparent() -> str:
     """The ``traceparent`` a new request carries: the caller's OpenTelemetry span when
     there is one (the request's stages become its children), else a fresh trace."""
-    if _OTEL:
-        continued = _otel_current()
-        if continued is not None:
-            return continued
-    return new_traceparent()
+    continued = _otel_current()
+    return new_traceparent() if continued is None else continued

@@ -49,7 +49,7 @@ from workers.callers import Callers
 from workers.outbox import Outbox
 from workers.redelivery import deaths_before
 from workers.runner import Item, Request, StageRunner, deadline_error
-from workers.settlement import Lot, Outcome
+from workers.settlement import Cause, Lot, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Intake:
         except CodecError as exc:
             runner.counters.errors += 1
             runner.timings.failed(exc.code)
-            await self._fail_unparsed(lot(1), delivery.message, exc)
+            await self._fail_unparsed(lot(1), delivery.message, exc, self._stage(runner))
             return None
 
     async def _admit(
@@ -176,7 +176,7 @@ class Intake:
             request = Request(meta, rows, settlement.request(), arrived)
             if meta.reply_to is not None and not self._reply_queue_ok(meta):
                 runner.counters.errors += 1
-                await request.token.done(Outcome.FAILED)
+                await request.token.done(Outcome.FAILED, self._reply_queue_cause(runner, meta))
                 continue
             if limited and meta.reply_to is not None and await self.callers.gone(meta.reply_to):
                 runner.timings.failed(CALLER_GONE)
@@ -219,6 +219,14 @@ class Intake:
             meta.request_id, reply_to, self._topology.base,
         )
         return False
+
+    def _reply_queue_cause(self, runner: StageRunner, meta: RequestMeta) -> Cause:
+        error = CodecError(
+            f"request {meta.request_id} names reply queue {meta.reply_to!r}, not one of "
+            f"plan {self.plan.name!r}'s ({self._topology.base}.reply.<id>); not run nor "
+            "answered: send it with a reply queue of the plan's scheme"
+        )
+        return Cause.of(error, meta, self._stage(runner))
 
     def _pack_error(self, msg: StageMessage) -> RequestTooLarge | None:
         """A pack larger than the plan's ``pack_requests`` breaks the input queues' bound in
@@ -274,7 +282,9 @@ class Intake:
             runner.counters.errors += 1
             await self.outbox.fail(request, error, Outcome.FAILED, stage=self._stage(runner))
 
-    async def _fail_unparsed(self, lot: Lot, message: Message, error: CodecError) -> None:
+    async def _fail_unparsed(
+        self, lot: Lot, message: Message, error: CodecError, stage: str
+    ) -> None:
         """A message we cannot read: dead-letter it; answer if its envelope allows."""
         meta: RequestMeta | None = None
         with contextlib.suppress(CodecError):
@@ -288,7 +298,7 @@ class Intake:
             await self.outbox.send_error(meta, error)
         else:
             log.warning("dead-lettering an unreadable message: %s", error)
-        await lot.done(Outcome.FAILED)
+        await lot.done(Outcome.FAILED, Cause.of(error, meta, stage))
 
     def _stage(self, runner: StageRunner) -> str:
         """The plan stage a runner's failures are reported under (the ingress: the first)."""

@@ -45,7 +45,7 @@ from workers.logs import RequestLog
 from workers.metrics import StageTimings
 from workers.runner import Request
 from workers.session import StageSession, Tensor
-from workers.settlement import Outcome
+from workers.settlement import Cause, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Outbox:
         )
         if reply:
             await self.send_error(request.meta, error)
-        await request.token.done(outcome)
+        await request.token.done(outcome, Cause.of(error, request.meta, stage) if dead else None)
 
     async def to_stage(
         self,

@@ -35,6 +35,7 @@ from conveyor.envelope import RequestMeta
 from conveyor.errors import CodecError, CrashLoopError, TransportError
 from conveyor.packs import encode_stage_message, read_requests, request_pieces
 from conveyor.transport import Delivery, HeaderValue, Message, Transport
+from workers.settlement import Cause
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ COPY_RETRY_S = 1.0
 
 #: Sends one request's error reply (``Outbox.send_error``).
 Answer = Callable[[RequestMeta, CrashLoopError], Awaitable[None]]
+#: Dead-letters a delivery naming its causes (``DeadLetters.send``; None: reject it).
+DeadLetterSend = Callable[..., Awaitable[None]]
 
 
 def deaths_before(message: Message) -> int:
@@ -63,10 +66,18 @@ def deaths_before(message: Message) -> int:
 class RedeliveryGuard:
     """Decides what to do with a redelivered message (see the module doc)."""
 
-    def __init__(self, transport: Transport, limit: int, answer: Answer) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        limit: int,
+        answer: Answer,
+        *,
+        dead_letter: DeadLetterSend | None = None,
+    ) -> None:
         self.transport = transport
         self.limit = limit
         self._answer = answer
+        self._dead_letter_send = dead_letter
         #: Messages dead-lettered here and copies published (for tests and stats).
         self.dead_lettered = 0
         self.copied = 0
@@ -171,6 +182,7 @@ class RedeliveryGuard:
             "each time; dead-lettered",
             stage, message.message_id, len(metas), deaths,
         )
+        causes = []
         for meta in metas:
             error = CrashLoopError(
                 f"request {meta.request_id} was delivered {deaths} times to stage {stage!r} "
@@ -178,8 +190,16 @@ class RedeliveryGuard:
                 "cause, e.g. an out-of-memory kill)",
                 stage=stage,
             )
+            causes.append(Cause.of(error, meta, stage))
             await self._answer(meta, error)
-        await delivery.reject()
+        if self._dead_letter_send is None:
+            await delivery.reject()
+            return
+        if not causes:
+            text = f"delivered {deaths} times to stage {stage!r}; its worker died each time"
+            causes.append(Cause(CrashLoopError.code, text, message.message_id, stage=stage))
+        # Shielded: publish-then-ack; a cancel between them would dead-letter it twice.
+        await asyncio.shield(self._dead_letter_send(delivery, causes, stage=stage))
 
 
 def copies_of(message: Message, deaths: int, *, ingress: bool) -> list[Message]:

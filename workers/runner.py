@@ -68,6 +68,10 @@ class Batch:
     requests: list[Request]
     tensors: dict[str, Tensor]
     batch_id: int
+    #: When all its requests reached this stage at once (a batch handed on in memory):
+    #: that ``time.perf_counter()``, so its batch wait is one observation of n. None: each
+    #: request's own ``arrived`` (a batch made by the batcher).
+    arrived: float | None = None
 
 
 @dataclass
@@ -255,12 +259,15 @@ class StageRunner:
         tensors: dict[str, Tensor] = {}
         for part in parts.values():
             tensors.update(part.tensors)
+        times = [p.arrived for p in parts.values()]
+        # Complete once its last part came.
+        arrived = None if None in times else max(t for t in times if t is not None)
         # The request tokens forked once per source; the join turns them back into one.
         for request in batch.requests:
             for _ in range(len(parts) - 1):
                 await request.token.done(Outcome.OK)
         self.counters.in_flight -= len(batch.requests) * (len(parts) - 1)
-        await self._ready.put(Batch(batch.requests, tensors, batch.batch_id))
+        await self._ready.put(Batch(batch.requests, tensors, batch.batch_id, arrived))
 
     # -- the loops ------------------------------------------------------------------------
     async def _feed(self) -> None:
@@ -305,7 +312,10 @@ class StageRunner:
         started = time.perf_counter()
         timings = self.timings
         if timings.enabled:
-            timings.batch_wait.observe_all([started - r.arrived for r in batch.requests])
+            if batch.arrived is not None:
+                timings.batch_wait.observe(started - batch.arrived, len(batch.requests))
+            else:
+                timings.batch_wait.observe_all([started - r.arrived for r in batch.requests])
         try:
             outputs = await self._infer(batch.tensors)
         except InferenceError as exc:
@@ -319,9 +329,12 @@ class StageRunner:
         if timings.enabled:
             timings.compute.observe(finished - started)
             timings.batch_size.observe(len(batch.requests))
-        if timings.enabled or self.tracer is not None:
+        # At the next stage hosted here it arrives now: one number for the batch (its
+        # batch wait), and each request's own only where spans start from it.
+        batch.arrived = finished
+        if self.tracer is not None:
             for request in batch.requests:
-                request.arrived = finished  # at the next stage hosted here, from now on
+                request.arrived = finished
         await self.router.route(self.name, batch, outputs)
 
     async def _fail(
@@ -371,6 +384,7 @@ class StageRunner:
             except InferenceError as exc:
                 await self._fail(request, exc, Outcome.FAILED)
                 continue
+            single.arrived = request.arrived = time.perf_counter()
             self.timings.isolated_ok += 1
             await self.router.route(self.name, single, outputs)
 

@@ -57,6 +57,7 @@ from conveyor.plan import MODEL_INPUT, Plan, StageSpec
 from conveyor.topology import Topology
 from conveyor.topology_setup import declare_plan_topology, stage_queues
 from conveyor.transport import Consumer, Delivery, Reconnecting, Transport
+from workers.dead_letters import DeadLetters
 from workers.intake import Intake
 from workers.metrics import QueueView, RunnerView, WorkerMetrics
 from workers.outbox import Outbox
@@ -66,7 +67,7 @@ from workers.runner import Batch, Request, StageRunner, stage_sources
 from workers.runner_setup import build_runners, link_runners
 from workers.session import Tensor
 from workers.settings import WorkerSettings
-from workers.settlement import Lot, Outcome
+from workers.settlement import DeadLetter, Lot, Outcome
 from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class _ConsumerRecord:
     lots: set[Lot] = field(default_factory=set)
     #: Called by each of its lots once settled (made once, not per delivery).
     on_settled: Callable[[Lot], None] | None = None
+    #: Settles its failed deliveries as dead letters naming the cause (made once).
+    dead_letter: DeadLetter | None = None
     parked: list[Delivery] = field(default_factory=list)
     #: Set while no delivery of this queue is unsettled.
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -142,9 +145,12 @@ class StageWorker:
         self._records: dict[str, _ConsumerRecord] = {}
         self.outbox = Outbox(transport, self.topology, plan.hash)
         self._intake = Intake(plan, self._runners, self.outbox)
+        #: Publishes refused deliveries to the dead-letter exchange with their cause.
+        self.dead_letters = DeadLetters(transport, self.topology, self.worker_id)
         #: Ends crash loops: redelivered messages are counted, dead-lettered at the limit.
         self.redelivery = RedeliveryGuard(
-            transport, plan.limits.delivery_limit, self.outbox.send_error
+            transport, plan.limits.delivery_limit, self.outbox.send_error,
+            dead_letter=self.dead_letters.send,
         )
         #: Requests per input routing key (p.N / r.i) seen on the input shards.
         self.routing_keys: dict[str, int] = self._intake.routing_keys
@@ -418,7 +424,7 @@ class StageWorker:
             part = {name: outputs[name] for name in dest.names}
             if dest.local:
                 await self._runners[dest.stage].accept_local(
-                    source, Batch(batch.requests, part, batch.batch_id)
+                    source, Batch(batch.requests, part, batch.batch_id, batch.arrived)
                 )
             else:
                 self.outbox.spawn(
@@ -486,7 +492,12 @@ class StageWorker:
     def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
         if record.on_settled is None:
             record.on_settled = self._settled_callback(record)
-        lot = Lot(delivery, requests, record.on_settled, self.redelivery.requeue)
+            record.dead_letter = partial(
+                self.dead_letters.send, stage=record.stage, queue=record.queue
+            )
+        lot = Lot(
+            delivery, requests, record.on_settled, self.redelivery.requeue, record.dead_letter
+        )
         record.lots.add(lot)
         record.idle.clear()
         self._open_lots += 1

@@ -18,9 +18,9 @@ def add_parsers(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "dead",
         help="list a plan's dead-lettered messages with their cause; replay or purge them",
-        description="Dead letters are requests a worker rejected (the worker logged the "
-        "cause with the request id), expired ones and ones a full queue dropped. Without "
-        "--replay or --purge it lists them (they stay in the queue).",
+        description="Dead letters are requests a worker refused (each carries the error code "
+        "and message), expired ones and ones a full queue dropped. Without --replay or "
+        "--purge it lists them (they stay in the queue).",
     )
     p.add_argument("plan", type=Path, metavar="PLAN_DIR", help="the plan directory")
     add_broker_options(p, embedded=False)
@@ -70,12 +70,10 @@ async def _dead(plan: Any, target: BrokerTarget, args: argparse.Namespace) -> in
         letters, depth = await dead.show(transport, plan, args.show)
         print(f"{depth} dead-lettered message(s) in plan {plan.name!r} ({plan.short_hash})")
         for d in letters:
-            print(f"  request {d.request_id or '-'} trace {d.trace}: {d.reason} at stage "
-                  f"{d.stage or '-'} (queue {d.queue or '-'}; first sent to {d.exchange or '-'}"
-                  f" key {d.routing_key!r})")
+            for line in dead.render(d):
+                print(line)
         if letters:
-            print("causes of rejections are in the workers' logs (by request id); "
-                  "`conveyor dead PLAN_DIR --replay` sends them back to their stage")
+            print("`conveyor dead PLAN_DIR --replay` sends them back to their stage")
         return 0
     finally:
         await transport.close(grace=0.5)
