@@ -50,12 +50,14 @@ class RefusingDeadLetters:
         return getattr(self._inner, name)
 
     async def publish(
-        self, exchange: str, message: Message, routing_key: str = "", *, mandatory: bool = True
+        self, exchange: str, message: Message, routing_key: str = "", *,
+        mandatory: bool = True, timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
         if exchange == self._exchange:
             self.refused += 1
             raise BackpressureError("dead-letter publish refused (test)", queue=exchange)
-        await self._inner.publish(exchange, message, routing_key, mandatory=mandatory)
+        await self._inner.publish(exchange, message, routing_key, mandatory=mandatory,
+                                  timeout=timeout)
 
 
 @dataclass
