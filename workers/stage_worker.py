@@ -102,6 +102,20 @@ class _ConsumerRecord:
     parked: list[Delivery] = field(default_factory=list)
     #: Set while no delivery of this queue is unsettled.
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The record of this queue's suspect queue (``workers.redelivery``), consumed with
+    #: it; None on a suspect queue's own record.
+    suspects: _ConsumerRecord | None = None
+    #: True on a suspect queue's record.
+    suspect: bool = False
+
+    @property
+    def suspect_queue(self) -> str:
+        """Where this queue's redelivered messages go: its suspect queue (itself for one)."""
+        return self.queue if self.suspects is None else self.suspects.queue
+
+    def with_suspects(self) -> list[_ConsumerRecord]:
+        """This record and its suspect queue's."""
+        return [self] if self.suspects is None else [self, self.suspects]
 
 
 class StageWorker:
@@ -276,7 +290,7 @@ class StageWorker:
             return
         self._state = WorkerState.STOPPING
         grace = self.settings.grace if grace is None else grace
-        for record in self._records.values():
+        for record in self._all_records():
             record.consuming = False
         try:
             await asyncio.wait_for(self._settled.wait(), grace)
@@ -319,6 +333,7 @@ class StageWorker:
                 await self._consume(record)
 
     async def _consume(self, record: _ConsumerRecord) -> None:
+        """Consume ``record``'s queue, and its suspect queue unless that is consumed."""
         consumer = await self.transport.consume(
             record.queue, self._handler(record), prefetch=record.prefetch
         )
@@ -328,6 +343,10 @@ class StageWorker:
             task = asyncio.create_task(self._watch(record, consumer, wait_closed()))
             self._watchers.add(task)
             task.add_done_callback(self._watchers.discard)
+        suspects = record.suspects
+        if suspects is not None and suspects.consumer is None:
+            suspects.consuming = True
+            await self._consume(suspects)
 
     async def _watch(self, record: _ConsumerRecord, consumer: Consumer, closed: Any) -> None:
         """A consumer that ends while this worker still wants it (its queue was deleted):
@@ -352,7 +371,8 @@ class StageWorker:
     async def stop_consuming(self, stage: str, queue: str | None = None) -> None:
         """Take no more from ``stage``'s queue(s); finish their deliveries (up to the grace
         period), then cancel (what is still unsettled is redelivered to other workers)."""
-        records = self._records_for(stage, queue, create=False)
+        records = [r for rec in self._records_for(stage, queue, create=False)
+                   for r in rec.with_suspects()]
         for record in records:
             record.consuming = False
         for record in records:
@@ -391,7 +411,7 @@ class StageWorker:
                     queue=rec.queue,
                     stage=rec.stage,
                     prefetch=rec.prefetch,
-                    unsettled=len(rec.lots) + len(rec.parked),
+                    unsettled=sum(len(r.lots) + len(r.parked) for r in rec.with_suspects()),
                     consuming=rec.consuming,
                 )
                 for rec in self._records.values()
@@ -453,7 +473,10 @@ class StageWorker:
             if delivery.redelivered:
                 self._runners[record.runner].timings.redelivered += 1
             ingress = record.runner == MODEL_INPUT
-            if not await self.redelivery.admit(delivery, record.stage, ingress=ingress):
+            if not await self.redelivery.admit(
+                delivery, record.stage, ingress=ingress, suspects=record.suspect_queue,
+                suspect=record.suspect,
+            ):
                 return
             lot = partial(self._lot, record, delivery)
             if ingress:
@@ -473,7 +496,6 @@ class StageWorker:
         def settled(lot: Lot) -> None:
             if lot.outcome is Outcome.FAILED:
                 timings.dead_lettered += 1
-            self.redelivery.settled(lot.delivery)
             record.lots.discard(lot)
             if not record.lots:
                 record.idle.set()
@@ -555,7 +577,18 @@ class StageWorker:
             # Parts stay unacked until the join runs: room for every part of a batch.
             prefetch *= len(stage_sources(spec))
         runner = MODEL_INPUT if spec.name == self.plan.stages[0].name else spec.name
-        return _ConsumerRecord(queue, spec.name, runner, prefetch, base_prefetch=prefetch)
+        # Suspects one at a time (a join: one part per source, widened while parts wait).
+        one = len(stage_sources(spec)) if spec.is_join else 1
+        suspects = _ConsumerRecord(
+            self.topology.suspect_queue(queue), spec.name, runner, one, base_prefetch=one,
+            suspect=True,
+        )
+        return _ConsumerRecord(
+            queue, spec.name, runner, prefetch, base_prefetch=prefetch, suspects=suspects
+        )
+
+    def _all_records(self) -> list[_ConsumerRecord]:
+        return [r for rec in self._records.values() for r in rec.with_suspects()]
 
     def _record(self, queue: str) -> _ConsumerRecord:
         try:
@@ -571,7 +604,7 @@ class StageWorker:
         for runner in self._runners.values():
             await runner.cancel()
         await self.outbox.drain(SETTLE_GRACE)
-        for record in self._records.values():
+        for record in self._all_records():
             record.consuming = False
             record.parked.clear()
             if record.consumer is not None:
