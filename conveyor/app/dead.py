@@ -45,6 +45,8 @@ def describe(plan: Plan, delivery: Delivery) -> DeadLetter:
     h = delivery.message.headers
     queue = _text(h.get("x-first-death-queue"))
     stages = {q: s.name for s in plan.stages for q in stage_queues(plan, s)}
+    topo = Topology.of(plan)
+    stages.update({topo.suspect_queue(q): s for q, s in list(stages.items())})  # crash loops
     trace = h.get(HEADER_TRACE)
     return DeadLetter(
         request_id=delivery.message.message_id or delivery.message.correlation_id,
