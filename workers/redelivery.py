@@ -11,14 +11,15 @@ may have caused it:
   the requests that did not kill the worker stop sharing the fate of the one that did),
   published to the work queue's **suspect queue** (``Topology.suspect_queue``, through the
   default exchange), and acked.
-* A worker consumes each suspect queue with prefetch 1 (a join: one part per source), and
-  a copy runs in a batch of its own (``Item.alone``): the next suspect reaches a worker
-  only once the one before was answered, its reply confirmed and it was acked. So when a
-  worker dies, the only suspect it held is the one it was running (or about to run), and
-  the requests around a killer are charged one death at most, the first time, when
-  nothing could tell them apart. A suspect starts only while no copy is being published
-  here, so a death does not catch half-moved messages (that would only duplicate them:
-  a copy's count comes from the header of what was redelivered, never from a duplicate).
+* A worker consumes each suspect queue with prefetch 1 (a join: one part per source, of
+  one request at a time, ``JoinTurns``), and a copy runs in a batch of its own
+  (``Item.alone``): the next suspect reaches a worker only once the one before was
+  answered, its reply confirmed and it was acked. So when a worker dies, the only
+  suspect it held is the one it was running (or about to run), and the requests around a
+  killer are charged one death at most, the first time, when nothing could tell them
+  apart. A suspect starts only while no copy is being published here, so a death does
+  not catch half-moved messages (that would only duplicate them: a copy's count comes
+  from the header of what was redelivered, never from a duplicate).
 * A suspect that comes back redelivered once ``limit`` runs have died is not copied: it
   is dead-lettered (rejected), and each request it carries is answered with
   ``CrashLoopError`` naming the cause. With limit 3 a crashing request runs three times
@@ -60,6 +61,9 @@ GIVEN_BACK_MEMORY = 10_000
 #: straight back otherwise.
 COPY_RETRY_S = 1.0
 
+#: Seconds a join's suspect part of another request waits before going to the tail.
+BOUNCE_S = 0.05
+
 #: Sends one request's error reply (``Outbox.send_error``).
 Answer = Callable[[RequestMeta, CrashLoopError], Awaitable[None]]
 
@@ -88,14 +92,35 @@ class RedeliveryGuard:
         self._copied.set()
         #: Ids of messages this worker requeued itself (ordered: the oldest is forgotten).
         self._given_back: dict[str, None] = {}
+        #: The request whose parts each join suspect queue lets in now.
+        self._turns = JoinTurns()
+
+    def settled(self, suspects: str, delivery: Delivery) -> None:
+        """A delivery from join suspect queue ``suspects`` is settled (ends a turn)."""
+        self._turns.done(suspects, delivery.message)
+
+    def consuming(self, suspects: str) -> None:
+        """A consumer of ``suspects`` starts: what an earlier one held went back."""
+        self._turns.forget(suspects)
 
     async def admit(
-        self, delivery: Delivery, stage: str, *, ingress: bool, suspects: str, suspect: bool
+        self,
+        delivery: Delivery,
+        stage: str,
+        *,
+        ingress: bool,
+        suspects: str,
+        suspect: bool,
+        join: bool = False,
     ) -> bool:
         """True: run it. False: settled here (moved to ``suspects``, or dead-lettered).
         ``stage``: the stage the message is for (named in logs and replies); ``suspects``:
-        the suspect queue of the queue it came from; ``suspect``: it came from that one."""
+        the suspect queue of the queue it came from; ``suspect``: it came from that one;
+        ``join``: the stage is a join (its suspects go one request at a time)."""
         if not delivery.redelivered:
+            if suspect and join and not self._turns.take(suspects, delivery.message):
+                await self._bounce(delivery, suspects)
+                return False
             if suspect:
                 await self._copied.wait()
             return True
@@ -140,6 +165,19 @@ class RedeliveryGuard:
         self.copied += 1
         await delivery.ack()
 
+    async def _bounce(self, delivery: Delivery, suspects: str) -> None:
+        """A join suspect of another request than the one whose parts are being let in:
+        to the tail of its queue, after a pause (the partner may come through the stage
+        queue, and would find this loop spinning otherwise)."""
+        await asyncio.sleep(BOUNCE_S)
+        try:
+            await self.transport.publish("", delivery.message, suspects)
+        except TransportError:
+            with contextlib.suppress(TransportError):
+                await delivery.requeue()
+            return
+        await delivery.ack()
+
     async def requeue(self, delivery: Delivery) -> None:
         """Give back a message this worker could not finish (an output publish failed);
         its redelivery here is not taken for a death (another worker may count one)."""
@@ -172,6 +210,36 @@ class RedeliveryGuard:
             )
             await self._answer(meta, error)
         await delivery.reject()
+
+
+class JoinTurns:
+    """One request at a time per join suspect queue. A join holds a part until its partners
+    come, so its suspect queue lets in one part per source; parts of several requests held
+    together would all be charged when one of them kills the worker. So the first suspect
+    part starts a turn for its request; parts of other requests go back to the tail of the
+    queue (``_bounce``) until every part of that request let in is settled."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, tuple[str | None, int]] = {}
+
+    def take(self, suspects: str, message: Message) -> bool:
+        """True if ``message`` (one request: a join's messages carry one) may come in."""
+        request, held = self._turns.get(suspects, (message.message_id, 0))
+        if request != message.message_id:
+            return False
+        self._turns[suspects] = (request, held + 1)
+        return True
+
+    def done(self, suspects: str, message: Message) -> None:
+        request, held = self._turns.get(suspects, (None, 0))
+        if held and request == message.message_id:
+            if held == 1:
+                del self._turns[suspects]
+            else:
+                self._turns[suspects] = (request, held - 1)
+
+    def forget(self, suspects: str) -> None:
+        self._turns.pop(suspects, None)
 
 
 def copies_of(message: Message, deaths: int, *, ingress: bool) -> list[Message]:

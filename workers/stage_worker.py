@@ -334,6 +334,8 @@ class StageWorker:
 
     async def _consume(self, record: _ConsumerRecord) -> None:
         """Consume ``record``'s queue, and its suspect queue unless that is consumed."""
+        if record.suspect:
+            self.redelivery.consuming(record.queue)
         consumer = await self.transport.consume(
             record.queue, self._handler(record), prefetch=record.prefetch
         )
@@ -473,18 +475,18 @@ class StageWorker:
             if delivery.redelivered:
                 self._runners[record.runner].timings.redelivered += 1
             ingress = record.runner == MODEL_INPUT
+            runner = self._runners[record.runner]
             if not await self.redelivery.admit(
                 delivery, record.stage, ingress=ingress, suspects=record.suspect_queue,
-                suspect=record.suspect,
+                suspect=record.suspect, join=runner.is_join,
             ):
                 return
             lot = partial(self._lot, record, delivery)
             if ingress:
                 await self._intake.request(delivery, lot)
                 return
-            runner = self._runners[record.runner]
             await self._intake.stage_message(runner, delivery, lot)
-            if runner.is_join:
+            if runner.is_join and not record.suspect:
                 await self._fit_join_window(record, runner)
 
         # Nothing before its first wait needs a task of its own (see conveyor.eager).
@@ -496,6 +498,8 @@ class StageWorker:
         def settled(lot: Lot) -> None:
             if lot.outcome is Outcome.FAILED:
                 timings.dead_lettered += 1
+            if record.suspect:
+                self.redelivery.settled(record.queue, lot.delivery)
             record.lots.discard(lot)
             if not record.lots:
                 record.idle.set()
@@ -577,7 +581,7 @@ class StageWorker:
             # Parts stay unacked until the join runs: room for every part of a batch.
             prefetch *= len(stage_sources(spec))
         runner = MODEL_INPUT if spec.name == self.plan.stages[0].name else spec.name
-        # Suspects one at a time (a join: one part per source, widened while parts wait).
+        # Suspects one at a time (a join: one request's parts, workers.redelivery.JoinTurns).
         one = len(stage_sources(spec)) if spec.is_join else 1
         suspects = _ConsumerRecord(
             self.topology.suspect_queue(queue), spec.name, runner, one, base_prefetch=one,
