@@ -52,6 +52,8 @@ class Restarting:
                 self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
                                              cwd=REPO, env=env)
                 code = self.proc.wait()
+                out.write(f"-- worker {self.proc.pid} exited with {code}\n".encode())
+                out.flush()
                 if code == DIED:
                     self.deaths += 1
                 elif not self._stop.is_set():
@@ -67,6 +69,7 @@ class Restarting:
         self._thread.join(30)
 
 
+@pytest.mark.timeout(180)  # a hang fails with a stack dump (pytest-timeout)
 async def test_a_request_that_kills_its_worker_process_is_dead_lettered(
     rabbitmq_url: str, tmp_path: Path
 ) -> None:
