@@ -11,6 +11,9 @@ name                                   type            what
 ``conveyor.H.stage.<stage>``           direct / hash   tensors for a stage (non-entry)
 ``conveyor.H.stage.<stage>``           queue           its queue (competing consumers)
 ``conveyor.H.stage.<stage>.<shard>``   queue           a join stage's shard queues
+``conveyor.H.suspect.<queue>``         queue           copies of ``conveyor.H.<queue>``'s
+                                                       messages whose worker died (one at a
+                                                       time: ``workers.redelivery``)
 ``conveyor.H.control``                 topic           heartbeats and controller commands
 ``conveyor.H.dlx`` / ``conveyor.H.dead``  fanout / queue  rejected and expired messages
 ``conveyor.H.reply.<id>``              queue           a client's replies (the client owns it)
@@ -116,6 +119,15 @@ class Topology:
     def stage_queue(self, stage: str, shard: int | None = None) -> str:
         q = f"{self.base}.stage.{stage}"
         return q if shard is None else f"{q}.{shard}"
+
+    def suspect_queue(self, queue: str) -> str:
+        """The queue of suspects of input shard or stage queue ``queue`` (messages whose
+        worker died, run one at a time): ``conveyor.H.suspect.input.0`` for
+        ``conveyor.H.input.0``. Workers publish to it through the default exchange."""
+        prefix = f"{self.base}."
+        if not queue.startswith(prefix):
+            raise ConfigError(f"queue {queue!r} is not one of plan {self.plan_id}'s")
+        return f"{self.base}.suspect.{queue[len(prefix):]}"
 
     def reply_queue(self, client_id: str) -> str:
         """The reply queue of one client (``client_id``: letters, digits, ``_``, ``-``)."""

@@ -12,6 +12,9 @@ What gets declared for a plan with topology ``T`` (names from ``conveyor.topolog
   ``x-consistent-hash`` exchange (routing key = request id) and ``join_shards(plan, s)``
   queues ``T.stage_queue(s, i)`` bound with weight ``"1"``.
 * ``T.control_exchange`` (topic) for heartbeats and controller commands.
+* For every input shard and stage queue ``q``, its suspect queue ``T.suspect_queue(q)``
+  (same type, unbounded, bound to nothing: workers publish to it through the default
+  exchange; ``workers.redelivery``).
 
 Every input and stage queue dead-letters to ``T.dead_letter_exchange``. They are quorum
 queues (durable, replicated, with the plan's delivery limit) when the plan's
@@ -142,6 +145,7 @@ async def declare_plan_topology(
         if fresh:
             for key in keys:
                 await transport.bind_queue(queue, topo.input_exchange, key)
+        await transport.declare_queue(suspect_queue_spec(plan, queue, durable, queue_type))
 
     for stage in plan.stages:
         if consumes_stage_queue(plan, stage):
@@ -167,19 +171,28 @@ async def _declare_stage(
                        max_length=plan.limits.max_queued_batches)
         )
         await transport.bind_queue(queue, exchange, key)
+        await transport.declare_queue(suspect_queue_spec(plan, queue, durable, queue_type))
+
+
+def suspect_queue_spec(
+    plan: Plan, queue: str, durable: bool, queue_type: QueueType | None = None
+) -> QueueSpec:
+    """The suspect queue of work queue ``queue``: its type, dead-lettering and delivery
+    limit, no length bound (what it holds came out of ``queue`` and was let in once)."""
+    name = Topology.of(plan).suspect_queue(queue)
+    return work_queue(plan, name, durable=durable, max_length=None, queue_type=queue_type)
 
 
 async def delete_plan_topology(transport: Transport, plan: Plan) -> None:
     """Delete every queue and exchange ``declare_plan_topology`` made (messages are lost)."""
     topo = Topology.of(plan)
-    queues = [topo.dead_letter_queue]
-    queues += [topo.input_queue(i) for i in range(plan.partitioning.shards)]
+    work = [topo.input_queue(i) for i in range(plan.partitioning.shards)]
     exchanges = [topo.dead_letter_exchange, topo.control_exchange, topo.input_exchange]
     for stage in plan.stages:
         if consumes_stage_queue(plan, stage):
-            queues += stage_queues(plan, stage)
+            work += stage_queues(plan, stage)
             exchanges.append(topo.stage_exchange(stage.name))
-    for queue in queues:
+    for queue in [topo.dead_letter_queue, *work, *map(topo.suspect_queue, work)]:
         await transport.delete_queue(queue)
     for exchange in exchanges:
         await transport.delete_exchange(exchange)

@@ -243,7 +243,7 @@ class StageRunner:
             tensors.update(p.tensors)
         arrived = max(p.request.arrived for p in parts)  # complete once the last part came
         merged = Request(parts[0].request.meta, parts[0].request.rows, token, arrived)
-        self.submit(Item(merged, tensors))
+        self.submit(Item(merged, tensors, alone=any(p.alone for p in parts)))
 
     async def accept_local(self, source: str, batch: Batch) -> None:
         """A batch from a stage in this process (or the ingress)."""

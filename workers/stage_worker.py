@@ -105,6 +105,20 @@ class _ConsumerRecord:
     parked: list[Delivery] = field(default_factory=list)
     #: Set while no delivery of this queue is unsettled.
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The record of this queue's suspect queue (``workers.redelivery``), consumed with
+    #: it; None on a suspect queue's own record.
+    suspects: _ConsumerRecord | None = None
+    #: True on a suspect queue's record.
+    suspect: bool = False
+
+    @property
+    def suspect_queue(self) -> str:
+        """Where this queue's redelivered messages go: its suspect queue (itself for one)."""
+        return self.queue if self.suspects is None else self.suspects.queue
+
+    def with_suspects(self) -> list[_ConsumerRecord]:
+        """This record and its suspect queue's."""
+        return [self] if self.suspects is None else [self, self.suspects]
 
 
 class StageWorker:
@@ -282,7 +296,7 @@ class StageWorker:
             return
         self._state = WorkerState.STOPPING
         grace = self.settings.grace if grace is None else grace
-        for record in self._records.values():
+        for record in self._all_records():
             record.consuming = False
         try:
             await asyncio.wait_for(self._settled.wait(), grace)
@@ -325,6 +339,9 @@ class StageWorker:
                 await self._consume(record)
 
     async def _consume(self, record: _ConsumerRecord) -> None:
+        """Consume ``record``'s queue, and its suspect queue unless that is consumed."""
+        if record.suspect:
+            self.redelivery.consuming(record.queue)
         consumer = await self.transport.consume(
             record.queue, self._handler(record), prefetch=record.prefetch
         )
@@ -334,6 +351,10 @@ class StageWorker:
             task = asyncio.create_task(self._watch(record, consumer, wait_closed()))
             self._watchers.add(task)
             task.add_done_callback(self._watchers.discard)
+        suspects = record.suspects
+        if suspects is not None and suspects.consumer is None:
+            suspects.consuming = True
+            await self._consume(suspects)
 
     async def _watch(self, record: _ConsumerRecord, consumer: Consumer, closed: Any) -> None:
         """A consumer that ends while this worker still wants it (its queue was deleted):
@@ -358,7 +379,8 @@ class StageWorker:
     async def stop_consuming(self, stage: str, queue: str | None = None) -> None:
         """Take no more from ``stage``'s queue(s); finish their deliveries (up to the grace
         period), then cancel (what is still unsettled is redelivered to other workers)."""
-        records = self._records_for(stage, queue, create=False)
+        records = [r for rec in self._records_for(stage, queue, create=False)
+                   for r in rec.with_suspects()]
         for record in records:
             record.consuming = False
         for record in records:
@@ -397,7 +419,7 @@ class StageWorker:
                     queue=rec.queue,
                     stage=rec.stage,
                     prefetch=rec.prefetch,
-                    unsettled=len(rec.lots) + len(rec.parked),
+                    unsettled=sum(len(r.lots) + len(r.parked) for r in rec.with_suspects()),
                     consuming=rec.consuming,
                 )
                 for rec in self._records.values()
@@ -459,15 +481,18 @@ class StageWorker:
             if delivery.redelivered:
                 self._runners[record.runner].timings.redelivered += 1
             ingress = record.runner == MODEL_INPUT
-            if not await self.redelivery.admit(delivery, record.stage, ingress=ingress):
+            runner = self._runners[record.runner]
+            if not await self.redelivery.admit(
+                delivery, record.stage, ingress=ingress, suspects=record.suspect_queue,
+                suspect=record.suspect, join=runner.is_join,
+            ):
                 return
             lot = partial(self._lot, record, delivery)
             if ingress:
                 await self._intake.request(delivery, lot)
                 return
-            runner = self._runners[record.runner]
             await self._intake.stage_message(runner, delivery, lot)
-            if runner.is_join:
+            if runner.is_join and not record.suspect:
                 await self._fit_join_window(record, runner)
 
         # Nothing before its first wait needs a task of its own (see conveyor.eager).
@@ -479,7 +504,8 @@ class StageWorker:
         def settled(lot: Lot) -> None:
             if lot.outcome is Outcome.FAILED:
                 timings.dead_lettered += 1
-            self.redelivery.settled(lot.delivery)
+            if record.suspect:
+                self.redelivery.settled(record.queue, lot.delivery)
             record.lots.discard(lot)
             if not record.lots:
                 record.idle.set()
@@ -566,7 +592,18 @@ class StageWorker:
             # Parts stay unacked until the join runs: room for every part of a batch.
             prefetch *= len(stage_sources(spec))
         runner = MODEL_INPUT if spec.name == self.plan.stages[0].name else spec.name
-        return _ConsumerRecord(queue, spec.name, runner, prefetch, base_prefetch=prefetch)
+        # Suspects one at a time (a join: one request's parts, workers.redelivery.JoinTurns).
+        one = len(stage_sources(spec)) if spec.is_join else 1
+        suspects = _ConsumerRecord(
+            self.topology.suspect_queue(queue), spec.name, runner, one, base_prefetch=one,
+            suspect=True,
+        )
+        return _ConsumerRecord(
+            queue, spec.name, runner, prefetch, base_prefetch=prefetch, suspects=suspects
+        )
+
+    def _all_records(self) -> list[_ConsumerRecord]:
+        return [r for rec in self._records.values() for r in rec.with_suspects()]
 
     def _record(self, queue: str) -> _ConsumerRecord:
         try:
@@ -582,7 +619,7 @@ class StageWorker:
         for runner in self._runners.values():
             await runner.cancel()
         await self.outbox.drain(SETTLE_GRACE)
-        for record in self._records.values():
+        for record in self._all_records():
             record.consuming = False
             record.parked.clear()
             if record.consumer is not None:

@@ -53,6 +53,8 @@ def describe(plan: Plan, delivery: Delivery) -> DeadLetter:
     h = delivery.message.headers
     death = Death.from_headers(h)
     stages = {q: s.name for s in plan.stages for q in stage_queues(plan, s)}
+    topo = Topology.of(plan)
+    stages.update({topo.suspect_queue(q): s for q, s in list(stages.items())})  # crash loops
     if death is not None:
         queue = death.queue or ""
         return DeadLetter(

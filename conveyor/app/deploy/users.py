@@ -12,8 +12,10 @@ role        configure                        write                             r
 admin       everything in the vhost          everything                        everything
 client      its reply queues                 the input exchange                its reply queues
 worker      control exchange, own command    stage exchanges, control, its     input and stage
-            queue                            command queue, the default        queues, control,
-                                             exchange (replies)                its command queue
+            queue                            command queue, the default        queues and their
+                                             exchange (replies, suspects)      suspect queues,
+                                                                               control, its
+                                                                               command queue
 controller  control exchange and queues      control, input shard queues       control, input
                                              (rebinding partitions)            exchange
 ==========  ==============================  ================================  =====================
@@ -83,6 +85,7 @@ def plan_roles(plan: Plan, prefix: str = "conveyor") -> list[Role]:
         topo.stage_exchange(s.name) for s in plan.stages if consumes_stage_queue(plan, s)
     ]
     consumed = [q for s in plan.stages for q in stage_queues(plan, s)]
+    consumed += [topo.suspect_queue(q) for q in consumed]  # workers read their suspects
     command = rf"{ctl}\.cmd\..+"
     reply = f"^{base}{REPLY_SUFFIX}$"
     own = f"^({ctl}|{command})$"  # the control exchange and a worker's command queue
