@@ -131,6 +131,17 @@ class QueueView:
     consuming: bool
 
 
+@dataclass(frozen=True)
+class OutboxView:
+    """A worker's sends that went nowhere (``workers.outbox.Outbox``)."""
+
+    #: Replies the broker could not route (the caller's reply queue was gone).
+    unroutable_replies: int
+    #: Requests dropped unsent: their deadline passed while the publish waited (a broker
+    #: alarm blocking publishers, or a full next stage).
+    expired_unsent: int
+
+
 class WorkerView(Protocol):
     """What the collector reads of a worker (``workers.stage_worker.StageWorker``)."""
 
@@ -138,6 +149,7 @@ class WorkerView(Protocol):
     def worker_id(self) -> str: ...
     def metric_runners(self) -> Mapping[str, RunnerView]: ...
     def metric_queues(self) -> Iterable[QueueView]: ...
+    def metric_outbox(self) -> OutboxView: ...
     @property
     def plan_hash(self) -> str: ...
     @property
@@ -225,6 +237,7 @@ class WorkerCollector:
         yield from (requests, in_flight, redelivered, dead, batches, info)
         yield from _histograms(wid, hists)
         yield _prefetch(wid, w.metric_queues())
+        yield from _outbox(wid, w.metric_outbox())
 
 
 #: (metric key, name, help) of the histograms, in the order they are exposed.
@@ -256,6 +269,18 @@ def _histograms(wid: str, hists: Mapping[str, Mapping[str, list[Histogram]]]) ->
                 merged.count += h.count
             family.add_metric([wid, stage], merged.buckets(), merged.total)
         yield family
+
+
+def _outbox(wid: str, outbox: OutboxView) -> Iterator[Metric]:
+    unroutable = CounterMetricFamily(
+        "conveyor_unroutable_replies", "Replies the broker could not route (caller gone)",
+        labels=["worker"])
+    unroutable.add_metric([wid], outbox.unroutable_replies)
+    expired = CounterMetricFamily(
+        "conveyor_expired_unsent", "Requests dropped unsent: their deadline passed while "
+        "the publish waited (broker alarm, full next stage)", labels=["worker"])
+    expired.add_metric([wid], outbox.expired_unsent)
+    yield from (unroutable, expired)
 
 
 def _prefetch(wid: str, queues: Iterable[QueueView]) -> Metric:

@@ -59,7 +59,7 @@ from conveyor.topology_setup import declare_plan_topology, stage_queues
 from conveyor.transport import Consumer, Delivery, Reconnecting, Transport
 from workers.dead_letters import DeadLetters
 from workers.intake import Intake
-from workers.metrics import QueueView, RunnerView, WorkerMetrics
+from workers.metrics import OutboxView, QueueView, RunnerView, WorkerMetrics
 from workers.outbox import Outbox
 from workers.redelivery import RedeliveryGuard
 from workers.routes import Routes, build_routes, check_model_outputs
@@ -227,6 +227,9 @@ class StageWorker:
             )
             for rec in self._records.values()
         ]
+
+    def metric_outbox(self) -> OutboxView:
+        return OutboxView(self.outbox.unroutable_replies, self.outbox.expired_unsent)
 
     def __await__(self) -> Generator[Any, None, StageWorker]:
         """``await serve(...)`` starts the worker and returns it."""

@@ -20,6 +20,7 @@ from tests.support.pipeline import Harness
 from tests.support.plans import chain_expected, chain_plan
 from tests.support.polling import until
 from workers import serve
+from workers.metrics import WorkerCollector
 from workers.stage_worker import StageWorker
 
 RNG = np.random.default_rng(12)
@@ -62,6 +63,9 @@ async def test_unroutable_reply_is_counted_and_logged_with_its_request_id(
         assert not isinstance(result, Exception), result
         np.testing.assert_allclose(result["y"], chain_expected(x, k=2), rtol=1e-5)
         assert last.outbox.unroutable_replies == 1
+        exported = {m.name: m.samples[0].value for m in WorkerCollector(last).collect()
+                    if m.name in ("conveyor_unroutable_replies", "conveyor_expired_unsent")}
+        assert exported == {"conveyor_unroutable_replies": 1, "conveyor_expired_unsent": 0}
         warned = [r for r in caplog.records if "orphan-1" in r.getMessage()]
         assert warned and warned[0].levelno == logging.WARNING, caplog.text
     finally:
