@@ -40,7 +40,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 from types import TracebackType
@@ -53,21 +52,22 @@ from conveyor.errors import (
     ConveyorError,
     TransportError,
 )
-from conveyor.plan import MODEL_INPUT, Plan, StageSpec
+from conveyor.plan import MODEL_INPUT, Plan
 from conveyor.topology import Topology
-from conveyor.topology_setup import declare_plan_topology, stage_queues
+from conveyor.topology_setup import declare_plan_topology
 from conveyor.transport import Consumer, Delivery, Reconnecting, Transport
+from workers.consumer_records import ConsumerRecord, ConsumerRecords
 from workers.dead_letters import DeadLetters
 from workers.intake import Intake
 from workers.metrics import OutboxView, QueueView, RunnerView, WorkerMetrics
 from workers.outbox import Outbox
 from workers.redelivery import RedeliveryGuard
 from workers.routes import Routes, build_routes, check_model_outputs
-from workers.runner import Batch, Request, StageRunner, stage_sources
+from workers.runner import Batch, Request, StageRunner
 from workers.runner_setup import build_runners, link_runners
 from workers.session import Tensor
 from workers.settings import WorkerSettings
-from workers.settlement import DeadLetter, Lot, Outcome
+from workers.settlement import Lot, Outcome
 from workers.stats import ConsumerStats, ControlStats, WorkerStats, control_snapshot
 
 log = logging.getLogger(__name__)
@@ -82,43 +82,6 @@ class WorkerState(Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-@dataclass
-class _ConsumerRecord:
-    queue: str
-    #: The plan stage this queue feeds (``plan.stages[0]`` for input shards).
-    stage: str
-    #: The runner that takes its deliveries (``MODEL_INPUT`` = the ingress).
-    runner: str
-    prefetch: int
-    #: The prefetch asked for (plan, settings or controller); ``prefetch`` may be raised
-    #: above it for a while when a join's window fills with waiting parts.
-    base_prefetch: int = 0
-    consumer: Consumer | None = None
-    consuming: bool = False
-    lots: set[Lot] = field(default_factory=set)
-    #: Called by each of its lots once settled (made once, not per delivery).
-    on_settled: Callable[[Lot], None] | None = None
-    #: Settles its failed deliveries as dead letters naming the cause (made once).
-    dead_letter: DeadLetter | None = None
-    parked: list[Delivery] = field(default_factory=list)
-    #: Set while no delivery of this queue is unsettled.
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    #: The record of this queue's suspect queue (``workers.redelivery``), consumed with
-    #: it; None on a suspect queue's own record.
-    suspects: _ConsumerRecord | None = None
-    #: True on a suspect queue's record.
-    suspect: bool = False
-
-    @property
-    def suspect_queue(self) -> str:
-        """Where this queue's redelivered messages go: its suspect queue (itself for one)."""
-        return self.queue if self.suspects is None else self.suspects.queue
-
-    def with_suspects(self) -> list[_ConsumerRecord]:
-        """This record and its suspect queue's."""
-        return [self] if self.suspects is None else [self, self.suspects]
 
 
 class StageWorker:
@@ -156,7 +119,9 @@ class StageWorker:
         self._state = WorkerState.NEW
         self._runners: dict[str, StageRunner] = {}
         self._routes = Routes({}, {})
-        self._records: dict[str, _ConsumerRecord] = {}
+        self._records = ConsumerRecords(
+            plan, self.topology, self.settings, self.hosted, self.worker_id
+        )
         self.outbox = Outbox(transport, self.topology, plan.hash)
         self._intake = Intake(plan, self._runners, self.outbox)
         #: Publishes refused deliveries to the dead-letter exchange with their cause.
@@ -191,7 +156,7 @@ class StageWorker:
     @property
     def queues(self) -> list[str]:
         """The queues this worker consumes (or may consume after ``start_consuming``)."""
-        return list(self._records)
+        return self._records.queues
 
     @property
     def providers(self) -> dict[str, str]:
@@ -205,7 +170,7 @@ class StageWorker:
         if self._state is not WorkerState.RUNNING:
             return False
         return all(
-            rec.consumer is not None for rec in self._records.values() if rec.stage in self.home
+            rec.consumer is not None for rec in self._records if rec.stage in self.home
         )
 
     # -- metrics (workers.metrics.WorkerView) ---------------------------------------------
@@ -225,7 +190,7 @@ class StageWorker:
             QueueView(
                 rec.queue, rec.stage, rec.prefetch, rec.consuming and rec.consumer is not None
             )
-            for rec in self._records.values()
+            for rec in self._records
         ]
 
     def metric_outbox(self) -> OutboxView:
@@ -289,7 +254,7 @@ class StageWorker:
             self.plan.short_hash,
             list(self.hosted),
             ", ".join(f"{k}: {v}" for k, v in self.providers.items()),
-            ", ".join(self._records) or "no queues",
+            ", ".join(self._records.queues) or "no queues",
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -299,7 +264,7 @@ class StageWorker:
             return
         self._state = WorkerState.STOPPING
         grace = self.settings.grace if grace is None else grace
-        for record in self._all_records():
+        for record in self._records.with_suspects():
             record.consuming = False
         try:
             await asyncio.wait_for(self._settled.wait(), grace)
@@ -323,25 +288,25 @@ class StageWorker:
         return True
 
     async def set_prefetch(self, queue: str, prefetch: int) -> None:
-        record = self._record(queue)
+        record = self._records.get(queue)
         if prefetch < 1:
             raise ConfigError(f"prefetch must be at least 1, got {prefetch}")
         record.base_prefetch = prefetch
         await self._apply_prefetch(record, prefetch)
 
-    async def _apply_prefetch(self, record: _ConsumerRecord, prefetch: int) -> None:
+    async def _apply_prefetch(self, record: ConsumerRecord, prefetch: int) -> None:
         record.prefetch = prefetch
         if record.consumer is not None:
             await record.consumer.set_prefetch(prefetch)
 
     async def start_consuming(self, stage: str, queue: str | None = None) -> None:
         """Consume ``queue`` of ``stage`` (default: its queues this worker was set up for)."""
-        for record in self._records_for(stage, queue, create=True):
+        for record in self._records.for_stage(stage, queue, create=True):
             record.consuming = True
             if record.consumer is None:
                 await self._consume(record)
 
-    async def _consume(self, record: _ConsumerRecord) -> None:
+    async def _consume(self, record: ConsumerRecord) -> None:
         """Consume ``record``'s queue, and its suspect queue unless that is consumed."""
         if record.suspect:
             self.redelivery.consuming(record.queue)
@@ -359,7 +324,7 @@ class StageWorker:
             suspects.consuming = True
             await self._consume(suspects)
 
-    async def _watch(self, record: _ConsumerRecord, consumer: Consumer, closed: Any) -> None:
+    async def _watch(self, record: ConsumerRecord, consumer: Consumer, closed: Any) -> None:
         """A consumer that ends while this worker still wants it (its queue was deleted):
         declare the plan's topology again and consume again; if that fails, the worker
         has failed (``failed`` is set; ``conveyor worker`` exits non-zero)."""
@@ -382,7 +347,7 @@ class StageWorker:
     async def stop_consuming(self, stage: str, queue: str | None = None) -> None:
         """Take no more from ``stage``'s queue(s); finish their deliveries (up to the grace
         period), then cancel (what is still unsettled is redelivered to other workers)."""
-        records = [r for rec in self._records_for(stage, queue, create=False)
+        records = [r for rec in self._records.for_stage(stage, queue, create=False)
                    for r in rec.with_suspects()]
         for record in records:
             record.consuming = False
@@ -402,7 +367,7 @@ class StageWorker:
             counters={name: r.counters for name, r in self._runners.items()},
             consuming=tuple(
                 QueueConsumption(rec.queue, rec.stage, rec.prefetch)
-                for rec in self._records.values()
+                for rec in self._records
                 if rec.consuming and rec.consumer is not None
             ),
             hosted=self.hosted,
@@ -425,7 +390,7 @@ class StageWorker:
                     unsettled=sum(len(r.lots) + len(r.parked) for r in rec.with_suspects()),
                     consuming=rec.consuming,
                 )
-                for rec in self._records.values()
+                for rec in self._records
             ),
         )
 
@@ -475,7 +440,7 @@ class StageWorker:
         await self.outbox.fail(request, error, outcome, reply=reply, stage=stage)
 
     # -- intake ---------------------------------------------------------------------------
-    def _handler(self, record: _ConsumerRecord) -> Any:
+    def _handler(self, record: ConsumerRecord) -> Any:
         async def handle(delivery: Delivery) -> None:
             if not record.consuming:
                 # Stopping: hold it unsettled; it is redelivered when the consumer goes.
@@ -501,7 +466,7 @@ class StageWorker:
         # Nothing before its first wait needs a task of its own (see conveyor.eager).
         return mark_eager(handle)
 
-    def _settled_callback(self, record: _ConsumerRecord) -> Callable[[Lot], None]:
+    def _settled_callback(self, record: ConsumerRecord) -> Callable[[Lot], None]:
         timings = self._runners[record.runner].timings
 
         def settled(lot: Lot) -> None:
@@ -518,7 +483,7 @@ class StageWorker:
 
         return settled
 
-    def _lot(self, record: _ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
+    def _lot(self, record: ConsumerRecord, delivery: Delivery, requests: int) -> Lot:
         if record.on_settled is None:
             record.on_settled = self._settled_callback(record)
             record.dead_letter = partial(
@@ -533,7 +498,7 @@ class StageWorker:
         self._settled.clear()
         return lot
 
-    async def _fit_join_window(self, record: _ConsumerRecord, runner: StageRunner) -> None:
+    async def _fit_join_window(self, record: ConsumerRecord, runner: StageRunner) -> None:
         """Parts stay unacked until their join runs, so a window full of parts waiting for
         partners queued behind them would never move: widen it (doubling, up to
         ``join_prefetch_max``); narrow it back once no part waits."""
@@ -556,65 +521,8 @@ class StageWorker:
     # -- building -------------------------------------------------------------------------
     def _plan_consumers(self) -> None:
         for name in self.home:
-            for record in self._records_for(name, None, create=True):
+            for record in self._records.for_stage(name, None, create=True):
                 record.consuming = True
-
-    def _records_for(self, stage: str, queue: str | None, *, create: bool) -> list[_ConsumerRecord]:
-        """The consumer records of ``stage`` (one ``queue`` of it, or the worker's default
-        set: every shard, or ``settings.shard``), made on first use when ``create``."""
-        if stage not in self.hosted:
-            raise ConfigError(
-                f"worker {self.worker_id} has not loaded stage {stage!r}; "
-                f"it runs {list(self.hosted)}"
-            )
-        spec = self.plan.stage(stage)
-        allowed = stage_queues(self.plan, spec)
-        if queue is not None:
-            if queue not in allowed:
-                raise ConfigError(f"queue {queue!r} is not a queue of stage {stage!r}: {allowed}")
-            wanted = [queue]
-        else:
-            wanted = [q for q in self._records if self._records[q].stage == stage] or allowed
-            shard = self.settings.shard
-            sharded = spec.name == self.plan.stages[0].name or spec.is_join
-            if shard is not None and wanted is allowed and sharded:
-                if shard >= len(allowed):
-                    raise ConfigError(f"--shard {shard}: stage {stage!r} has {len(allowed)} shards")
-                wanted = [allowed[shard]]
-        if create:
-            for q in wanted:
-                if q not in self._records:
-                    self._records[q] = self._new_record(spec, q)
-        return [self._records[q] for q in wanted if q in self._records]
-
-    def _new_record(self, spec: StageSpec, queue: str) -> _ConsumerRecord:
-        s = self.settings
-        sched = self.plan.scheduling.for_stage(spec.name)
-        prefetch = max(s.prefetch or sched.prefetch, s.max_batch or sched.max_batch)
-        if spec.is_join:
-            # Parts stay unacked until the join runs: room for every part of a batch.
-            prefetch *= len(stage_sources(spec))
-        runner = MODEL_INPUT if spec.name == self.plan.stages[0].name else spec.name
-        # Suspects one at a time (a join: one request's parts, workers.redelivery.JoinTurns).
-        one = len(stage_sources(spec)) if spec.is_join else 1
-        suspects = _ConsumerRecord(
-            self.topology.suspect_queue(queue), spec.name, runner, one, base_prefetch=one,
-            suspect=True,
-        )
-        return _ConsumerRecord(
-            queue, spec.name, runner, prefetch, base_prefetch=prefetch, suspects=suspects
-        )
-
-    def _all_records(self) -> list[_ConsumerRecord]:
-        return [r for rec in self._records.values() for r in rec.with_suspects()]
-
-    def _record(self, queue: str) -> _ConsumerRecord:
-        try:
-            return self._records[queue]
-        except KeyError:
-            raise ConfigError(
-                f"worker {self.worker_id} does not consume queue {queue!r}; it has {self.queues}"
-            ) from None
 
     async def _teardown(self) -> None:
         for task in list(self._watchers):
@@ -622,7 +530,7 @@ class StageWorker:
         for runner in self._runners.values():
             await runner.cancel()
         await self.outbox.drain(SETTLE_GRACE)
-        for record in self._all_records():
+        for record in self._records.with_suspects():
             record.consuming = False
             record.parked.clear()
             if record.consumer is not None:
