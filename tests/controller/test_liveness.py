@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from conveyor.control import Heartbeat, WorkerStats, encode_heartbeat
+from conveyor.control import Command, CommandKind, Heartbeat, WorkerStats, encode_heartbeat
 from conveyor.plan import Plan
 from conveyor.transport import Message
 from tests.controller.rig import Rig
@@ -102,3 +102,24 @@ async def test_restarted_controller_ignores_a_dead_workers_heartbeats(
     await rig.wait_for(lambda: c.metrics["workers_lost"] >= 1, limit=10,
                        what="the recently dead worker to be dropped")
     assert set(c.workers) == {"live"} and c.metrics["workers_lost"] == 1
+
+
+class _Sink:
+    """A transport that takes publishes and does nothing with them."""
+
+    async def publish(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+async def test_a_command_is_timed_from_its_send_not_from_its_issued_at() -> None:
+    """A command sent by another caller than the policy has no ``issued_at`` (0.0); it
+    used to be taken as unanswered at the controller's next step."""
+    plan = synthetic_plan(["s"])
+    clock = FakeClock(1000.0)
+    c = Controller(_Sink(), plan, PolicyConfig.from_plan(plan, "dynamic"),  # type: ignore[arg-type]
+                   period=1.0, clock=clock)
+    await c.send(Command("c-1", "w", CommandKind.STOP_CONSUMING, stage="s"))
+    c._check_acks(clock.now + 0.5)
+    assert "c-1" in c.pending and c.metrics["commands_unacked"] == 0
+    c._check_acks(clock.now + 5.5)  # the timeout: max(5 periods, 5 s) after the send
+    assert "c-1" not in c.pending and c.metrics["commands_unacked"] == 1

@@ -397,7 +397,9 @@ class Controller:
             self.topology.command_key(cmd.worker_id),
             mandatory=False,
         )
-        self.pending[cmd.id] = PendingCommand(cmd, cmd.issued_at)
+        # Sent now by this controller's clock: ``issued_at`` may be unset (0.0) when a
+        # caller other than the policy sends it, which timed it out at the next step.
+        self.pending[cmd.id] = PendingCommand(cmd, self.clock())
         self.metrics["commands_sent"] += 1
 
     # -- the partition map (partition_keeper) ----------------------------------------------
