@@ -1,6 +1,7 @@
 """Three workers on one stage, one 4x slower: dynamic prefetch gives it no more than its
 rate's share and keeps the stage's throughput near the sum of the rates; a static prefetch
-of 50 lets it hoard messages and lowers the throughput (both measured here)."""
+of 50 lets it hoard messages and lowers the throughput (both measured here, one after the
+other, and compared)."""
 
 from __future__ import annotations
 
@@ -76,9 +77,12 @@ async def test_dynamic_prefetch_follows_the_rates(rigs: Callable[[Plan], Rig]) -
           f"\n[{rig.handle.kind}] dynamic: {dynamic_run}  eff {dynamic_run.efficiency:.0%}"
           f"  prefetch {prefetch}")
     # dynamic: the slow worker gets no more than its rate's share (+10 points), and the
-    # stage runs at >= 90% of the sum of the three rates
+    # stage's throughput, as a share of the sum of the three rates, beats the static run's
+    # by 10 points or more. (Compared within the run: on a quiet machine dynamic reaches
+    # ~95% and static ~65%; with the CPU shared both fall, e.g. 81% and 66% in a CI run,
+    # where an absolute 90% bar failed.)
     assert dynamic_run.slow_share <= dynamic_run.slow_rate_share + 0.10
-    assert dynamic_run.efficiency >= 0.90
+    assert dynamic_run.efficiency >= static_run.efficiency + 0.10, (static_run, dynamic_run)
     # static prefetch 50: the slow worker hoards, the fast ones idle at the end
     assert static_run.slow_share > dynamic_run.slow_share
     assert static_run.efficiency < 0.90
