@@ -63,7 +63,7 @@ async def test_hot_partition_moves_to_the_lighter_shard(rigs: Callable[[Plan], R
     ids: list[str] = []
     load = asyncio.create_task(steady(rig, rates, stop, ids))
     try:
-        await rig.wait_for(lambda: c.metrics["partition_moves"] >= 1, limit=15,
+        await rig.wait_for(lambda: c.metrics["partition_moves"] >= 1, limit=30,
                            what="a partition move")
         moved_at = len(ids)
         await rig.wait_for(lambda: len(ids) >= moved_at + 100, limit=10,

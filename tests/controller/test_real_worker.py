@@ -44,7 +44,10 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
             workers.append(w)
             agents.append(agent)
         controller = Controller(await broker.connect(), plan,
-                                PolicyConfig.from_plan(plan, "dynamic", prefetch_max=48),
+                                # a long horizon: any rate this machine reaches, loaded
+                                # or not, is worth the upper bound
+                                PolicyConfig.from_plan(plan, "dynamic", prefetch_max=48,
+                                                       horizon_s=10.0),
                                 period=0.25, report_every=0)
         await controller.start()
 
@@ -72,7 +75,7 @@ async def test_real_workers_obey_the_controller(broker: BrokerHandle, tmp_path: 
         def prefetches() -> list[int]:
             return [cs.prefetch for w in workers for cs in w.stats().consumers]
 
-        await until(lambda: prefetches() == [48, 48, 48], timeout=10,
+        await until(lambda: prefetches() == [48, 48, 48], timeout=20,
                     what=f"prefetch 48 on every consumer (have {prefetches()})")
         assert c.metrics["prefetch_changes"] >= 3
 
