@@ -9,7 +9,7 @@ back on B by itself and works (declare, publish, consume), without a new connect
 from __future__ import annotations
 
 import contextlib
-from urllib.parse import urlsplit, urlunsplit
+import uuid
 
 import pytest
 
@@ -23,16 +23,12 @@ pytestmark = pytest.mark.rabbitmq
 
 
 async def test_a_lost_node_reconnects_to_the_next_one(rabbitmq_url: str) -> None:
-    parts = urlsplit(rabbitmq_url)
-    relay = Relay((parts.hostname or "127.0.0.1", parts.port or 5672))
-    port = await relay.start()
-    credentials = parts.netloc.rsplit("@", 1)[0]
-    node_a = urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
+    relay, node_a = await Relay.before(rabbitmq_url)
     settings = AmqpSettings.from_url(node_a, reconnect_interval_s=0.2).with_other_nodes(
         [rabbitmq_url]
     )
     transport = await AmqpTransport.connect(settings)
-    queue = f"t.nodes.{port}"
+    queue = f"t.nodes.{uuid.uuid4().hex[:8]}"
     got: list[bytes] = []
 
     async def handler(delivery: Delivery) -> None:

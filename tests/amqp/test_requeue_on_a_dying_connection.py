@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit, urlunsplit
+import uuid
 
 import pytest
 
@@ -26,15 +26,11 @@ pytestmark = pytest.mark.rabbitmq
 
 
 async def test_the_consumer_comes_back_after_a_requeue_cut_short(rabbitmq_url: str) -> None:
-    parts = urlsplit(rabbitmq_url)
-    relay = Relay((parts.hostname or "127.0.0.1", parts.port or 5672))
-    port = await relay.start()
-    credentials = parts.netloc.rsplit("@", 1)[0]
-    via_relay = urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
+    relay, via_relay = await Relay.before(rabbitmq_url)
     admin = await AmqpTransport.connect(rabbitmq_url)
     transport = await AmqpTransport.connect(
         AmqpSettings.from_url(via_relay, reconnect_interval_s=0.2))
-    queue = f"t.requeue-loss.{port}"
+    queue = f"t.requeue-loss.{uuid.uuid4().hex[:8]}"
     deliveries: list[bool] = []  # the redelivered flag of each delivery
     first = asyncio.Event()
     release = asyncio.Event()

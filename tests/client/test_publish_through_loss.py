@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -32,11 +31,7 @@ async def test_requests_cut_short_by_a_lost_connection_are_answered(
     rabbitmq_url: str, tmp_path: Path, pack: bool
 ) -> None:
     plan = chain_plan(tmp_path, 2, name=f"loss-{uuid.uuid4().hex[:8]}")
-    parts = urlsplit(rabbitmq_url)
-    relay = Relay((parts.hostname or "127.0.0.1", parts.port or 5672))
-    port = await relay.start()
-    credentials = parts.netloc.rsplit("@", 1)[0]
-    via_relay = urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
+    relay, via_relay = await Relay.before(rabbitmq_url)
     worker = StageWorker(plan, await AmqpTransport.connect(rabbitmq_url), plan.stage_names)
     await worker.start()
     client_transport = await AmqpTransport.connect(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 
 class Relay:
@@ -29,6 +30,15 @@ class Relay:
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
+
+    @classmethod
+    async def before(cls, url: str) -> tuple[Relay, str]:
+        """A started relay to the broker of AMQP ``url``, and ``url`` through it."""
+        parts = urlsplit(url)
+        relay = cls((parts.hostname or "127.0.0.1", parts.port or 5672))
+        port = await relay.start()
+        credentials = parts.netloc.rsplit("@", 1)[0]
+        return relay, urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
 
     def hold(self) -> None:
         """Stop forwarding what clients send (answers from the broker still pass)."""
