@@ -12,7 +12,7 @@ names, dtypes and fixed dimensions) and handed to its runner's batcher, or answe
   dead-lettered;
 * a ``reply_to`` outside the plan's reply queues (``Topology.is_reply_queue``): logged as
   an error and dead-lettered, never answered nor run;
-* on the input shards, a ``reply_to`` that no longer exists (its caller is gone,
+* on the input shards, a ``reply_to`` missing for a grace of 5 s (its caller is gone,
   ``workers.callers``): acked and dropped unrun, counted as outcome ``caller_gone``,
   logged at INFO (rate-limited); requests without ``reply_to`` run as before;
 * an unreadable message: dead-lettered, its envelope's request told when it names one.

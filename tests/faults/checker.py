@@ -82,6 +82,10 @@ class Checker:
             kind = "untyped"
         self._outcomes.setdefault(rid, []).append(kind)
 
+    def lost(self) -> list[int]:
+        """The ids of the requests lost (their first outcome), for a failure's diagnosis."""
+        return [r for r in self._requests if self._outcomes.get(r, ["lost"])[0] == "lost"]
+
     def report(self, wire_duplicates: int = 0) -> Report:
         firsts: Counter[str] = Counter()
         duplicated = 0

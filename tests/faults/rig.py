@@ -104,12 +104,15 @@ async def wait_consumed(url: str, plan: Plan, workers: Workers, *, at_least: int
 
 
 async def queue_depths(url: str, plan: Plan) -> dict[str, int]:
-    """Messages ready in every queue of the plan, its dead-letter queue included."""
+    """Messages ready in every queue of the plan, its suspect queues and its dead-letter
+    queue included."""
     from workers.amqp import AmqpTransport
 
     admin = await AmqpTransport.connect(url)
     try:
-        names = [*plan_queues(plan), Topology.of(plan).dead_letter_queue]
+        topo = Topology.of(plan)
+        work = plan_queues(plan)
+        names = [*work, *map(topo.suspect_queue, work), topo.dead_letter_queue]
         return {q: (await admin.queue_stats(q)).depth for q in names}
     finally:
         await admin.close(grace=0.5)

@@ -42,6 +42,8 @@ class Run:
     resent: int
     #: Every request sent once the first answer after the return had come was answered.
     all_answered_after: bool = True
+    #: The workers' logs and the broker's view at the end, printed when a check fails.
+    diagnostics: str = ""
 
 
 async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
@@ -93,6 +95,12 @@ async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
         recovery = (min(after) - back_at) if after else float("inf")
         depths = await queue_depths(node.url, plan)
         assert not any(depths.values()), f"messages left behind: {depths}"
+        diagnostics = ""
+        if report.lost or report.duplicated or report.wrong or report.untyped:
+            lost = ", ".join(f"{sent_at[r] - down_at:+.2f}" for r in checker.lost())
+            diagnostics = (f"{workers.logs()}\n{broker_view(node)}\nlost requests sent at "
+                           f"(s after the fault began; it took {back_at - down_at:.2f} s): "
+                           f"{lost}")
     except BaseException:
         print(workers.logs())
         print(broker_view(node))
@@ -101,7 +109,7 @@ async def run_through(node: RabbitNode, case: Case, plan: Plan, log_dir: Path,
         await asyncio.to_thread(workers.stop_all)
     late = [r for r, t in sent_at.items() if t >= back_at + recovery]
     run = Run(report, recovery, back_at - down_at, resent,
-              all(r in answered_at for r in late))
+              all(r in answered_at for r in late), diagnostics)
     print(f"outage {run.outage_s:.1f} s, recovery {run.recovery_s:.2f} s after the broker's "
           f"return, {run.resent} requests re-sent")
     return run
@@ -142,6 +150,14 @@ def drop_connections(node: RabbitNode) -> None:
 
 
 def check(run: Run) -> None:
+    try:
+        _check(run)
+    except AssertionError:
+        print(run.diagnostics)
+        raise
+
+
+def _check(run: Run) -> None:
     report = run.report
     assert (report.lost, report.duplicated, report.wrong, report.untyped) == (0, 0, 0, 0), report
     assert run.recovery_s <= RECOVERY_LIMIT_S, f"answers again only after {run.recovery_s:.1f} s"

@@ -3,7 +3,8 @@
 A client queues requests while no worker runs and leaves (its exclusive reply queue goes
 with it); a second client's requests queue behind them. When the worker starts, none of
 the first client's requests is computed: each is acked and dropped (outcome
-``caller_gone``, not dead-lettered), and every request of the live client is answered.
+``caller_gone``, not dead-lettered) once its reply queue has stayed missing for the
+grace, and every request of the live client is answered.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.support.brokers import BrokerHandle
 from tests.support.plans import chain_expected, chain_plan
 from tests.support.polling import until
 from workers import serve
+from workers.callers import GRACE_S
 from workers.stage_worker import StageWorker
 
 RNG = np.random.default_rng(21)
@@ -70,7 +72,9 @@ async def test_requests_of_a_caller_that_left_are_not_run(
             np.testing.assert_allclose(got["y"], chain_expected(x, k=2), rtol=1e-5)
         ran = {s.stage: s.requests for s in worker.stats().stages if s.stage in plan.stage_names}
         assert ran == {s.name: LIVE for s in plan.stages}, ran
-        assert outcome(worker, plan.stages[0].name, "caller_gone") == LEFT
+        # Dropped once their reply queue has been missing for the grace (workers.callers).
+        await until(lambda: outcome(worker, plan.stages[0].name, "caller_gone") == LEFT,
+                    3 * GRACE_S, f"the {LEFT} requests of the caller that left to be dropped")
     finally:
         await worker.stop(grace=2.0)
     try:
