@@ -11,11 +11,12 @@ unrun (``workers.intake``); one whose caller is only reconnecting must run.
 * present: not gone; the answer is kept for ``ttl_s`` (one ask per reply queue and second);
 * missing: gone only once it has been missing for ``grace_s`` (missing at the first ask,
   and still missing ``grace_s`` later, with no answer "present" between). Until then the
-  question waits and asks again at the end of the grace; a reconnecting client is back
-  well within it (the SDK reconnects at once, then every ``reconnect_interval_s``, 2 s).
-  A "gone" answer is never kept: the next question asks again, so a client that comes
-  back (and sends again) is seen at once. Concurrent questions about one queue share one
-  ask, so a flood of a departed caller's requests costs one ask at a time.
+  question waits, asking again every ``recheck_s``, and ends with "not gone" as soon as
+  the queue is back; a reconnecting client is back well within the grace (the SDK
+  reconnects at once, then every ``reconnect_interval_s``, 2 s). A "gone" answer is never
+  kept: the next question asks again, so a client that comes back (and sends again) is
+  seen at once. Concurrent questions about one queue share one ask, so a flood of a
+  departed caller's requests costs one ask at a time.
 
 Only ``NotFound`` means missing: RabbitMQ answers ``RESOURCE_LOCKED`` for an exclusive
 queue of another connection (its client is there; ``ACCESS_REFUSED`` if the worker's user
@@ -38,6 +39,9 @@ from conveyor.transport import Transport
 TTL_S = 1.0
 #: How long a reply queue must stay missing before its caller counts as gone.
 GRACE_S = 5.0
+#: How often a question waiting out the grace asks again (it ends as soon as the queue is
+#: back: the delivery it holds takes a slot of the worker's prefetch meanwhile).
+RECHECK_S = 0.25
 #: Reply queues remembered at once (answers and first misses); the oldest go first.
 MAX_ENTRIES = 4096
 
@@ -49,11 +53,13 @@ class Callers:
         *,
         ttl_s: float = TTL_S,
         grace_s: float = GRACE_S,
+        recheck_s: float = RECHECK_S,
         max_entries: int = MAX_ENTRIES,
     ) -> None:
         self._transport = transport
         self._ttl_s = ttl_s
         self._grace_s = grace_s
+        self._recheck_s = recheck_s
         self._max_entries = max_entries
         #: reply queue -> "present" good until (monotonic)
         self._present: dict[str, float] = {}
@@ -77,7 +83,7 @@ class Callers:
             left = since + self._grace_s - time.monotonic()
             if left <= 0:
                 return True
-            await asyncio.sleep(left)  # then ask again: back (reconnected), or gone
+            await asyncio.sleep(min(left, self._recheck_s))  # back (reconnected)? ask
 
     async def _shared_ask(self, reply_to: str) -> bool | None:
         """Missing (True), present (False) or no answer (None); one ask at a time."""

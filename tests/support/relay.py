@@ -4,6 +4,8 @@
     relay.hold()        # bytes from clients are kept, not forwarded (a stalled network)
     await relay.drop()  # every connection aborted; new ones are accepted and forwarded
     await relay.cut()   # the listener closed too: the "node" is gone
+    relay.refuse()      # new connections are closed at once (the network is down) ...
+    relay.accept()      # ... until this
 
 ``held`` counts the bytes kept while holding: a test waits on it to know a frame left.
 """
@@ -24,6 +26,7 @@ class Relay:
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.held = 0
+        self.refusing = False
         self._flowing = asyncio.Event()
         self._flowing.set()
 
@@ -45,6 +48,13 @@ class Relay:
         self.held = 0
         self._flowing.clear()
 
+    def refuse(self) -> None:
+        """Close each new connection at once, until ``accept``."""
+        self.refusing = True
+
+    def accept(self) -> None:
+        self.refusing = False
+
     async def drop(self) -> None:
         """Abort every relayed connection; later connections flow normally."""
         for writer in self.writers:
@@ -62,6 +72,9 @@ class Relay:
         await self.drop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         self.writers += [writer, up_writer]
         for task in (asyncio.create_task(self._pipe(reader, up_writer, upward=True)),
