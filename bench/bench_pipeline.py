@@ -168,7 +168,7 @@ async def drive(client: Any, requests: list[dict[str, np.ndarray]], seconds: flo
         "throughput": len(lat) / elapsed,
         "p50_ms": float(np.percentile(lat, 50) * 1e3),
         "p99_ms": float(np.percentile(lat, 99) * 1e3),
-        "cpu_ms_per_request": {k: round(v * 1e3 / len(lat), 3) for k, v in cpu.items()},
+        "cpu_ms_per_request": {k: round(v * 1e3 / len(lat), 4) for k, v in cpu.items()},
     }
 
 
@@ -235,22 +235,23 @@ def free_port() -> int:
 #: The scraper's loop (a process of its own, see ``scraping``).
 _SCRAPER = """
 import sys, time, urllib.request
+every = float(sys.argv[1])
 while True:
-    for port in sys.argv[1:]:
+    for port in sys.argv[2:]:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         except OSError:
             pass  # not up yet
-    time.sleep(1.0)
+    time.sleep(every)
 """
 
 
 @contextlib.contextmanager
-def scraping(ports: list[int]) -> Iterator[None]:
-    """What Prometheus does to a "metrics on" leg: GET /metrics of each port once a second,
-    from a process of its own (as Prometheus is), so that the measured processes pay for
-    serving a scrape and not for making one."""
-    proc = subprocess.Popen([sys.executable, "-c", _SCRAPER, *map(str, ports)])
+def scraping(ports: list[int], every: float = 1.0) -> Iterator[None]:
+    """What Prometheus does to a "metrics on" leg: GET /metrics of each port every
+    ``every`` seconds, from a process of its own (as Prometheus is), so that the measured
+    processes pay for serving a scrape and not for making one."""
+    proc = subprocess.Popen([sys.executable, "-c", _SCRAPER, str(every), *map(str, ports)])
     try:
         yield
     finally:
@@ -333,23 +334,9 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
         # batches between its stages in memory: only requests and replies cross RabbitMQ.
         groups = ({"all": plan.stage_names} if one_process
                   else {stage: [stage] for stage in plan.stage_names})
-        procs = {}
-        ports: list[int] = []
-        for stage, hosted in groups.items():
-            if metrics == "on":
-                ports.append(free_port())
-            switch = ["--metrics-port", str(ports[-1])] if metrics == "on" else ["--no-timings"]
-            with (Path(tmp) / f"{stage}.log").open("wb") as log:
-                procs[stage] = subprocess.Popen(
-                    [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
-                     *[a for h in hosted for a in ("--stage", h)],
-                     "--broker", url, "--device", "cpu",
-                     "--threads", str(threads), "--max-batch", str(batch),
-                     *(["--max-delay-ms", str(max_delay_ms)] if max_delay_ms is not None else []),
-                     *(["--batch-wait", batch_wait] if batch_wait is not None else []),
-                     *switch],
-                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
-                )
+        procs, ports = start_workers(plan, groups, url, Path(tmp), metrics=metrics == "on",
+                                     threads=threads, batch=batch, max_delay_ms=max_delay_ms,
+                                     batch_wait=batch_wait)
         rss: dict[str, float] = {}
         try:
             async def run() -> dict[str, Any]:
@@ -378,13 +365,40 @@ def leg_rabbitmq(cache: Path, name: str, seconds: float, url: str, max_batch: in
                 proc.terminate()
             for proc in procs.values():
                 proc.wait(30)
-            asyncio.run(_delete_topology(url, plan))
+            asyncio.run(delete_topology(url, plan))
             batches = worker_batches(Path(tmp), list(groups))
     result["peak_rss_mib"] = rss
     result["stages"] = batches
     result["threads_per_worker"] = threads
     result["max_batch"] = batch
     return result
+
+
+def start_workers(plan: Any, groups: dict[str, list[str]], url: str, logs: Path, *,
+                  metrics: bool, threads: int, batch: int, max_delay_ms: float | None = None,
+                  batch_wait: str | None = None) -> tuple[dict[str, Any], list[int]]:
+    """``python -m conveyor worker`` processes, one per group of stages (logs in ``logs``),
+    finding the broker in ``CONVEYOR_AMQP_URL``:
+    with ``metrics``, each serves ``/metrics`` on a free port (the ports returned), else it
+    runs ``--no-timings``."""
+    procs: dict[str, Any] = {}
+    ports: list[int] = []
+    for name, hosted in groups.items():
+        if metrics:
+            ports.append(free_port())
+        switch = ["--metrics-port", str(ports[-1])] if metrics else ["--no-timings"]
+        with (logs / f"{name}.log").open("wb") as log:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "worker", str(plan.directory),
+                 *[a for h in hosted for a in ("--stage", h)],
+                 "--device", "cpu", "--threads", str(threads), "--max-batch", str(batch),
+                 *(["--max-delay-ms", str(max_delay_ms)] if max_delay_ms is not None else []),
+                 *(["--batch-wait", batch_wait] if batch_wait is not None else []),
+                 *switch],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                env={**os.environ, "CONVEYOR_AMQP_URL": url},  # never on a command line
+            )
+    return procs, ports
 
 
 def worker_batches(logs: Path, stages: list[str]) -> dict[str, dict[str, float]]:
@@ -399,7 +413,7 @@ def worker_batches(logs: Path, stages: list[str]) -> dict[str, dict[str, float]]
     return found
 
 
-async def _delete_topology(url: str, plan: Any) -> None:
+async def delete_topology(url: str, plan: Any) -> None:
     from conveyor.topology import Topology
     from conveyor.topology_setup import stage_queues
     from workers.amqp import AmqpTransport
@@ -407,9 +421,8 @@ async def _delete_topology(url: str, plan: Any) -> None:
     topo = Topology.of(plan)
     admin = await AmqpTransport.connect(url)
     try:
-        for q in {q for s in plan.stages for q in stage_queues(plan, s)} | {
-            topo.dead_letter_queue
-        }:
+        work = {q for s in plan.stages for q in stage_queues(plan, s)}
+        for q in work | {topo.suspect_queue(q) for q in work} | {topo.dead_letter_queue}:
             await admin.delete_queue(q)
         for x in [topo.input_exchange, topo.control_exchange, topo.dead_letter_exchange,
                   *(topo.stage_exchange(s) for s in plan.stage_names)]:

@@ -1,7 +1,7 @@
 """Prometheus metrics of a stage worker (docs/operations.md, "Metrics", lists them all).
 
 The hot path only adds to plain numbers: ``StageTimings`` holds lock-free histograms
-(``Histogram.observe`` is a bisect and three additions) and outcome counts beside the
+(``Histogram.observe`` appends to a buffer, binned at read time) and outcome counts beside the
 ``StageCounters`` a runner already keeps. Nothing is formatted until a scrape:
 ``WorkerCollector`` reads those numbers and yields the metric families then. Each worker
 has a registry of its own (``WorkerMetrics.registry``), so several workers in one process
@@ -14,11 +14,12 @@ as the first stage's, as the control plane does (``workers.stats.control_snapsho
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -41,42 +42,108 @@ SECONDS_BUCKETS: tuple[float, ...] = (
 )
 #: Bucket bounds of the batch-size histogram (requests per batch).
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: A runner's histograms are folded every this many batches (``StageTimings.tick``): a
+#: buffer then holds at most a few thousand values per batch size of the stage.
+FOLD_EVERY = 1024
 
 
 class Histogram:
-    """Counts per bucket, sum and count, without a lock (one event loop writes it)."""
+    """Counts per bucket, sum and count of values that one event loop observes.
 
-    __slots__ = ("bounds", "count", "counts", "total")
+    The hot path only appends: ``observe`` *is* ``array.append`` of a buffer of doubles
+    (no Python frame, no float object kept: about 25 ns against 140 for a bisect and three
+    additions), ``observe_all`` its ``extend``, and ``observe_n`` (a value that counts
+    ``times`` times: a batch's requests that waited alike) appends to a weighted pair.
+    ``fold`` bins the buffers with numpy (a few ns a value) into the counts, a negative
+    value as 0 (a duration measured against another host's clock that runs ahead); every read
+    (``counts``, ``total``, ``count``, ``buckets``) folds first, and ``StageTimings.tick``
+    folds every ``FOLD_EVERY`` batches so memory stays bounded when nobody scrapes. A fold
+    swaps in new buffers, so a value appended meanwhile from another thread is never lost
+    by a clear.
+    """
+
+    __slots__ = ("_count", "_counts", "_edges", "_times", "_total", "_values", "_weighted",
+                 "bounds", "observe", "observe_all")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.total = 0.0
-        self.count = 0
+        self._edges = np.asarray(self.bounds, dtype=np.float64)
+        self._counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)
+        self._total = 0.0
+        self._count = 0
+        self._values: array[float] = array("d")
+        self._weighted: array[float] = array("d")
+        self._times: array[int] = array("q")
+        self._bind()
 
-    def observe(self, value: float, times: int = 1) -> None:
-        """Add ``value`` ``times`` times (a batch's requests that waited alike)."""
-        self.counts[bisect_left(self.bounds, value)] += times
-        self.total += value * times
-        self.count += times
+    def _bind(self) -> None:
+        #: Add one value.
+        self.observe: Callable[[float], None] = self._values.append
+        #: Add each of a list of values (one batch's requests).
+        self.observe_all: Callable[[Iterable[float]], None] = self._values.extend
 
-    def observe_all(self, values: list[float]) -> None:
-        """Add each of ``values`` (one batch's requests): one loop, names bound once."""
-        bounds, counts, total = self.bounds, self.counts, 0.0
-        for value in values:
-            counts[bisect_left(bounds, value)] += 1
-            total += value
-        self.total += total
-        self.count += len(values)
+    def observe_n(self, value: float, times: int) -> None:
+        """Add ``value`` ``times`` times."""
+        self._weighted.append(value)
+        self._times.append(times)
+
+    def fold(self) -> None:
+        """Bin what was observed since the last fold into the counts."""
+        if not (self._values or self._weighted):
+            return
+        values, weighted, times = self._values, self._weighted, self._times
+        self._values, self._weighted, self._times = array("d"), array("d"), array("q")
+        self._bind()
+        if values:
+            v = np.maximum(np.frombuffer(values, dtype=np.float64), 0.0)
+            self._counts += np.bincount(self._bin(v), minlength=len(self._counts))
+            self._total += float(v.sum())
+            self._count += len(v)
+        if weighted:
+            v = np.maximum(np.frombuffer(weighted, dtype=np.float64), 0.0)
+            n = np.frombuffer(times, dtype=np.int64)
+            self._counts += np.bincount(self._bin(v), weights=n,
+                                        minlength=len(self._counts)).astype(np.int64)
+            self._total += float(v @ n)
+            self._count += int(n.sum())
+
+    def _bin(self, values: np.ndarray) -> np.ndarray:
+        # Bucket i holds values <= bounds[i] (Prometheus' "le"), as bisect_left places them.
+        return np.searchsorted(self._edges, values, side="left")
+
+    @property
+    def counts(self) -> list[int]:
+        """Values per bucket (not cumulative), the last one above every bound."""
+        self.fold()
+        return [int(c) for c in self._counts]
+
+    @property
+    def total(self) -> float:
+        self.fold()
+        return self._total
+
+    @property
+    def count(self) -> int:
+        self.fold()
+        return self._count
+
+    def add(self, other: Histogram) -> None:
+        """Add ``other``'s observations (same bounds) to this one's."""
+        other.fold()
+        self.fold()
+        self._counts += other._counts
+        self._total += other._total
+        self._count += other._count
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative (le, count) pairs, ending with ``+Inf``, as Prometheus wants them."""
+        counts = self.counts
         out: list[tuple[str, float]] = []
         running = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
+        for bound, n in zip(self.bounds, counts, strict=False):
             running += n
             out.append((_le(bound), running))
-        out.append(("+Inf", self.count))
+        out.append(("+Inf", self._count))
         return out
 
 
@@ -109,6 +176,17 @@ class StageTimings:
     #: Off (``WorkerSettings.metrics=False``): the durations and batch sizes are not
     #: measured (the benchmark's "metrics off" leg); counts still are.
     enabled: bool = True
+    #: Batches since the histograms were last folded.
+    _batches: int = 0
+
+    def tick(self) -> None:
+        """Once per batch: fold the histograms every ``FOLD_EVERY`` batches."""
+        self._batches += 1
+        if self._batches >= FOLD_EVERY:
+            self._batches = 0
+            for h in (self.queue_wait, self.batch_wait, self.compute, self.publish,
+                      self.end_to_end, self.batch_size):
+                h.fold()
 
     def failed(self, code: str, requests: int = 1) -> None:
         self.failures[code] = self.failures.get(code, 0) + requests
@@ -264,9 +342,7 @@ def _histograms(wid: str, hists: Mapping[str, Mapping[str, list[Histogram]]]) ->
                 continue
             merged = Histogram(parts[0].bounds)
             for h in parts:
-                merged.counts = [a + b for a, b in zip(merged.counts, h.counts, strict=True)]
-                merged.total += h.total
-                merged.count += h.count
+                merged.add(h)
             family.add_metric([wid, stage], merged.buckets(), merged.total)
         yield family
 

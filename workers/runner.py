@@ -304,6 +304,7 @@ class StageRunner:
                 self._freed()
 
     async def _run_batch(self, batch: Batch) -> None:
+        self.timings.tick()
         rows = sum(r.rows for r in batch.requests)
         if self.session is None:
             self.counters.record_batch(len(batch.requests), rows, 0.0)
@@ -313,7 +314,7 @@ class StageRunner:
         timings = self.timings
         if timings.enabled:
             if batch.arrived is not None:
-                timings.batch_wait.observe(started - batch.arrived, len(batch.requests))
+                timings.batch_wait.observe_n(started - batch.arrived, len(batch.requests))
             else:
                 timings.batch_wait.observe_all([started - r.arrived for r in batch.requests])
         try:
