@@ -49,6 +49,9 @@ class Point:
     #: CPU time of the measuring process (all its threads: in-process workers included)
     #: per request: on a shared machine it moves far less than throughput does.
     cpu_ms_per_request: float = 0.0
+    #: The per-stage split during this level, from the metrics (``conveyor.app.bench_split``;
+    #: empty when no metrics were readable).
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:

@@ -50,6 +50,10 @@ def add_parsers(sub: Any) -> None:
                    help="send this request (named arrays) instead of random ones")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds per request (30)")
+    p.add_argument("--metrics", action="append", default=[], metavar="URL",
+                   help="a worker's metrics endpoint (http://host:port/metrics) to read the "
+                   "per-stage split from; repeat for each worker process (in-process "
+                   "workers are read directly)")
     p.add_argument("--json", action="store_true", help="print the points as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                    help="save the throughput-latency curve (needs matplotlib)")
@@ -98,6 +102,7 @@ class Progress:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from conveyor.app.bench_split import StageSplit, split_table
     from conveyor.app.bench_tool import format_table, parse_levels, plot, random_inputs
     from conveyor.app.cmd_client import load_inputs
     from conveyor.plan import Plan
@@ -120,6 +125,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"plan {plan.name!r} ({plan.short_hash}) via {where}, {args.seconds:g} s per "
               "level")
         print(format_table(points))
+        for point in points:
+            if point.stages:
+                print(split_table(_label(point), [StageSplit(**row) for row in point.stages]))
         if stages:
             print(stage_table(stages))
     if args.plot is not None:
@@ -132,22 +140,13 @@ async def _measure(
     plan: Plan, args: argparse.Namespace, requests: list[Any], levels: list[int],
     progress: Progress,
 ) -> tuple[list[Point], str, list[dict[str, Any]]]:
-    from conveyor.app.bench_tool import sweep
-
-    async def run(infer: InferFn) -> list[Point]:
-        try:
-            return await sweep(infer, requests, concurrencies=levels, rate=args.rate,
-                               seconds=args.seconds, warmup=args.warmup,
-                               on_point=progress.start)
-        finally:
-            progress.close()
-
     if args.gateway is not None:
         from conveyor.app.oip_client import OipClient
 
         async with OipClient(args.gateway, plan, connections=max(levels or [64]),
                              timeout=args.timeout) as http:
-            return await run(http.infer), f"HTTP {args.gateway}", []
+            points = await _levels(plan, args, requests, levels, progress, http.infer, [])
+            return points, f"HTTP {args.gateway}", []
     from conveyor.app.connect import connect
 
     target = broker_target(args)
@@ -161,8 +160,53 @@ async def _measure(
         async def infer(inputs: Any) -> Any:
             return await client.infer(inputs)
 
-        points = await run(infer)
-        return points, where, stage_figures(client.workers)
+        workers = client.workers
+        registries = [] if workers is None else [workers.metrics.registry]
+        points = await _levels(plan, args, requests, levels, progress, infer, registries)
+        return points, where, stage_figures(workers)
+
+
+async def _levels(
+    plan: Plan, args: argparse.Namespace, requests: list[Any], levels: list[int],
+    progress: Progress, infer: InferFn, registries: list[Any],
+) -> list[Point]:
+    """Each level in turn, with the per-stage split of the metrics read around it."""
+    from dataclasses import replace
+
+    from conveyor.app.bench_split import split
+    from conveyor.app.bench_tool import sweep
+
+    points: list[Point] = []
+    try:
+        each: list[int | None] = list(levels) if levels else [None]  # None: the --rate point
+        for level in each:
+            before = await _sample(plan, registries, args.metrics)
+            measured = await sweep(
+                infer, requests, concurrencies=[] if level is None else [level],
+                rate=args.rate, seconds=args.seconds, warmup=args.warmup,
+                on_point=progress.start,
+            )
+            after = await _sample(plan, registries, args.metrics)
+            rows = [r.to_dict() for r in split(before, after)] if after is not None else []
+            points += [replace(p, stages=rows) for p in measured]
+    finally:
+        progress.close()
+    return points
+
+
+async def _sample(plan: Plan, registries: list[Any], urls: list[str]) -> Any:
+    """The split's counters now (None when there is nothing to read them from)."""
+    from conveyor.app.bench_split import registry_samples, sums
+    from conveyor.app.cmd_status import scrape
+
+    if not registries and not urls:
+        return None
+    scrapes = [registry_samples(r) for r in registries] + [await scrape(u) for u in urls]
+    return sums(plan, scrapes)
+
+
+def _label(point: Point) -> str:
+    return f"{'c' if point.mode == 'concurrency' else 'rate '}{point.level:g}"
 
 
 def stage_figures(workers: Any) -> list[dict[str, Any]]:

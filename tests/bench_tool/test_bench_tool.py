@@ -91,6 +91,11 @@ def test_cli_sweep_on_a_real_plan_prints_json(
     for p in report["points"]:
         assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0
         assert p["throughput"] == pytest.approx(p["requests"] / p["seconds"], rel=1e-3)
+        # The per-stage split of the level, read from the in-process workers' metrics.
+        (split,) = p["stages"]
+        assert split["stage"] == "scale" and split["requests"] >= p["requests"]
+        assert split["compute_ms_per_batch"] > 0 and split["mean_batch"] >= 1
+        assert split["queue_wait_ms"] >= 0 and split["batch_wait_ms"] >= 0
     assert report["stages"][0]["stage"] == "scale"
     assert report["stages"][0]["requests"] >= sum(p["requests"] for p in report["points"])
     assert png.stat().st_size > 1000

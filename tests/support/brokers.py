@@ -8,7 +8,8 @@ there.
 
 A test gets ``broker``: ``await broker.connect()`` opens a new connection (a Transport)
 to the same broker, and ``broker.name(suffix)`` makes exchange/queue names unique to the
-test so RabbitMQ runs never see each other's leftovers. Everything declared through
+test so RabbitMQ runs never see each other's leftovers (``unique`` gives a plan name of
+the test's own, for the same reason). Everything declared through
 ``broker.name`` is deleted when the test ends. The conformance suite (tests/transport)
 runs every test twice per broker, with plain and with eager handlers (``conveyor.eager``:
 on brokerless, no task until it waits; RabbitMQ ignores the mark): its conftest adds the
@@ -135,3 +136,9 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerHandle]:
         yield handle
     finally:
         await handle.cleanup()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A plan name unique to the test, so plan hashes (and RabbitMQ queues) never collide."""
+    return f"t{uuid.uuid4().hex[:10]}"
