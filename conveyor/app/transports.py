@@ -13,9 +13,9 @@ Every ``connect()`` of an embedded target opens another connection to the same i
 
 A RabbitMQ cluster is several URLs separated by commas (``amqp://u:p@n1/,amqp://u:p@n2/``;
 a comma inside a password must be written ``%2C``): ``connect`` tries them in order and uses
-the first that answers. Reconnects after a lost connection go to that node again
-(aio-pika's robust connection); put a load balancer in front of the nodes, or restart the
-process, to move elsewhere.
+the first that answers. A connection lost later reconnects to the next node, in turn
+(``workers.amqp.nodes``), so a process is back within a reconnect interval or two of
+losing its node.
 """
 
 from __future__ import annotations
