@@ -23,6 +23,7 @@ from conveyor.errors import CodecError, ConfigError, ConveyorError
 
 if TYPE_CHECKING:
     from conveyor.app.gateway import Gateway
+    from conveyor.client import Outputs
 
 #: InferTensorContents field per numpy dtype (typed, non-raw inputs).
 _CONTENTS = {"bool": "bool_contents", "int8": "int_contents", "int16": "int_contents",
@@ -57,11 +58,8 @@ async def start_grpc(gateway: Gateway, host: str, port: int) -> tuple[Any, int]:
 
 
 def _servicer(gateway: Gateway, grpc: Any, pb: Any, base: Any) -> Any:
-    from conveyor.app.gateway import MODEL_VERSION, GatewayState, status_of
+    from conveyor.app.gateway import MODEL_VERSION, GatewayState
 
-    codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-             409: grpc.StatusCode.FAILED_PRECONDITION, 503: grpc.StatusCode.UNAVAILABLE,
-             504: grpc.StatusCode.DEADLINE_EXCEEDED}
     plan = gateway.plan
 
     def serving() -> bool:
@@ -69,11 +67,6 @@ def _servicer(gateway: Gateway, grpc: Any, pb: Any, base: Any) -> Any:
 
     def ours(name: str, version: str) -> bool:
         return name == plan.name and version in ("", MODEL_VERSION)
-
-    def tensor_meta(spec: Any) -> Any:
-        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape]
-        return pb.ModelMetadataResponse.TensorMetadata(
-            name=spec.name, datatype=datatype_of(spec), shape=shape)
 
     class Servicer(base):  # type: ignore[misc]  # the base answers UNIMPLEMENTED
         async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -96,8 +89,8 @@ def _servicer(gateway: Gateway, grpc: Any, pb: Any, base: Any) -> Any:
                                     f"{request.name!r}; this gateway serves {plan.name!r}")
             return pb.ModelMetadataResponse(
                 name=plan.name, versions=[MODEL_VERSION], platform="conveyor",
-                inputs=[tensor_meta(t) for t in plan.inputs],
-                outputs=[tensor_meta(t) for t in plan.outputs])
+                inputs=[_tensor_meta(pb, t) for t in plan.inputs],
+                outputs=[_tensor_meta(pb, t) for t in plan.outputs])
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:
             if not ours(request.model_name, request.model_version):
@@ -107,33 +100,62 @@ def _servicer(gateway: Gateway, grpc: Any, pb: Any, base: Any) -> Any:
             if not serving():
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"the gateway is {gateway.state.value}")
-            try:
-                inputs = grpc_inputs(request, {t.name: t.dtype for t in plan.inputs})
-                timeout, key = _parameters(request.parameters)
-                remaining = context.time_remaining()
-                if remaining is not None:
-                    timeout = min(timeout or remaining, remaining)
-                outputs = await gateway.client.infer(
-                    inputs, timeout=timeout or gateway.settings.timeout, key=key)
-            except ConveyorError as exc:
-                http = status_of(exc, gateway.settings.retry_after_s)
-                await context.abort(codes.get(http.status, grpc.StatusCode.INTERNAL), str(http))
+            outputs = await _infer(gateway, grpc, request, context)
             wanted = [o.name for o in request.outputs] or [t.name for t in plan.outputs]
             unknown = sorted(set(wanted) - set(outputs))
             if unknown:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"unknown output(s) {unknown}")
-            response = pb.ModelInferResponse(model_name=plan.name,
-                                             model_version=MODEL_VERSION, id=request.id)
-            for name in wanted:
-                array = np.asarray(outputs[name])
-                response.outputs.add(name=name, datatype=NUMPY_TO_DATATYPE[array.dtype.name],
-                                     shape=list(array.shape))
-                response.raw_output_contents.append(
-                    np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
-            return response
+            return _infer_response(pb, request, outputs, wanted, plan.name)
 
     return Servicer()
+
+
+#: gRPC status code (name) per HTTP status of a ``ConveyorError``; any other is INTERNAL.
+_STATUS_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "FAILED_PRECONDITION",
+                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def _tensor_meta(pb: Any, spec: Any) -> Any:
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape]
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=datatype_of(spec), shape=shape)
+
+
+async def _infer(gateway: Gateway, grpc: Any, request: Any, context: Any) -> Outputs:
+    """The outputs of a ModelInferRequest through the gateway's client, under the call's
+    deadline where it is shorter; a ``ConveyorError`` aborts the call with its status."""
+    try:
+        inputs = grpc_inputs(request, {t.name: t.dtype for t in gateway.plan.inputs})
+        timeout, key = _parameters(request.parameters)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout or remaining, remaining)
+        return await gateway.client.infer(
+            inputs, timeout=timeout or gateway.settings.timeout, key=key)
+    except ConveyorError as exc:
+        from conveyor.app.gateway import status_of
+
+        http = status_of(exc, gateway.settings.retry_after_s)
+        code = grpc.StatusCode[_STATUS_CODES.get(http.status, "INTERNAL")]
+        await context.abort(code, str(http))
+        raise  # not reached: abort raises
+
+
+def _infer_response(pb: Any, request: Any, outputs: Outputs, wanted: list[str],
+                    model: str) -> Any:
+    """The ModelInferResponse carrying the ``wanted`` outputs as little-endian raw contents."""
+    from conveyor.app.gateway import MODEL_VERSION
+
+    response = pb.ModelInferResponse(model_name=model, model_version=MODEL_VERSION,
+                                     id=request.id)
+    for name in wanted:
+        array = np.asarray(outputs[name])
+        response.outputs.add(name=name, datatype=NUMPY_TO_DATATYPE[array.dtype.name],
+                             shape=list(array.shape))
+        response.raw_output_contents.append(
+            np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
+    return response
 
 
 def grpc_inputs(request: Any, expected: dict[str, str]) -> dict[str, np.ndarray]:
