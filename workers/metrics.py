@@ -251,7 +251,60 @@ class WorkerCollector:
     def collect(self) -> Iterator[Metric]:
         w = self.worker
         wid, first = w.worker_id, w.first_stage
-        runners = w.metric_runners()
+        figures = _StageFigures(wid, w.plan_hash)
+        for name, runner in w.metric_runners().items():
+            figures.add(name, _stage_of(name, first), runner)
+        yield from figures.families()
+        yield from _histograms(wid, figures.hists)
+        yield _prefetch(wid, w.metric_queues())
+        yield from _outbox(wid, w.metric_outbox())
+
+
+class _StageFigures:
+    """One scrape's figures of a worker's runners, summed per stage (the ingress's runners
+    count as the first stage's; only the stages' own runners count requests done)."""
+
+    def __init__(self, wid: str, plan_hash: str) -> None:
+        self.wid, self.plan_hash = wid, plan_hash
+        self.batches = CounterMetricFamily(
+            "conveyor_batches", "Batches a stage's session ran", labels=["worker", "stage"]
+        )
+        self.info = InfoMetricFamily(
+            "conveyor_worker", "What a worker serves",
+            labels=["worker", "stage", "plan", "provider", "version"],
+        )
+        self.ok: dict[str, int] = {}
+        self.fails: dict[tuple[str, str], int] = {}
+        self.flights: dict[str, int] = {}
+        self.redeliveries: dict[str, int] = {}
+        self.deads: dict[str, int] = {}
+        self.hists: dict[str, dict[str, list[Histogram]]] = {}
+
+    def add(self, name: str, stage: str, runner: RunnerView) -> None:
+        wid = self.wid
+        c, t = runner.counters, runner.timings
+        if name != MODEL_INPUT:
+            self.ok[stage] = self.ok.get(stage, 0) + c.requests + t.isolated_ok
+            self.batches.add_metric([wid, stage], c.batches)
+            self.info.add_metric(
+                [wid, stage, self.plan_hash, c.provider, __version__], {}
+            )
+        for code, n in t.failures.items():
+            self.fails[(stage, code)] = self.fails.get((stage, code), 0) + n
+        self.flights[stage] = self.flights.get(stage, 0) + c.in_flight
+        self.redeliveries[stage] = self.redeliveries.get(stage, 0) + t.redelivered
+        self.deads[stage] = self.deads.get(stage, 0) + t.dead_lettered
+        per = self.hists.setdefault(stage, {})
+        for metric, hist in (
+            ("queue_wait", t.queue_wait), ("batch_wait", t.batch_wait),
+            ("compute", t.compute), ("publish", t.publish),
+            ("end_to_end", t.end_to_end), ("batch_size", t.batch_size),
+        ):
+            per.setdefault(metric, []).append(hist)
+
+    def families(self) -> Iterator[Metric]:
+        """The counter, gauge and info families, in the order they are exposed."""
+        wid = self.wid
         requests = CounterMetricFamily(
             "conveyor_requests", "Requests a stage finished, by outcome (ok or the error code)",
             labels=["worker", "stage", "outcome"],
@@ -268,54 +321,17 @@ class WorkerCollector:
             "conveyor_dead_lettered", "Deliveries rejected to the dead-letter queue",
             labels=["worker", "stage"],
         )
-        batches = CounterMetricFamily(
-            "conveyor_batches", "Batches a stage's session ran", labels=["worker", "stage"]
-        )
-        info = InfoMetricFamily(
-            "conveyor_worker", "What a worker serves",
-            labels=["worker", "stage", "plan", "provider", "version"],
-        )
-        ok: dict[str, int] = {}
-        fails: dict[tuple[str, str], int] = {}
-        flights: dict[str, int] = {}
-        redeliveries: dict[str, int] = {}
-        deads: dict[str, int] = {}
-        hists: dict[str, dict[str, list[Histogram]]] = {}
-        for name, runner in runners.items():
-            stage = _stage_of(name, first)
-            c, t = runner.counters, runner.timings
-            if name != MODEL_INPUT:
-                ok[stage] = ok.get(stage, 0) + c.requests + t.isolated_ok
-                batches.add_metric([wid, stage], c.batches)
-                info.add_metric(
-                    [wid, stage, w.plan_hash, c.provider, __version__], {}
-                )
-            for code, n in t.failures.items():
-                fails[(stage, code)] = fails.get((stage, code), 0) + n
-            flights[stage] = flights.get(stage, 0) + c.in_flight
-            redeliveries[stage] = redeliveries.get(stage, 0) + t.redelivered
-            deads[stage] = deads.get(stage, 0) + t.dead_lettered
-            per = hists.setdefault(stage, {})
-            for metric, hist in (
-                ("queue_wait", t.queue_wait), ("batch_wait", t.batch_wait),
-                ("compute", t.compute), ("publish", t.publish),
-                ("end_to_end", t.end_to_end), ("batch_size", t.batch_size),
-            ):
-                per.setdefault(metric, []).append(hist)
-        for stage, n in ok.items():
+        for stage, n in self.ok.items():
             requests.add_metric([wid, stage, "ok"], n)
-        for (stage, code), n in fails.items():
+        for (stage, code), n in self.fails.items():
             requests.add_metric([wid, stage, code], n)
-        for stage, n in flights.items():
+        for stage, n in self.flights.items():
             in_flight.add_metric([wid, stage], n)
-        for stage, n in redeliveries.items():
+        for stage, n in self.redeliveries.items():
             redelivered.add_metric([wid, stage], n)
-        for stage, n in deads.items():
+        for stage, n in self.deads.items():
             dead.add_metric([wid, stage], n)
-        yield from (requests, in_flight, redelivered, dead, batches, info)
-        yield from _histograms(wid, hists)
-        yield _prefetch(wid, w.metric_queues())
-        yield from _outbox(wid, w.metric_outbox())
+        yield from (requests, in_flight, redelivered, dead, self.batches, self.info)
 
 
 #: (metric key, name, help) of the histograms, in the order they are exposed.
