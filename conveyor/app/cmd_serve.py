@@ -18,7 +18,9 @@ from conveyor.app.transports import AMQP_URL_ENV, BrokerTarget
 
 if TYPE_CHECKING:
     from conveyor.plan import Plan
+    from conveyor.transport import Transport
     from workers.settings import WorkerSettings
+    from workers.stage_worker import StageWorker
 
 
 def add_parsers(sub: Any) -> None:
@@ -81,6 +83,33 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="onnxruntime intra-op threads per stage (cores / stages hosted)",
     )
+    _add_batching_options(p)
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a shutdown lets batches in flight finish (10)",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a join waits for a request's missing parts (60)",
+    )
+    p.add_argument(
+        "--durable",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="durable queues and exchanges (default; --no-durable for throw-away ones: "
+        "all processes of a deployment must agree)",
+    )
+    add_persistent_option(p)
+
+
+def _add_batching_options(p: argparse.ArgumentParser) -> None:
+    """The micro-batching options: each, when given, wins over the plan's schedule."""
     p.add_argument(
         "--max-batch",
         type=int,
@@ -110,28 +139,6 @@ def _add_serving_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="unacknowledged deliveries per queue (the plan's schedule, >= max batch)",
     )
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="seconds a shutdown lets batches in flight finish (10)",
-    )
-    p.add_argument(
-        "--join-timeout",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="seconds a join waits for a request's missing parts (60)",
-    )
-    p.add_argument(
-        "--durable",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="durable queues and exchanges (default; --no-durable for throw-away ones: "
-        "all processes of a deployment must agree)",
-    )
-    add_persistent_option(p)
 
 
 def add_worker_parser(sub: Any) -> None:
@@ -244,16 +251,10 @@ async def _serve(
     if server is not None:
         await server.start()
     transport = await target.connect(plan=plan)
-    code = 0
     try:
         worker = StageWorker(plan, transport, stages, settings, declare=declare)
         if server is not None:
-            server.add_registry(worker.metrics.registry)
-            server.add_check("worker", lambda: None if worker.ready else f"{worker.state.value}")
-            server.add_check("broker", broker_check(transport))
-            if target.broker is not None:
-                server.add_registry(_embedded_queues(plan, target.broker))
-            print(f"conveyor: metrics on http://localhost:{server.bound_port}/metrics", flush=True)
+            _observe(server, plan, target, worker, transport)
         await worker.start()
         _announce(plan, worker, target)
         # heartbeats out, controller commands in (docs/scheduling.md)
@@ -261,30 +262,52 @@ async def _serve(
             transport, Topology.of(plan), worker, worker.worker_id, durable=settings.durable
         )
         await agent.start()
-        stopping = asyncio.create_task(stop.wait())
-        failing = asyncio.create_task(worker.failed.wait())
-        await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        failing.cancel()
-        if worker.failed.is_set():
-            print("conveyor: a queue this worker consumes is gone and could not be declared "
-                  "again; exiting", file=sys.stderr, flush=True)
-            code = 1
+        code = await _until_stopped_or_failed(stop, worker)
         print(f"conveyor: stopping (grace {settings.grace:g} s)", file=sys.stderr, flush=True)
         await agent.stop()
         await worker.stop(settings.grace)
-        for st in worker.stats().stages:
-            print(
-                f"conveyor: stage {st.stage}: {st.requests} requests in {st.batches} batches "
-                f"(mean {st.mean_batch:.2f})",
-                file=sys.stderr,
-                flush=True,
-            )
+        _report_stages(worker)
     finally:
         await transport.close(grace=1.0)
         if server is not None:
             await server.stop()
     return code
+
+
+def _observe(server: ObserveServer, plan: Plan, target: BrokerTarget, worker: StageWorker,
+             transport: Transport) -> None:
+    """Serve the worker's metrics and health checks on ``server`` (and the embedded
+    broker's queue depths where the worker runs on one)."""
+    server.add_registry(worker.metrics.registry)
+    server.add_check("worker", lambda: None if worker.ready else f"{worker.state.value}")
+    server.add_check("broker", broker_check(transport))
+    if target.broker is not None:
+        server.add_registry(_embedded_queues(plan, target.broker))
+    print(f"conveyor: metrics on http://localhost:{server.bound_port}/metrics", flush=True)
+
+
+async def _until_stopped_or_failed(stop: asyncio.Event, worker: StageWorker) -> int:
+    """Wait for a stop signal or for the worker to fail; the exit code (1: failed)."""
+    stopping = asyncio.create_task(stop.wait())
+    failing = asyncio.create_task(worker.failed.wait())
+    await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    failing.cancel()
+    if worker.failed.is_set():
+        print("conveyor: a queue this worker consumes is gone and could not be declared "
+              "again; exiting", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _report_stages(worker: StageWorker) -> None:
+    for st in worker.stats().stages:
+        print(
+            f"conveyor: stage {st.stage}: {st.requests} requests in {st.batches} batches "
+            f"(mean {st.mean_batch:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _embedded_queues(plan: Plan, broker: Any) -> Any:
