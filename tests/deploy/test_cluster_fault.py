@@ -1,9 +1,11 @@
 """Issue 15's proof on a real three-node RabbitMQ cluster (slow: three brokers on 2 cores).
 
 The fixture starts nodes ``cvy1..3@localhost`` on AMQP ports 5701-5703 with data under a
-temporary directory and clusters them. The plan's queues are quorum queues declared through
-node 1 (so their leaders sit there); workers and the client connect to node 2 first (the
-URL list ``n2,n3,n1``). Mid-run node 1 is stopped (``stop_app``) and started again 5 s
+temporary directory and clusters them. The pipeline is W1: the Keras MLP 784-64-64-10
+converted and split into 3 stages by layer, one worker per stage, every answer compared
+with onnxruntime running the whole model. The plan's queues are quorum queues declared
+through node 1 (so their leaders sit there); workers and the client connect to node 2 first
+(the URL list ``n2,n3,n1``). Mid-run node 1 is stopped (``stop_app``) and started again 5 s
 later: the quorum queues elect new leaders on the remaining nodes, and every request must be
 answered exactly once to its caller.
 
@@ -29,7 +31,8 @@ from conveyor.app.connect import connect
 from conveyor.app.transports import BrokerTarget
 from conveyor.errors import ConveyorError
 from conveyor.plan import Plan, QueueSettings
-from tests.deploy.conftest import chain_plan
+from tests.support.cases import Case, convert_case
+from tests.support.plans import isolated_copy
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
 NODES = (1, 2, 3)
@@ -122,16 +125,29 @@ def cluster() -> Iterator[list[int]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def w1(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    """W1: the demo's Keras MLP, split into 3 stages by layer."""
+    from conveyor.app.demo import build_mlp
+
+    def request(rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"pixels": rng.random((1, 784), dtype="float32")}
+
+    root = tmp_path_factory.mktemp("w1")
+    return convert_case(build_mlp(0), root, "w1", by="layer", stages=3, make_request=request)
+
+
 @pytest.mark.parametrize("stopped", [1, 2], ids=["leaders-node", "clients-node"])
 async def test_a_quorum_pipeline_survives_the_loss_of_one_node_of_three(
-    cluster: list[int], tmp_path: Path, record_property: pytest.RecordProperty, stopped: int,
+    cluster: list[int], w1: Case, tmp_path: Path, record_property: pytest.RecordProperty,
+    stopped: int,
 ) -> None:
     """Node 1 leads the queues; workers and the client connect to node 2 first. Either
     one stops for 5 s: with node 2, every process reconnects to node 3 (workers.amqp.nodes)."""
     from workers.stage_worker import StageWorker
 
-    plan = chain_plan(tmp_path / "plan").with_settings(queues=QueueSettings("quorum"))
-    plan = plan.save(tmp_path / "plan")
+    copy = isolated_copy(w1.plan, tmp_path / "plan")  # a name, hence queues, of its own
+    plan = copy.with_settings(queues=QueueSettings("quorum")).save(tmp_path / "plan")
     admin = await BrokerTarget(_url(1)).connect()
     from conveyor.topology_setup import declare_plan_topology
 
@@ -140,9 +156,9 @@ async def test_a_quorum_pipeline_survives_the_loss_of_one_node_of_three(
     before = _leaders(plan, 2)
     assert before and set(before.values()) == {"cvy1@localhost"}, before
     nodes = ",".join(_url(n) for n in (2, 3, 1))
-    transports = [await BrokerTarget(nodes).connect() for _ in range(2)]
-    workers = [StageWorker(plan, t, [s], declare=False) for t, s in zip(transports, "ab",
-                                                                      strict=True)]
+    transports = [await BrokerTarget(nodes).connect() for _ in plan.stage_names]
+    workers = [StageWorker(plan, t, [s], declare=False)
+               for t, s in zip(transports, plan.stage_names, strict=True)]
     for w in workers:
         await w.start()
     answers: dict[int, int] = {}
@@ -158,13 +174,13 @@ async def test_a_quorum_pipeline_survives_the_loss_of_one_node_of_three(
 
             async def lane() -> None:
                 for i in todo:
-                    x = np.full((1, 3), i, np.float32)
+                    (request,) = w1.requests(1, seed=i)
                     try:
-                        out = await client.infer({"x": x})
+                        out = await client.infer(request)
                     except ConveyorError as exc:
                         failures.append(f"{type(exc).__name__}: {exc}")
                         continue
-                    assert out["z"][0, 0] == 9 * i + 4
+                    w1.check(request, out)  # against the whole model, rel. error <= 1e-5
                     answers[i] = answers.get(i, 0) + 1
                     if len(answers) >= REQUESTS // 4:
                         quarter.set()
