@@ -139,7 +139,25 @@ async def sample(
                     ) from exc
                 figures[queue] = (stats.depth, stats.consumers)
         merge_broker(plan, samples, figures)
+        await _suspects(plan, transport, samples)
     return samples
+
+
+async def _suspects(plan: Plan, transport: Any, samples: dict[str, StageSample]) -> None:
+    """Messages waiting in each stage's suspect queues (a topology declared before they
+    existed has none: not counted)."""
+    from conveyor.topology import Topology
+    from conveyor.topology_setup import stage_queues
+
+    topology = Topology.of(plan)
+    for spec in plan.stages:
+        waiting = 0
+        for queue in stage_queues(plan, spec):
+            try:
+                waiting += (await transport.queue_stats(topology.suspect_queue(queue))).depth
+            except TransportError:
+                continue
+        samples[spec.name].suspects = waiting
 
 
 async def scrape(url: str) -> Samples:
@@ -177,7 +195,7 @@ def render(
                    "need --metrics URL")
     table = Table(title=f"plan {plan.name} ({plan.short_hash}) on {where}", caption=caption)
     for column in ("stage", "depth", "consumers", "in/s", "done/s", "p50 ms", "p99 ms",
-                   "batch", "errors", "dead", ""):
+                   "batch", "errors", "dead", "suspects", ""):
         table.add_column(column, justify="left" if column in ("stage", "") else "right")
     for r in rows:
         consumers = "-" if r.consumers is None else str(r.consumers)
@@ -193,7 +211,8 @@ def render(
             r.stage, "-" if r.depth is None else str(r.depth), consumers,
             f"{r.arrival_rps:.1f}", f"{r.completion_rps:.1f}", _ms(r.p50_s), _ms(r.p99_s),
             "-" if r.mean_batch is None else f"{r.mean_batch:.1f}",
-            f"{r.errors:.0f}", f"{r.dead:.0f}", note,
+            f"{r.errors:.0f}", f"{r.dead:.0f}", "-" if r.suspects is None else str(r.suspects),
+            note,
         )
     return table
 

@@ -37,6 +37,9 @@ class StageSample:
     batch_requests: float = 0.0
     #: Cumulative compute-seconds histogram: upper bound -> count.
     compute: dict[float, float] = field(default_factory=dict)
+    #: Messages waiting in the stage's suspect queues (their worker died; run one at a
+    #: time, ``workers.redelivery``): from the broker, None when not asked.
+    suspects: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class StageStatus:
     errors: float
     dead: float
     bottleneck: bool = False
+    suspects: int | None = None
 
     @property
     def unserved(self) -> bool:
@@ -144,6 +148,7 @@ def compare(
                 mean_batch=(b.batch_requests - a.batch_requests) / batches if batches else None,
                 errors=b.errors,
                 dead=b.dead,
+                suspects=b.suspects,
             )
         )
     return mark_bottleneck(rows)
