@@ -9,7 +9,11 @@ otherwise depends on the wait policy:
   while each turn of the event loop brings more (a burst being read off the socket) and
   while requests have lately come often enough that the next is due before
   ``max_delay_ms`` after the group's first request (an average of recent gaps between
-  arrivals); never longer than that. At low load a request never waits for a window;
+  arrivals); never longer than that. A wait that no request ended makes the next ones be
+  skipped, 1, 2, 4 ... up to 64 in a row, until a wait pays again: callers in a closed
+  loop send their next requests only after the answers (W1 at concurrency 1: the first
+  stage's batch wait was 1.5 ms of a 2.6 ms p50 before). At low load a request never
+  waits for a window;
   under load batches grow by themselves, since whatever arrives while the session runs
   forms the next batch.
 * ``"window"``: a partial group waits ``max_delay_ms`` after its first request even when
@@ -24,7 +28,6 @@ per request by rows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -41,6 +44,8 @@ T = TypeVar("T")
 
 #: Weight of the newest gap in the moving average of gaps between arrivals.
 GAP_WEIGHT = 0.2
+#: After waits for a next request that none ended, at most this many are skipped in a row.
+MAX_SKIPPED_WAITS = 64
 
 WaitPolicy = Literal["idle", "window"]
 WAIT_POLICIES: tuple[WaitPolicy, ...] = ("idle", "window")
@@ -161,6 +166,12 @@ class MicroBatcher(Generic[T]):
         self._last_arrival = -math.inf
         #: Moving average of the gaps between arrivals (seconds).
         self._gap = math.inf
+        #: Waits for a next request to skip, after waits that no request ended (a closed
+        #: loop: the next request comes only after an answer): ``_backoff`` doubles with
+        #: each fruitless wait up to ``MAX_SKIPPED_WAITS``, and a wait that a request
+        #: ends sets it back to 0.
+        self._skip = 0
+        self._backoff = 0
 
     def __len__(self) -> int:
         return sum(len(g.items) for g in self._groups.values()) + sum(map(len, self._ready))
@@ -219,7 +230,8 @@ class MicroBatcher(Generic[T]):
                         await asyncio.sleep(0)
                         continue
                     expected = self._last_arrival + self._gap
-                    if expected >= due or now - self._last_arrival > 2 * self._gap:
+                    if expected >= due or now - self._last_arrival > 2 * self._gap \
+                            or self._skipping():
                         self._release(key)
                         continue
                     # Requests come often: wait for the next one (at most until ``due``).
@@ -229,8 +241,22 @@ class MicroBatcher(Generic[T]):
                 await self._changed.wait()
                 continue
             # On timeout the oldest group is due; the next turn of the loop releases it.
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                if self.policy == "idle" and self._arrivals == seen:
+                    self._backoff = min(max(1, 2 * self._backoff), MAX_SKIPPED_WAITS)
+                    self._skip = self._backoff
+            else:
+                if self._arrivals != seen:
+                    self._backoff = 0  # a request came while we waited: waiting pays
+
+    def _skipping(self) -> bool:
+        """Whether to skip this wait for a next request (after fruitless ones)."""
+        if self._skip > 0:
+            self._skip -= 1
+            return True
+        return False
 
     def drain_one(self) -> list[T]:
         if self._ready:

@@ -167,3 +167,37 @@ def test_limits_are_checked() -> None:
         MicroBatcher(1, -1.0)
     with pytest.raises(ConfigError):
         MicroBatcher(1, 1.0, policy="sometimes")  # type: ignore[arg-type]
+
+
+async def test_a_closed_loop_of_one_caller_does_not_wait_for_a_next_request() -> None:
+    """One caller that sends its next request only after the answer: waiting for a next
+    request cannot pay, so after one wait that nobody ended, batches go at once."""
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=50)
+    waits = []
+    for i in range(20):
+        b.put(i, "k")
+        started = time.monotonic()
+        assert await asyncio.wait_for(b.next_batch(), 1.0) == [i]
+        waits.append(time.monotonic() - started)
+        await asyncio.sleep(0.002)  # the answer travels back; the caller sends again
+    # The first waits may try (gaps of ~2 ms look "often"); the rest must not wait ~4 ms.
+    late = sorted(waits[5:])
+    assert late[len(late) // 2] < 0.001, [f"{w * 1e3:.2f} ms" for w in waits]
+
+
+async def test_requests_arriving_often_on_their_own_still_share_batches() -> None:
+    """Arrivals that do not wait for answers (many callers): waiting pays, and is kept."""
+    b: MicroBatcher[int] = MicroBatcher(max_batch=100, max_delay_ms=20)
+
+    async def callers() -> None:
+        for i in range(60):
+            b.put(i, "k")
+            await asyncio.sleep(0.001)
+
+    producing = asyncio.create_task(callers())
+    batches = []
+    while not producing.done() or len(b):
+        batches.append(await asyncio.wait_for(b.next_batch(), 1.0))
+    await producing
+    assert sorted(i for batch in batches for i in batch) == list(range(60))
+    assert len(batches) <= 30, [len(x) for x in batches]  # mean batch of 2 or more
