@@ -13,9 +13,8 @@ otherwise depends on the wait policy:
   skipped, 1, 2, 4 ... up to 64 in a row, until a wait pays again: callers in a closed
   loop send their next requests only after the answers (W1 at concurrency 1: the first
   stage's batch wait was 1.5 ms of a 2.6 ms p50 before). At low load a request never
-  waits for a window;
-  under load batches grow by themselves, since whatever arrives while the session runs
-  forms the next batch.
+  waits for a window; under load batches grow by themselves, since whatever arrives while
+  the session runs forms the next batch.
 * ``"window"``: a partial group waits ``max_delay_ms`` after its first request even when
   the stage is idle (Ray Serve's ``batch_wait_timeout_s``): bigger batches at low load,
   for a latency of up to one window per stage.

@@ -76,8 +76,7 @@ class Callers:
             until = self._present.get(reply_to)
             if until is not None and time.monotonic() < until:
                 return False
-            missing = await self._shared_ask(reply_to)
-            if missing is None or not missing:
+            if not await self._shared_ask(reply_to):  # present, or no answer
                 return False
             since = self._missing_since.get(reply_to, time.monotonic())
             left = since + self._grace_s - time.monotonic()

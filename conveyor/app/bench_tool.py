@@ -54,6 +54,11 @@ class Point:
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def label(self) -> str:
+        """``c16`` for a closed-loop level, ``rate 2000`` for an open-loop one."""
+        return level_label(self.mode, self.level)
+
+    @property
     def throughput(self) -> float:
         """Answered requests (errors excluded) per second."""
         return (self.requests - self.errors) / self.seconds if self.seconds > 0 else 0.0
@@ -88,6 +93,10 @@ def _random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) 
     if dtype.startswith(("int", "uint")):
         return rng.integers(0, 8, size=shape).astype(dtype)
     return rng.random(shape).astype(dtype)
+
+
+def level_label(mode: str, level: float) -> str:
+    return f"{'c' if mode == 'concurrency' else 'rate '}{level:g}"
 
 
 def parse_levels(text: str) -> list[int]:
@@ -201,7 +210,7 @@ async def sweep(
 
 def format_table(points: Sequence[Point]) -> str:
     head = ["load", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors"]
-    rows = [[f"{'c' if p.mode == 'concurrency' else 'rate '}{p.level:g}", str(p.requests),
+    rows = [[p.label, str(p.requests),
              f"{p.throughput:,.1f}", f"{p.p50_ms:.2f}", f"{p.p90_ms:.2f}", f"{p.p99_ms:.2f}",
              str(p.errors) + (f" ({_kinds(p.error_kinds)})" if p.errors else "")]
             for p in points]

@@ -18,6 +18,7 @@ from conveyor.app.cmd_serve import add_broker_options, add_persistent_option, br
 from conveyor.errors import ConfigError
 
 if TYPE_CHECKING:
+    from conveyor.app.bench_split import Sums
     from conveyor.app.bench_tool import InferFn, OnDone, Point
     from conveyor.plan import Plan
 
@@ -80,7 +81,9 @@ class Progress:
             return None
         if self._label:
             self.stream.write("\n")
-        self._label = f"{'c' if mode == 'concurrency' else 'rate '}{level:g}"
+        from conveyor.app.bench_tool import level_label
+
+        self._label = level_label(mode, level)
         self._start = time.perf_counter()
         self._shown = -1.0
         return self.update
@@ -127,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_table(points))
         for point in points:
             if point.stages:
-                print(split_table(_label(point), [StageSplit(**row) for row in point.stages]))
+                print(split_table(point.label, [StageSplit(**row) for row in point.stages]))
         if stages:
             print(stage_table(stages))
     if args.plot is not None:
@@ -187,14 +190,15 @@ async def _levels(
                 on_point=progress.start,
             )
             after = await _sample(plan, registries, args.metrics)
-            rows = [r.to_dict() for r in split(before, after)] if after is not None else []
+            rows = [] if before is None or after is None else [
+                r.to_dict() for r in split(before, after)]
             points += [replace(p, stages=rows) for p in measured]
     finally:
         progress.close()
     return points
 
 
-async def _sample(plan: Plan, registries: list[Any], urls: list[str]) -> Any:
+async def _sample(plan: Plan, registries: list[Any], urls: list[str]) -> Sums | None:
     """The split's counters now (None when there is nothing to read them from)."""
     from conveyor.app.bench_split import registry_samples, sums
     from conveyor.app.cmd_status import scrape
@@ -204,9 +208,6 @@ async def _sample(plan: Plan, registries: list[Any], urls: list[str]) -> Any:
     scrapes = [registry_samples(r) for r in registries] + [await scrape(u) for u in urls]
     return sums(plan, scrapes)
 
-
-def _label(point: Point) -> str:
-    return f"{'c' if point.mode == 'concurrency' else 'rate '}{point.level:g}"
 
 
 def stage_figures(workers: Any) -> list[dict[str, Any]]:
